@@ -1,0 +1,13 @@
+"""npattn: a NumPy reference implementation of CNN attention blocks.
+
+Every block has a pure NumPy forward and a hand-derived backward; see README.md.
+"""
+
+__version__ = "0.1.0"
+
+from . import functional
+from .gradcheck import gradcheck, gradcheck_block
+
+# Blocks (one module per paper) ------------------------------------------------------
+
+__all__ = ["__version__", "functional", "gradcheck", "gradcheck_block"]

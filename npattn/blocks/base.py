@@ -1,0 +1,199 @@
+"""What every block shares: arrays under PyTorch state_dict keys, strict loading, and
+small helpers that run a conv / linear / batch-norm sub-layer stored under a key prefix.
+
+A block keeps its configuration and its arrays, nothing else: ``forward`` returns the
+cache that ``backward`` needs, so forward may run twice before one backward. In training
+mode ``forward`` updates the block's BatchNorm buffers as PyTorch does (running
+statistics with momentum 0.1, ``num_batches_tracked`` += 1); arrays are replaced, never
+written in place, so a cache taken earlier stays valid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import functional as F
+from .._checks import FLOAT_DTYPES
+
+
+def make_rng(rng):
+    """``None`` -> fresh ``default_rng()``; int -> seeded generator; Generator -> itself."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+def kaiming_uniform(rng, shape, fan_in, dtype):
+    """PyTorch's default Conv/Linear init: ``kaiming_uniform_(a=sqrt(5))``, i.e.
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the default bias init has the same bound."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+class Block:
+    """Base class: an ordered mapping of state_dict key -> ndarray.
+
+    Parameters are trainable (they get gradients); buffers are not (BatchNorm running
+    statistics and ``num_batches_tracked``).
+    """
+
+    def __init__(self, dtype=np.float32):
+        dtype = np.dtype(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__}: dtype must be float32 or float64, got {dtype}")
+        self.dtype = dtype
+        self._state = {}  # key -> ndarray, in PyTorch's registration order
+        self._param_keys = []  # keys of trainable parameters, in order
+
+    # ---- registration -------------------------------------------------------------
+    def _add_param(self, key, value):
+        self._state[key] = np.asarray(value, dtype=self.dtype)
+        self._param_keys.append(key)
+
+    def _add_buffer(self, key, value):
+        self._state[key] = np.asarray(value)
+
+    def _add_conv(self, prefix, rng, in_channels, out_channels, kernel_size, groups=1, bias=True):
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        fan_in = in_channels // groups * kh * kw
+        self._add_param(f"{prefix}weight", kaiming_uniform(rng, (out_channels, in_channels // groups, kh, kw), fan_in, self.dtype))
+        if bias:
+            self._add_param(f"{prefix}bias", kaiming_uniform(rng, (out_channels,), fan_in, self.dtype))
+
+    def _add_linear(self, prefix, rng, in_features, out_features, bias=True):
+        self._add_param(f"{prefix}weight", kaiming_uniform(rng, (out_features, in_features), in_features, self.dtype))
+        if bias:
+            self._add_param(f"{prefix}bias", kaiming_uniform(rng, (out_features,), in_features, self.dtype))
+
+    def _add_batch_norm(self, prefix, num_features):
+        self._add_param(f"{prefix}weight", np.ones(num_features))
+        self._add_param(f"{prefix}bias", np.zeros(num_features))
+        self._add_buffer(f"{prefix}running_mean", np.zeros(num_features, dtype=self.dtype))
+        self._add_buffer(f"{prefix}running_var", np.ones(num_features, dtype=self.dtype))
+        self._add_buffer(f"{prefix}num_batches_tracked", np.array(0, dtype=np.int64))
+
+    # ---- state_dict ---------------------------------------------------------------
+    def parameter_names(self):
+        """Keys of the trainable parameters, in PyTorch's order."""
+        return list(self._param_keys)
+
+    def buffer_names(self):
+        return [k for k in self._state if k not in self._param_keys]
+
+    def state_dict(self):
+        """A dict key -> copy of the array, PyTorch's keys and order."""
+        return {k: v.copy() for k, v in self._state.items()}
+
+    def load_state_dict(self, state):
+        """Load arrays (e.g. a PyTorch state_dict saved with numpy). Strict: missing,
+        unexpected or mis-shaped keys raise ``KeyError``/``ValueError`` naming them.
+        Floating arrays are converted to the block's dtype (as ``torch`` copies into the
+        existing tensors); nothing is written in place.
+        """
+        name = type(self).__name__
+        missing = [k for k in self._state if k not in state]
+        unexpected = [k for k in state if k not in self._state]
+        if missing or unexpected:
+            raise KeyError(
+                f"{name}.load_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        new = {}
+        for k, old in self._state.items():
+            v = np.asarray(state[k])
+            if v.shape != old.shape:
+                raise ValueError(
+                    f"{name}.load_state_dict: '{k}' must have shape {tuple(old.shape)}, got {tuple(v.shape)}"
+                )
+            if old.dtype.kind == "f":
+                if v.dtype.kind not in "fiu":
+                    raise TypeError(f"{name}.load_state_dict: '{k}' must be a float array, got dtype {v.dtype}")
+                new[k] = np.array(v, dtype=self.dtype, copy=True)
+            else:
+                if v.dtype.kind not in "iu":
+                    raise TypeError(f"{name}.load_state_dict: '{k}' must be an integer array, got dtype {v.dtype}")
+                new[k] = np.array(v, dtype=old.dtype, copy=True)
+        self._state = new
+
+    def to(self, dtype):
+        """Convert every floating array to ``dtype`` (float32 or float64); returns self."""
+        dtype = np.dtype(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__}.to: dtype must be float32 or float64, got {dtype}")
+        self.dtype = dtype
+        self._state = {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in self._state.items()}
+        return self
+
+    def __getitem__(self, key):
+        return self._state[key]
+
+    def zero_grads(self):
+        """A gradient dict with zeros for every parameter (the starting point of backward)."""
+        return {k: np.zeros_like(self._state[k]) for k in self._param_keys}
+
+    # ---- input checks -------------------------------------------------------------
+    def _check_input(self, name, x, ndim=4, channels=None):
+        op = type(self).__name__
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{op}: {name} must be a numpy.ndarray, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must have dtype float32 or float64, got {x.dtype}")
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"{op}: {name} has dtype {x.dtype} but the block's parameters are {self.dtype}; "
+                f"convert one of them (block.to({x.dtype.name}))"
+            )
+        if x.ndim != ndim:
+            raise ValueError(f"{op}: {name} must have {ndim} dimensions (N, C, H, W), got shape {tuple(x.shape)}")
+        if channels is not None and x.shape[1] != channels:
+            raise ValueError(f"{op}: {name} must have {channels} channels, got shape {tuple(x.shape)}")
+        return x
+
+    # ---- sub-layers stored under a prefix -----------------------------------------
+    def _conv(self, prefix, x, **conv_args):
+        s = self._state
+        bias = s.get(f"{prefix}bias")
+        return F.conv2d_forward(x, s[f"{prefix}weight"], bias, **conv_args)
+
+    def _conv_backward(self, prefix, dy, cache, param_grads):
+        g = F.conv2d_backward(dy, cache)
+        param_grads[f"{prefix}weight"] += g["weight"]
+        if "bias" in g:
+            param_grads[f"{prefix}bias"] += g["bias"]
+        return g["x"]
+
+    def _linear(self, prefix, x):
+        s = self._state
+        return F.linear_forward(x, s[f"{prefix}weight"], s.get(f"{prefix}bias"))
+
+    def _linear_backward(self, prefix, dy, cache, param_grads):
+        g = F.linear_backward(dy, cache)
+        param_grads[f"{prefix}weight"] += g["weight"]
+        if "bias" in g:
+            param_grads[f"{prefix}bias"] += g["bias"]
+        return g["x"]
+
+    def _batch_norm(self, prefix, x, training):
+        """BatchNorm sub-layer; in training updates its running statistics and
+        ``num_batches_tracked`` (new arrays, as PyTorch's momentum update)."""
+        s = self._state
+        y, cache = F.batch_norm_forward(
+            x,
+            s[f"{prefix}weight"],
+            s[f"{prefix}bias"],
+            s[f"{prefix}running_mean"],
+            s[f"{prefix}running_var"],
+            training=training,
+        )
+        if training:
+            s[f"{prefix}running_mean"] = cache.running_mean
+            s[f"{prefix}running_var"] = cache.running_var
+            s[f"{prefix}num_batches_tracked"] = s[f"{prefix}num_batches_tracked"] + 1
+        return y, cache
+
+    def _batch_norm_backward(self, prefix, dy, cache, param_grads):
+        g = F.batch_norm_backward(dy, cache)
+        param_grads[f"{prefix}weight"] += g["weight"]
+        param_grads[f"{prefix}bias"] += g["bias"]
+        return g["x"]

@@ -1,0 +1,33 @@
+"""Primitive ops, pure NumPy, each a ``*_forward(...) -> (out, cache)`` and
+``*_backward(dout, cache) -> dict`` pair keyed by the forward's argument names."""
+
+from .activations import (
+    abs_backward,
+    abs_forward,
+    relu_backward,
+    relu_forward,
+    sigmoid,
+    sigmoid_backward,
+    sigmoid_forward,
+    softmax_backward,
+    softmax_forward,
+    tanh_backward,
+    tanh_forward,
+)
+from .conv import col2im, conv2d_backward, conv2d_forward, im2col
+from .linear import linear_backward, linear_forward
+from .norm import batch_norm_backward, batch_norm_forward
+from .pooling import (
+    global_avg_pool2d_backward,
+    global_avg_pool2d_forward,
+    spatial_sum_backward,
+    spatial_sum_forward,
+)
+
+__all__ = [
+    "abs_backward", "abs_forward", "batch_norm_backward", "batch_norm_forward", "col2im",
+    "conv2d_backward", "conv2d_forward", "global_avg_pool2d_backward", "global_avg_pool2d_forward",
+    "im2col", "linear_backward", "linear_forward", "relu_backward", "relu_forward", "sigmoid",
+    "sigmoid_backward", "sigmoid_forward", "softmax_backward", "softmax_forward",
+    "spatial_sum_backward", "spatial_sum_forward", "tanh_backward", "tanh_forward",
+]

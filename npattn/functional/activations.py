@@ -1,0 +1,124 @@
+"""Element-wise activations and softmax, each with its backward.
+
+Every backward follows PyTorch's choice at the kinks: ``relu'(0) = 0`` and
+``abs'(0) = 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._checks import float_array
+
+
+@dataclass(frozen=True)
+class ReluCache:
+    positive: np.ndarray  # bool, shape of x: x > 0
+
+
+def relu_forward(x):
+    """``y = max(x, 0)``. Backward: ``dx = dy * [x > 0]``."""
+    x = float_array("relu", "x", x)
+    positive = x > 0
+    return np.where(positive, x, x.dtype.type(0)), ReluCache(positive)
+
+
+def relu_backward(dy, cache: ReluCache):
+    return {"x": np.where(cache.positive, dy, dy.dtype.type(0))}  # shape of x
+
+
+@dataclass(frozen=True)
+class SigmoidCache:
+    y: np.ndarray  # shape of x: sigmoid(x)
+
+
+def sigmoid(x):
+    """Numerically stable logistic function (no overflow for large |x|).
+
+    For x >= 0: ``1 / (1 + exp(-x))``; for x < 0: ``exp(x) / (1 + exp(x))``. Both
+    branches only ever exponentiate a non-positive number.
+    """
+    e = np.exp(-np.abs(x))  # in (0, 1]
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def sigmoid_forward(x):
+    """``y = 1 / (1 + exp(-x))``. Backward: ``dx = dy * y * (1 - y)``."""
+    x = float_array("sigmoid", "x", x)
+    y = sigmoid(x)
+    return y, SigmoidCache(y)
+
+
+def sigmoid_backward(dy, cache: SigmoidCache):
+    y = cache.y
+    return {"x": dy * y * (1 - y)}  # shape of x
+
+
+@dataclass(frozen=True)
+class TanhCache:
+    y: np.ndarray  # shape of x: tanh(x)
+
+
+def tanh_forward(x):
+    """``y = tanh(x)``. Backward: ``dx = dy * (1 - y^2)``."""
+    x = float_array("tanh", "x", x)
+    y = np.tanh(x)
+    return y, TanhCache(y)
+
+
+def tanh_backward(dy, cache: TanhCache):
+    y = cache.y
+    return {"x": dy * (1 - y * y)}  # shape of x
+
+
+@dataclass(frozen=True)
+class AbsCache:
+    sign: np.ndarray  # shape of x: sign(x), 0 at 0
+
+
+def abs_forward(x):
+    """``y = |x|``. Backward: ``dx = dy * sign(x)`` with ``sign(0) = 0`` (as PyTorch)."""
+    x = float_array("abs", "x", x)
+    return np.abs(x), AbsCache(np.sign(x))
+
+
+def abs_backward(dy, cache: AbsCache):
+    return {"x": dy * cache.sign}  # shape of x
+
+
+@dataclass(frozen=True)
+class SoftmaxCache:
+    y: np.ndarray  # shape of x: softmax(x, axis)
+    axis: int
+
+
+def softmax_forward(x, axis=-1):
+    """Softmax along ``axis``.
+
+    Notes
+    -----
+    Forward (shifted by the maximum so no exponent is positive)::
+
+        y_k = exp(x_k - max x) / sum_j exp(x_j - max x)
+
+    Backward: the Jacobian is ``diag(y) - y y^T``, so::
+
+        dx_k = y_k (dy_k - sum_j dy_j y_j)
+    """
+    x = float_array("softmax", "x", x)
+    if x.ndim == 0:
+        raise ValueError("softmax: x must have at least 1 dimension, got a 0-d array")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"softmax: axis must be in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis}")
+    axis = axis % x.ndim
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    y = e / e.sum(axis=axis, keepdims=True)
+    return y, SoftmaxCache(y, axis)
+
+
+def softmax_backward(dy, cache: SoftmaxCache):
+    y = cache.y
+    dot = (dy * y).sum(axis=cache.axis, keepdims=True)  # shape of x with axis of size 1
+    return {"x": y * (dy - dot)}  # shape of x

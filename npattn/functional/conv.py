@@ -1,0 +1,176 @@
+"""2-D convolution (cross-correlation, as ``torch.nn.functional.conv2d``) by im2col + matmul."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._checks import conv_out_size, float_array, pair, positive_int, same_dtype
+
+
+def im2col(x, kernel, stride, padding, dilation):
+    """Unfold the patches of ``x`` into columns.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W)
+    kernel, stride, padding, dilation : pairs of ints (h, w)
+
+    Returns
+    -------
+    cols : ndarray (N, C, kh, kw, out_h, out_w)
+        ``cols[n, c, i, j, oy, ox] = x_pad[n, c, oy*s_h + i*d_h, ox*s_w + j*d_w]`` where
+        ``x_pad`` is ``x`` with ``pad_h`` zero rows above and below and ``pad_w`` zero
+        columns left and right.
+    """
+    n, c, h, w = x.shape
+    weight_h, weight_w = kernel
+    stride_h, stride_w = stride
+    pad_h, pad_w = padding
+    dilation_h, dilation_w = dilation
+    out_h = (h + 2 * pad_h - dilation_h * (weight_h - 1) - 1) // stride_h + 1
+    out_w = (w + 2 * pad_w - dilation_w * (weight_w - 1) - 1) // stride_w + 1
+    x_pad = np.pad(x, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w))) if (pad_h or pad_w) else x
+    cols = np.empty((n, c, weight_h, weight_w, out_h, out_w), dtype=x.dtype)
+    for i in range(weight_h):
+        y0 = i * dilation_h
+        for j in range(weight_w):
+            x0 = j * dilation_w
+            cols[:, :, i, j] = x_pad[
+                :, :, y0 : y0 + stride_h * (out_h - 1) + 1 : stride_h, x0 : x0 + stride_w * (out_w - 1) + 1 : stride_w
+            ]
+    return cols
+
+
+def col2im(d_cols, x_shape, stride, padding, dilation):
+    """Adjoint of :func:`im2col`: add every column entry back onto the pixel it came from.
+
+    ``d_cols`` has shape (N, C, kh, kw, out_h, out_w); the result has ``x_shape``.
+    Within one tap (i, j) the strided slice visits distinct pixels, so a plain ``+=`` per
+    tap is exact; different taps that hit the same pixel are added one after the other.
+    """
+    n, c, h, w = x_shape
+    _, _, weight_h, weight_w, out_h, out_w = d_cols.shape
+    stride_h, stride_w = stride
+    pad_h, pad_w = padding
+    dilation_h, dilation_w = dilation
+    d_x_pad = np.zeros((n, c, h + 2 * pad_h, w + 2 * pad_w), dtype=d_cols.dtype)
+    for i in range(weight_h):
+        y0 = i * dilation_h
+        for j in range(weight_w):
+            x0 = j * dilation_w
+            d_x_pad[
+                :, :, y0 : y0 + stride_h * (out_h - 1) + 1 : stride_h, x0 : x0 + stride_w * (out_w - 1) + 1 : stride_w
+            ] += d_cols[:, :, i, j]
+    return np.ascontiguousarray(d_x_pad[:, :, pad_h : pad_h + h, pad_w : pad_w + w])
+
+
+@dataclass(frozen=True)
+class Conv2dCache:
+    x_shape: tuple  # (N, C_in, H, W)
+    cols: np.ndarray  # (N, G, C_in/G * kh * kw, out_h * out_w)
+    weight: np.ndarray  # (C_out, C_in/G, kh, kw)
+    has_bias: bool
+    stride: tuple  # (s_h, s_w)
+    padding: tuple  # (pad_h, pad_w)
+    dilation: tuple  # (d_h, d_w)
+    groups: int
+    out_hw: tuple  # (out_h, out_w)
+
+
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution, NCHW input and OIHW weight, exactly as ``torch.nn.functional.conv2d``.
+
+    Parameters
+    ----------
+    x : ndarray (N, C_in, H, W), float32 or float64
+    weight : ndarray (C_out, C_in / groups, kh, kw), same dtype
+    bias : ndarray (C_out,) or None
+    stride, padding, dilation : int or pair (h, w); stride, dilation >= 1, padding >= 0
+    groups : int dividing both C_in and C_out
+
+    Returns
+    -------
+    y : ndarray (N, C_out, out_h, out_w) with
+        ``out_h = (H + 2 pad_h - d_h (kh - 1) - 1) // s_h + 1`` (likewise out_w)
+    cache : Conv2dCache
+
+    Notes
+    -----
+    Forward (cross-correlation; g is the group of output channel o, G = groups)::
+
+        y[n, o, oy, ox] = b[o] + sum_{c in group g} sum_{i, j}
+                          w[o, c, i, j] * x_pad[n, c, oy*s_h + i*d_h, ox*s_w + j*d_w]
+
+    Written as matrices per image n and group g, with ``X_col = im2col(x)`` of shape
+    (C_in/G * kh * kw, out_h * out_w) and ``W_g`` of shape (C_out/G, C_in/G * kh * kw)::
+
+        Y[n, g] = W_g @ X_col[n, g] + b_g
+
+    Backward, for upstream ``dY``::
+
+        db       = sum_{n, oy, ox} dY                       (C_out,)
+        dW_g     = sum_n dY[n, g] @ X_col[n, g]^T          (C_out/G, C_in/G * kh * kw)
+        dX_col   = W_g^T @ dY[n, g]                         (C_in/G * kh * kw, L)
+        dx       = col2im(dX_col)                           (N, C_in, H, W)
+    """
+    op = "conv2d"
+    x = float_array(op, "x", x, 4, "(N, C, H, W)")
+    weight = float_array(op, "weight", weight, 4, "(C_out, C_in/groups, kh, kw)")
+    if bias is not None:
+        bias = float_array(op, "bias", bias, 1, "(C_out,)")
+    same_dtype(op, "x", x, weight=weight, bias=bias)
+    stride = pair(op, "stride", stride, 1)
+    padding = pair(op, "padding", padding, 0)
+    dilation = pair(op, "dilation", dilation, 1)
+    groups = positive_int(op, "groups", groups)
+    n, c_in, h, w = x.shape
+    c_out, c_per_group, weight_h, weight_w = weight.shape
+    if c_in % groups:
+        raise ValueError(f"{op}: groups={groups} must divide the input channels, got x with {c_in} channels")
+    if c_out % groups:
+        raise ValueError(f"{op}: groups={groups} must divide the output channels, got weight with {c_out} output channels")
+    if c_per_group * groups != c_in:
+        raise ValueError(
+            f"{op}: weight must have C_in/groups = {c_in // groups} input channels (x has {c_in}, groups={groups}), "
+            f"got weight shape {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"{op}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    out_h = conv_out_size(op, h, weight_h, stride[0], padding[0], dilation[0], "height")
+    out_w = conv_out_size(op, w, weight_w, stride[1], padding[1], dilation[1], "width")
+
+    g = groups
+    cols = im2col(x, (weight_h, weight_w), stride, padding, dilation)  # (N, C_in, kh, kw, out_h, out_w)
+    cols = cols.reshape(n, g, c_per_group * weight_h * weight_w, out_h * out_w)  # (N, G, Ck, L)
+    w_g = weight.reshape(g, c_out // g, c_per_group * weight_h * weight_w)  # (G, C_out/G, Ck)
+    y = np.matmul(w_g[None], cols)  # (N, G, C_out/G, L)
+    y = y.reshape(n, c_out, out_h, out_w)
+    if bias is not None:
+        y += bias[None, :, None, None]
+    cache = Conv2dCache(x.shape, cols, weight, bias is not None, stride, padding, dilation, groups, (out_h, out_w))
+    return y, cache
+
+
+def conv2d_backward(dy, cache: Conv2dCache):
+    """Gradients of :func:`conv2d_forward`: dict with ``x``, ``weight`` and ``bias`` (when given)."""
+    n, c_in, h, w = cache.x_shape
+    c_out, c_per_group, weight_h, weight_w = cache.weight.shape
+    g = cache.groups
+    out_h, out_w = cache.out_hw
+    dy = float_array("conv2d_backward", "dy", dy, 4)
+    if dy.shape != (n, c_out, out_h, out_w):
+        raise ValueError(f"conv2d_backward: dy must have shape {(n, c_out, out_h, out_w)}, got {tuple(dy.shape)}")
+    dy_g = dy.reshape(n, g, c_out // g, out_h * out_w)  # (N, G, C_out/G, L)
+    w_g = cache.weight.reshape(g, c_out // g, c_per_group * weight_h * weight_w)  # (G, C_out/G, Ck)
+
+    grads = {}
+    d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (N, G, Ck, L)
+    d_cols = d_cols.reshape(n, c_in, weight_h, weight_w, out_h, out_w)  # (N, C_in, kh, kw, out_h, out_w)
+    grads["x"] = col2im(d_cols, cache.x_shape, cache.stride, cache.padding, cache.dilation)  # (N, C_in, H, W)
+    d_w = np.matmul(dy_g, cache.cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, C_out/G, Ck)
+    grads["weight"] = d_w.reshape(cache.weight.shape)  # (C_out, C_in/G, kh, kw)
+    if cache.has_bias:
+        grads["bias"] = dy.sum(axis=(0, 2, 3))  # (C_out,)
+    return grads
