@@ -1,0 +1,40 @@
+"""``import npattn`` must work without PyTorch and must not pull in torch or numba."""
+
+import subprocess
+import sys
+
+BLOCK_TORCH = (
+    "import sys\n"
+    "sys.modules['torch'] = None  # any 'import torch' now raises ImportError\n"
+    "sys.modules['torchvision'] = None\n"
+)
+
+
+def run(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_import_without_torch_and_without_numba():
+    r = run(
+        BLOCK_TORCH
+        + "import npattn, npattn.functional, npattn.gradcheck\n"
+        + "import npattn.blocks\n"
+        + "assert 'numba' not in sys.modules, 'import npattn imported numba'\n"
+        + "assert sys.modules.get('torch') is None\n"
+        + "print('ok')\n"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_the_package_never_imports_torch_in_source():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "npattn"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("import torch", "from torch")):
+                offenders.append(f"{path}: {stripped}")
+    assert not offenders, offenders
