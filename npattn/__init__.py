@@ -11,3 +11,8 @@ from .gradcheck import gradcheck, gradcheck_block
 # Blocks (one module per paper) ------------------------------------------------------
 
 __all__ = ["__version__", "functional", "gradcheck", "gradcheck_block"]
+from .blocks.aff import AFF, DAF, MS_CAM, iAFF
+from .blocks.gct import GCT
+from .blocks.se import SEBlock
+from .blocks.sk import SKConv
+__all__ += ["SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT"]
