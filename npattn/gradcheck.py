@@ -104,6 +104,7 @@ def gradcheck(
     n_projections: int = 6,
     seed: int = 0,
     raise_on_failure: bool = True,
+    structural: bool = True,
 ) -> GradcheckReport:
     """Check ``backward`` against central differences of ``forward``.
 
@@ -120,6 +121,9 @@ def gradcheck(
         and defaults)
     max_full_size : arrays with more elements get ``n_projections`` random directions
     raise_on_failure : raise :class:`GradcheckError` (else only report)
+    structural : also run the checks beyond the Jacobian (zero upstream, backward twice,
+        no mutation of arguments); turn off only when ``backward`` returns precomputed
+        gradients (as the golden spot check does)
 
     Returns
     -------
@@ -139,7 +143,7 @@ def gradcheck(
     out, cache = forward(**inputs)
     out = np.asarray(out)
     for k, v in originals.items():
-        if not np.array_equal(inputs[k], v, equal_nan=True):
+        if structural and not np.array_equal(inputs[k], v, equal_nan=True):
             report.problems.append(f"forward modified its argument '{k}'")
     if grad_output is None:
         grad_output = rng.standard_normal(out.shape)
@@ -151,8 +155,9 @@ def gradcheck(
     grads = backward(grad_output, cache)
     if not np.array_equal(grad_output, dy_copy):
         report.problems.append("backward modified grad_output")
-    grads_again = backward(grad_output.copy(), cache)
-    zero_grads = backward(np.zeros_like(grad_output), cache)
+    if structural:
+        grads_again = backward(grad_output.copy(), cache)
+        zero_grads = backward(np.zeros_like(grad_output), cache)
     for name in wrt:
         a = inputs[name]
         g = grads.get(name)
@@ -165,6 +170,8 @@ def gradcheck(
             continue
         if g.dtype != a.dtype:
             report.problems.append(f"gradient of '{name}' has dtype {g.dtype}, expected {a.dtype}")
+        if not structural:
+            continue
         if not np.array_equal(g, np.asarray(grads_again.get(name)), equal_nan=True):
             report.problems.append(f"backward run twice gives different gradients for '{name}'")
         z = zero_grads.get(name)
