@@ -31,3 +31,17 @@ __all__ = [
     "sigmoid_backward", "sigmoid_forward", "softmax_backward", "softmax_forward",
     "spatial_sum_backward", "spatial_sum_forward", "tanh_backward", "tanh_forward",
 ]
+
+from .deform import (
+    batch_map_offsets,
+    batch_map_offsets_backward,
+    batch_map_offsets_forward,
+    deform_conv2d,
+    deform_conv2d_backward,
+    deform_conv2d_forward,
+)
+
+__all__ += [
+    "batch_map_offsets", "batch_map_offsets_backward", "batch_map_offsets_forward",
+    "deform_conv2d", "deform_conv2d_backward", "deform_conv2d_forward",
+]

@@ -1,0 +1,382 @@
+"""Deformable convolution (DCNv1 / DCNv2) and the seed's deformable sampling.
+
+``deform_conv2d`` has the argument order, layouts and numbers of
+``torchvision.ops.deform_conv2d`` (also ONNX DeformConv and mmcv's deform convs);
+``batch_map_offsets`` is the seed's ``th_batch_map_offsets`` (oeway/pytorch-deform-conv).
+The bilinear sampling itself lives in :mod:`npattn.sampling`, whose NumPy backend
+(``npattn/sampling/numpy.py``) states the sampling rules in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import sampling
+from .._checks import conv_out_size, float_array, pair, same_dtype
+
+__all__ = [
+    "DEFAULT_COLUMN_BUDGET_BYTES",
+    "batch_map_offsets",
+    "batch_map_offsets_backward",
+    "batch_map_offsets_forward",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+    "deform_conv2d_forward",
+]
+
+DEFAULT_COLUMN_BUDGET_BYTES = 64 * 2**20  # 64 MiB of deformable columns per chunk of images
+
+
+@dataclass(frozen=True)
+class DeformConv2dCache:
+    input: np.ndarray  # (N, C_in, H, W), C-contiguous
+    offset: np.ndarray  # (N, 2 * G_off * kh * kw, out_h, out_w), C-contiguous
+    mask: np.ndarray  # (N, G_off * kh * kw, out_h, out_w), C-contiguous, or None
+    weight: np.ndarray  # (C_out, C_in / G_w, kh, kw)
+    has_bias: bool
+    stride: tuple  # (s_h, s_w)
+    padding: tuple  # (pad_h, pad_w)
+    dilation: tuple  # (d_h, d_w)
+    out_hw: tuple  # (out_h, out_w)
+    weight_groups: int  # G_w = C_in / weight.shape[1]
+    offset_groups: int  # G_off = offset.shape[1] / (2 kh kw)
+    backend: str  # sampling backend name ("numpy", "numba", "cuda")
+    images_per_chunk: int  # images per im2col chunk (column budget)
+
+
+def _images_per_chunk(op, column_budget_bytes, c_in, k_taps, out_hw, itemsize):
+    if not isinstance(column_budget_bytes, (int, np.integer)) or isinstance(column_budget_bytes, bool):
+        raise TypeError(f"{op}: column_budget_bytes must be an int, got {column_budget_bytes!r}")
+    if column_budget_bytes < 1:
+        raise ValueError(f"{op}: column_budget_bytes must be >= 1, got {column_budget_bytes}")
+    per_image = c_in * k_taps * out_hw[0] * out_hw[1] * itemsize  # bytes of one image's columns
+    return max(1, int(column_budget_bytes) // max(per_image, 1))
+
+
+def deform_conv2d_forward(
+    input,
+    offset,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    mask=None,
+    *,
+    backend=None,
+    column_budget_bytes=DEFAULT_COLUMN_BUDGET_BYTES,
+):
+    """Deformable 2-D convolution, exactly as ``torchvision.ops.deform_conv2d``.
+
+    Parameters
+    ----------
+    input : ndarray (N, C_in, H, W), float32 or float64
+    offset : ndarray (N, 2 * G_off * kh * kw, out_h, out_w), same dtype
+        For offset group g and tap k = i * kw + j, channel ``2 (g K + k)`` holds the
+        row offset dy and channel ``2 (g K + k) + 1`` the column offset dx (K = kh kw).
+        The number of offset groups is ``G_off = offset.shape[1] // (2 kh kw)``; input
+        channel c belongs to group ``c // (C_in / G_off)``.
+    weight : ndarray (C_out, C_in / G_w, kh, kw), same dtype; the number of weight groups
+        is ``G_w = C_in // weight.shape[1]``
+    bias : ndarray (C_out,) or None
+    stride, padding, dilation : int or pair (h, w)
+    mask : ndarray (N, G_off * kh * kw, out_h, out_w) or None
+        DCNv2 modulation, a raw multiplier of every sample (apply any sigmoid outside).
+    backend : "numpy", "numba", "cuda" or None (see :mod:`npattn.sampling`)
+    column_budget_bytes : int
+        Images are processed in chunks whose deformable columns (C_in * kh * kw *
+        out_h * out_w values per image) stay under this many bytes (at least one image
+        per chunk), like torchvision's ``n_parallel_imgs``. The result does not depend
+        on it.
+
+    Returns
+    -------
+    out : ndarray (N, C_out, out_h, out_w), dtype of input, with
+        ``out_h = (H + 2 pad_h - d_h (kh - 1) - 1) // s_h + 1`` (likewise out_w)
+    cache : DeformConv2dCache
+
+    Notes
+    -----
+    Forward. The deformable columns (``npattn.sampling``, module ``numpy``)::
+
+        p_y = oy s_h - pad_h + i d_h + dy[n, g, k, oy, ox]
+        p_x = ox s_w - pad_w + j d_w + dx[n, g, k, oy, ox]
+        cols[n, c, i, j, oy, ox] = m[n, g, k, oy, ox] * bilinear(input[n, c], p_y, p_x)
+
+    where bilinear is 0 outside ``(-1, H) x (-1, W)`` and corners outside the image
+    contribute 0. Then per image n and weight group g, with ``X_col`` of shape
+    (C_in/G_w * kh * kw, out_h * out_w) and ``W_g`` of shape (C_out/G_w, C_in/G_w * kh * kw)::
+
+        out[n, g] = W_g @ X_col[n, g] + b_g
+
+    Backward, for upstream ``dY``::
+
+        d_bias   = sum_{n, oy, ox} dY                       (C_out,)
+        d_cols   = W_g^T @ dY[n, g]                          (C_in/G_w * kh * kw, L)
+        d_input  = col2im: every sample adds m * w * d_cols to each corner, w its
+                   bilinear weight                            (N, C_in, H, W)
+        d_offset = sum over the group's channels of m * d_cols * d bilinear / d p
+                   (derivative on the cell [floor p, floor p + 1], i.e. from the right)
+        d_mask   = sum over the group's channels of d_cols * bilinear
+        d_weight = sum_n dY[n, g] @ X_col[n, g]^T           (C_out/G_w, C_in/G_w * kh * kw)
+
+    At exactly ``p_y = -1`` (or ``p_x = -1``) the forward is 0 but ``d_offset`` is the
+    right-hand derivative, which is nonzero: npattn follows torchvision here; mmcv
+    returns 0 at exactly ``p = -1`` and agrees everywhere else (pytorch/vision #6885).
+    At integer positions (zero offsets too) ``d_offset`` is likewise one-sided.
+
+    Non-finite offsets: a position with a NaN or infinite component samples 0 and gets
+    zero input, offset and mask gradients; no memory outside the input is ever read.
+
+    A batch of 0 images gives an empty output and empty gradients (``d_weight`` 0).
+    """
+    op = "deform_conv2d"
+    input = float_array(op, "input", input, 4, "(N, C_in, H, W)")
+    offset = float_array(op, "offset", offset, 4, "(N, 2 * offset_groups * kh * kw, out_h, out_w)")
+    weight = float_array(op, "weight", weight, 4, "(C_out, C_in / groups, kh, kw)")
+    if bias is not None:
+        bias = float_array(op, "bias", bias, 1, "(C_out,)")
+    if mask is not None:
+        mask = float_array(op, "mask", mask, 4, "(N, offset_groups * kh * kw, out_h, out_w)")
+    same_dtype(op, "input", input, offset=offset, weight=weight, bias=bias, mask=mask)
+    stride = pair(op, "stride", stride, 1)
+    padding = pair(op, "padding", padding, 0)
+    dilation = pair(op, "dilation", dilation, 1)
+
+    n, c_in, height, width = input.shape
+    c_out, c_per_group, weight_h, weight_w = weight.shape
+    k_taps = weight_h * weight_w
+    if k_taps == 0 or c_per_group == 0 or c_out == 0:
+        raise ValueError(f"{op}: weight must have no zero-sized dimension, got shape {tuple(weight.shape)}")
+    if c_in % c_per_group:
+        raise ValueError(
+            f"{op}: the input channels must be a multiple of weight.shape[1] (C_in / groups); "
+            f"got input with {c_in} channels and weight shape {tuple(weight.shape)}"
+        )
+    weight_groups = c_in // c_per_group
+    if c_out % weight_groups:
+        raise ValueError(
+            f"{op}: the output channels must be divisible by groups = {weight_groups} "
+            f"(C_in {c_in} / weight.shape[1] {c_per_group}); got weight shape {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"{op}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    out_h = conv_out_size(op, height, weight_h, stride[0], padding[0], dilation[0], "height")
+    out_w = conv_out_size(op, width, weight_w, stride[1], padding[1], dilation[1], "width")
+
+    offset_groups = offset.shape[1] // (2 * k_taps)
+    if offset_groups == 0 or offset.shape[1] != 2 * k_taps * offset_groups:
+        raise ValueError(
+            f"{op}: offset must have 2 * offset_groups * kh * kw channels, a positive multiple of "
+            f"2 * {weight_h} * {weight_w} = {2 * k_taps}; got offset shape {tuple(offset.shape)}"
+        )
+    if c_in % offset_groups:
+        raise ValueError(
+            f"{op}: the input channels must be divisible by offset_groups = {offset_groups} "
+            f"(offset channels {offset.shape[1]} / (2 * {weight_h} * {weight_w})); got input with {c_in} channels"
+        )
+    expected = (n, 2 * offset_groups * k_taps, out_h, out_w)
+    if offset.shape != expected:
+        raise ValueError(
+            f"{op}: offset must have shape {expected} (batch, 2 * offset_groups * kh * kw, out_h, out_w), "
+            f"got {tuple(offset.shape)}"
+        )
+    if mask is not None:
+        expected = (n, offset_groups * k_taps, out_h, out_w)
+        if mask.shape != expected:
+            raise ValueError(
+                f"{op}: mask must have shape {expected} (batch, offset_groups * kh * kw, out_h, out_w), "
+                f"got {tuple(mask.shape)}"
+            )
+    backend_name = sampling.resolve_backend(backend)
+    be = sampling.get_backend(backend_name)
+    chunk = _images_per_chunk(op, column_budget_bytes, c_in, k_taps, (out_h, out_w), input.dtype.itemsize)
+
+    input = np.ascontiguousarray(input)  # the kernels read flat memory; no copy when already contiguous
+    offset = np.ascontiguousarray(offset)
+    mask = None if mask is None else np.ascontiguousarray(mask)
+    geometry = ((weight_h, weight_w), stride, padding, dilation)
+    w_g = weight.reshape(weight_groups, c_out // weight_groups, c_per_group * k_taps)  # (G_w, C_out/G_w, Ck)
+    out = np.empty((n, c_out, out_h, out_w), dtype=input.dtype)
+    for s in range(0, n, chunk):
+        sl = slice(s, min(s + chunk, n))
+        m = len(range(*sl.indices(n)))
+        cols = be.deform_im2col(
+            input[sl], offset[sl], None if mask is None else mask[sl], *geometry, (out_h, out_w), offset_groups
+        )  # (m, C_in, kh, kw, out_h, out_w)
+        cols = cols.reshape(m, weight_groups, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
+        out[sl] = np.matmul(w_g[None], cols).reshape(m, c_out, out_h, out_w)  # (m, C_out, out_h, out_w)
+    if bias is not None:
+        out += bias[None, :, None, None]
+    cache = DeformConv2dCache(
+        input, offset, mask, weight, bias is not None, stride, padding, dilation, (out_h, out_w),
+        weight_groups, offset_groups, backend_name, chunk,
+    )
+    return out, cache
+
+
+def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
+    """Gradients of :func:`deform_conv2d_forward` (its Notes give the derivation).
+
+    Returns
+    -------
+    dict with ``input``, ``offset``, ``weight``, plus ``bias`` and ``mask`` when they were
+    given; each has the shape and dtype of its argument.
+    """
+    op = "deform_conv2d_backward"
+    x, offset, mask, weight = cache.input, cache.offset, cache.mask, cache.weight
+    n, c_in, height, width = x.shape
+    c_out, c_per_group, weight_h, weight_w = weight.shape
+    out_h, out_w = cache.out_hw
+    k_taps = weight_h * weight_w
+    g_w = cache.weight_groups
+    grad_out = float_array(op, "grad_out", grad_out, 4, "(N, C_out, out_h, out_w)")
+    if grad_out.shape != (n, c_out, out_h, out_w):
+        raise ValueError(f"{op}: grad_out must have shape {(n, c_out, out_h, out_w)}, got {tuple(grad_out.shape)}")
+    same_dtype(op, "the forward's input", x, grad_out=grad_out)
+    be = sampling.get_backend(cache.backend)
+    geometry = ((weight_h, weight_w), cache.stride, cache.padding, cache.dilation)
+    grad_out = np.ascontiguousarray(grad_out)
+    w_g = weight.reshape(g_w, c_out // g_w, c_per_group * k_taps)  # (G_w, C_out/G_w, Ck)
+
+    d_input = np.empty_like(x)  # (N, C_in, H, W)
+    d_offset = np.empty_like(offset)  # (N, 2 G_off K, out_h, out_w)
+    d_mask = None if mask is None else np.empty_like(mask)  # (N, G_off K, out_h, out_w)
+    d_w_g = np.zeros_like(w_g)  # (G_w, C_out/G_w, Ck)
+    for s in range(0, n, cache.images_per_chunk):
+        sl = slice(s, min(s + cache.images_per_chunk, n))
+        m = len(range(*sl.indices(n)))
+        mask_sl = None if mask is None else mask[sl]
+        dy_g = grad_out[sl].reshape(m, g_w, c_out // g_w, out_h * out_w)  # (m, G_w, C_out/G_w, L)
+        d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (m, G_w, Ck, L)
+        d_cols = d_cols.reshape(m, c_in, weight_h, weight_w, out_h, out_w)  # (m, C_in, kh, kw, out_h, out_w)
+        d_input[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
+        d_off, d_m = be.deform_col2im_coord(d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups)
+        d_offset[sl] = d_off  # (m, 2 G_off K, out_h, out_w)
+        if d_mask is not None:
+            d_mask[sl] = d_m  # (m, G_off K, out_h, out_w)
+        cols = be.deform_im2col(x[sl], offset[sl], mask_sl, *geometry, cache.out_hw, cache.offset_groups)
+        cols = cols.reshape(m, g_w, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
+        d_w_g += np.matmul(dy_g, cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G_w, C_out/G_w, Ck)
+
+    grads = {"input": d_input, "offset": d_offset, "weight": d_w_g.reshape(weight.shape)}
+    if cache.has_bias:
+        grads["bias"] = grad_out.sum(axis=(0, 2, 3))  # (C_out,)
+    if d_mask is not None:
+        grads["mask"] = d_mask
+    return grads
+
+
+def deform_conv2d(
+    input,
+    offset,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    mask=None,
+    *,
+    backend=None,
+    column_budget_bytes=DEFAULT_COLUMN_BUDGET_BYTES,
+):
+    """Deformable convolution, forward only; see :func:`deform_conv2d_forward`."""
+    out, _ = deform_conv2d_forward(
+        input, offset, weight, bias, stride, padding, dilation, mask,
+        backend=backend, column_budget_bytes=column_budget_bytes,
+    )
+    return out
+
+
+# ---- the seed's deformable sampling -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchMapOffsetsCache:
+    input: np.ndarray  # (B, H, W), C-contiguous
+    coords: np.ndarray  # (B, H*W, 2): grid + offsets, (row, col), before the clamp
+    backend: str  # sampling backend name
+
+
+def batch_map_offsets_forward(input, offsets, *, backend=None):
+    """The seed's ``th_batch_map_offsets``: sample every map at its own grid plus offset.
+
+    Parameters
+    ----------
+    input : ndarray (B, H, W), float32 or float64
+    offsets : ndarray (B, H, W, 2), same dtype; ``offsets[b, i, j] = (d_row, d_col)``
+    backend : "numpy", "numba", "cuda" or None (see :mod:`npattn.sampling`)
+
+    Returns
+    -------
+    out : ndarray (B, H, W), dtype of input. (The seed returns the same numbers as
+        (B, H*W); ``out.reshape(B, -1)`` gives that layout.)
+    cache : BatchMapOffsetsCache
+
+    Notes
+    -----
+    Forward, per map b and pixel (i, j), with ``(row, col) = (i, j) + offsets[b, i, j]``::
+
+        r = clamp(row, 0, H - 1)            c = clamp(col, 0, W - 1)
+        r0, r1 = floor(r), ceil(r)          c0, c1 = floor(c), ceil(c)
+        fr = r - r0                         fc = c - c0
+        left  = fr (x[r1, c0] - x[r0, c0]) + x[r0, c0]
+        right = fr (x[r1, c1] - x[r0, c1]) + x[r0, c1]
+        out   = fc (right - left) + left
+
+    i.e. bilinear interpolation with the border replicated (each axis clamped on its
+    own, so non-square maps work as in the upstream repository).
+
+    Backward::
+
+        d_left  = d_out (1 - fc),   d_right = d_out fc
+        d_input[corner] += d_left / d_right times (1 - fr) or fr     (scatter to 4 corners)
+        d_fr = d_left (x[r1, c0] - x[r0, c0]) + d_right (x[r1, c1] - x[r0, c1])
+        d_fc = d_out (right - left)
+        d_offsets[b, i, j] = (d_fr [0 <= row <= H-1], d_fc [0 <= col <= W-1])
+
+    The corners are floor and *ceil*: at an integer coordinate they coincide, so the
+    coordinate gradient is 0 there (the seed's behaviour). Outside the clamp range the
+    gradient is 0; at the bounds themselves it passes (``torch.clamp``). A NaN offset
+    samples 0 and gets zero gradients; +-inf clamp to the border.
+    """
+    op = "batch_map_offsets"
+    input = float_array(op, "input", input, 3, "(B, H, W)")
+    offsets = float_array(op, "offsets", offsets, 4, "(B, H, W, 2)")
+    same_dtype(op, "input", input, offsets=offsets)
+    b, height, width = input.shape
+    if offsets.shape != (b, height, width, 2):
+        raise ValueError(f"{op}: offsets must have shape {(b, height, width, 2)} (B, H, W, 2), got {tuple(offsets.shape)}")
+    backend_name = sampling.resolve_backend(backend)
+    be = sampling.get_backend(backend_name)
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    grid = np.stack([rows, cols], axis=-1).reshape(height * width, 2).astype(input.dtype)  # (H*W, 2) (row, col)
+    coords = offsets.reshape(b, height * width, 2) + grid  # (B, H*W, 2)
+    input = np.ascontiguousarray(input)
+    out = be.map_coordinates_clamped(input, coords).reshape(b, height, width)  # (B, H, W)
+    return out, BatchMapOffsetsCache(input, coords, backend_name)
+
+
+def batch_map_offsets_backward(grad_out, cache: BatchMapOffsetsCache):
+    """Gradients of :func:`batch_map_offsets_forward`: dict with ``input`` and ``offsets``."""
+    op = "batch_map_offsets_backward"
+    b, height, width = cache.input.shape
+    grad_out = float_array(op, "grad_out", grad_out, 3, "(B, H, W)")
+    if grad_out.shape != (b, height, width):
+        raise ValueError(f"{op}: grad_out must have shape {(b, height, width)}, got {tuple(grad_out.shape)}")
+    same_dtype(op, "the forward's input", cache.input, grad_out=grad_out)
+    be = sampling.get_backend(cache.backend)
+    d_out = np.ascontiguousarray(grad_out).reshape(b, height * width)  # (B, H*W)
+    d_input, d_coords = be.map_coordinates_clamped_backward(d_out, cache.input, cache.coords)
+    return {
+        "input": d_input,  # (B, H, W)
+        "offsets": d_coords.reshape(b, height, width, 2),  # (B, H, W, 2); d coords / d offsets = 1
+    }
+
+
+def batch_map_offsets(input, offsets, *, backend=None):
+    """The seed's ``th_batch_map_offsets``, forward only; see :func:`batch_map_offsets_forward`."""
+    out, _ = batch_map_offsets_forward(input, offsets, backend=backend)
+    return out

@@ -1,0 +1,382 @@
+"""Bilinear sampling in vectorised NumPy: the definition the other backends are checked against.
+
+Two kinds of sampling live here.
+
+**Deformable convolution** (torchvision.ops.deform_conv2d, ONNX DeformConv, mmcv). For
+image ``n``, input channel ``c`` in offset group ``g = c // (C // G)``, kernel tap
+``(i, j)`` with ``k = i * kw + j`` (``K = kh * kw``) and output pixel ``(oy, ox)``::
+
+    dy = offset[n, 2 (g K + k), oy, ox]        dx = offset[n, 2 (g K + k) + 1, oy, ox]
+    m  = mask[n, g K + k, oy, ox]              (1 when there is no mask)
+    p_y = oy s_h - pad_h + i d_h + dy          p_x = ox s_w - pad_w + j d_w + dx
+    cols[n, c, i, j, oy, ox] = m * bilinear(x[n, c], p_y, p_x)
+
+The base position ``oy s_h - pad_h + i d_h`` is an integer, converted to the dtype of
+``x`` before the offset is added (torchvision's order of operations).
+
+``bilinear(img, p_y, p_x)`` is torchvision's rule: it is 0 when ``p_y <= -1``,
+``p_y >= H``, ``p_x <= -1`` or ``p_x >= W``; otherwise with ``y0 = floor(p_y)``,
+``x0 = floor(p_x)``, ``ly = p_y - y0``, ``lx = p_x - x0``, ``hy = 1 - ly``, ``hx = 1 - lx``::
+
+    bilinear = hy hx v(y0, x0) + hy lx v(y0, x0+1) + ly hx v(y0+1, x0) + ly lx v(y0+1, x0+1)
+
+where ``v(r, s)`` is the pixel when ``0 <= r < H`` and ``0 <= s < W`` and 0 otherwise
+(corners outside the image contribute 0, i.e. zero padding).
+
+Gradients (``D = d_cols[n, c, i, j, oy, ox]``, sums over the channels ``c`` of group g)::
+
+    d_x[n, c, r, s]     += m * (corner weight of (r, s)) * D         (deform_col2im)
+    d_offset(dy)        = sum_c m * D * (lx (v(y0+1, x0+1) - v(y0, x0+1)) + hx (v(y0+1, x0) - v(y0, x0)))
+    d_offset(dx)        = sum_c m * D * (ly (v(y0+1, x0+1) - v(y0+1, x0)) + hy (v(y0, x0+1) - v(y0, x0)))
+    d_mask              = sum_c D * bilinear(x[n, c], p_y, p_x)
+
+The offset gradient is the derivative of the bilinear formula on the cell
+``[y0, y0 + 1] x [x0, x0 + 1]`` with ``y0 = floor(p_y)``: the one-sided derivative from
+the right. At an integer position (zero offsets included) a central finite difference
+therefore disagrees with it; elsewhere it is the exact derivative. It has no range test of
+its own: it is nonzero wherever a corner of the cell is inside the image, which includes
+``p_y = -1`` exactly (the forward is 0 there, and its right-hand derivative is not). This
+is torchvision's behaviour; mmcv returns 0 at exactly ``p = -1`` and agrees everywhere
+else (pytorch/vision issue #6885).
+
+**The seed's clamped sampling** (oeway/pytorch-deform-conv ``th_batch_map_coordinates``)::
+
+    r = clamp(row, 0, H - 1)    c = clamp(col, 0, W - 1)       (each axis on its own)
+    r0 = floor(r), r1 = ceil(r), c0 = floor(c), c1 = ceil(c), fr = r - r0, fc = c - c0
+    top    = fr (x[r1, c0] - x[r0, c0]) + x[r0, c0]
+    bottom = fr (x[r1, c1] - x[r0, c1]) + x[r0, c1]
+    out    = fc (bottom - top) + top
+
+(the seed names them "t" and "b" although they are the left and right columns; the value
+is ordinary bilinear interpolation with border replication). Because the corners are
+floor and *ceil*, at an integer coordinate both corners coincide and the coordinate
+gradient is 0; the clamp passes the gradient on ``[0, H - 1]`` (bounds included, as
+``torch.clamp``) and blocks it strictly outside.
+
+**Non-finite positions.** A position (or coordinate pair) with a NaN or infinite
+component samples 0 and gets zero gradients (input, offset, mask), except that the seed's
+clamp maps +-inf to the border like any other value (only NaN is non-samplable there).
+No index is ever computed from a non-finite or out-of-range position: such positions are
+replaced by 0 before ``floor`` and their corners are marked invalid, so no memory outside
+the input is read and no floating-point warning is raised.
+
+Accumulation: the scatters (``deform_col2im``, the input gradient of the seed's
+sampling) add with ``numpy.bincount``, which sums in float64 and is rounded to the dtype
+of the input at the end; every other result is computed in the dtype of the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "unavailable_reason",
+    "deform_im2col",
+    "deform_col2im",
+    "deform_col2im_coord",
+    "map_coordinates_clamped",
+    "map_coordinates_clamped_backward",
+]
+
+
+def unavailable_reason():
+    """The NumPy backend always runs."""
+    return None
+
+
+# ---- deformable convolution ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """Where every sample of a deformable im2col falls; arrays are (N, G, K, L), L = out_h * out_w."""
+
+    idx: tuple  # 4 x int64 (N, G, K, L): flat pixel index y*W + x of the corners 00, 01, 10, 11 (0 where invalid)
+    valid: tuple  # 4 x bool (N, G, K, L): corner inside the image and position in the gradient support
+    sample: np.ndarray  # bool (N, G, K, L): -1 < p_y < H and -1 < p_x < W (and finite)
+    ly: np.ndarray  # (N, G, K, L) dtype of x: p_y - y0 (0 where not in the support)
+    lx: np.ndarray  # (N, G, K, L): p_x - x0
+    hy: np.ndarray  # (N, G, K, L): 1 - ly
+    hx: np.ndarray  # (N, G, K, L): 1 - lx
+
+
+def _cells(offset, height, width, kernel_hw, stride, padding, dilation, out_hw, offset_groups, dtype):
+    """Sample positions of every (n, g, k, oy, ox) and the cell [y0, y0+1] x [x0, x0+1] each falls in.
+
+    The gradient support is ``-1 <= p_y < H`` and ``-1 <= p_x < W`` (finite): outside it
+    all four corners are outside the image. The sampling support is the same with
+    ``p > -1``.
+    """
+    n = offset.shape[0]
+    weight_h, weight_w = kernel_hw
+    stride_h, stride_w = stride
+    pad_h, pad_w = padding
+    dilation_h, dilation_w = dilation
+    out_h, out_w = out_hw
+    k_taps = weight_h * weight_w
+    off = offset.reshape(n, offset_groups, k_taps, 2, out_h * out_w)  # (N, G, K, 2, L)
+    tap_i = np.repeat(np.arange(weight_h), weight_w)  # (K,) i of tap k
+    tap_j = np.tile(np.arange(weight_w), weight_h)  # (K,) j of tap k
+    oy = np.repeat(np.arange(out_h), out_w)  # (L,)
+    ox = np.tile(np.arange(out_w), out_h)  # (L,)
+    base_y = ((oy * stride_h - pad_h)[None, :] + (tap_i * dilation_h)[:, None]).astype(dtype)  # (K, L)
+    base_x = ((ox * stride_w - pad_w)[None, :] + (tap_j * dilation_w)[:, None]).astype(dtype)  # (K, L)
+    p_y = base_y + off[:, :, :, 0]  # (N, G, K, L)
+    p_x = base_x + off[:, :, :, 1]  # (N, G, K, L)
+
+    support = np.isfinite(p_y) & np.isfinite(p_x)
+    support &= (p_y >= -1) & (p_y < height) & (p_x >= -1) & (p_x < width)
+    sample = support & (p_y > -1) & (p_x > -1)
+    p_y = np.where(support, p_y, 0)  # never floor a non-finite or far-away position
+    p_x = np.where(support, p_x, 0)
+    y0f = np.floor(p_y)
+    x0f = np.floor(p_x)
+    ly = p_y - y0f
+    lx = p_x - x0f
+    y0 = y0f.astype(np.int64)  # in [-1, H-1] inside the support
+    x0 = x0f.astype(np.int64)  # in [-1, W-1]
+
+    idx, valid = [], []
+    for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        y = y0 + a
+        x = x0 + b
+        ok = support & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+        valid.append(ok)
+        idx.append(np.where(ok, y * width + x, 0))
+    return _Cells(tuple(idx), tuple(valid), sample, ly, lx, 1 - ly, 1 - lx)
+
+
+def _corner_values(xg, cells, use_sample):
+    """The four corner pixels of every sample, per channel: 4 x (N, G, Cg, K, L), 0 where invalid.
+
+    ``xg`` is the input as (N, G, Cg, H*W). With ``use_sample`` a corner also needs the
+    position inside the sampling support (-1 < p); otherwise the gradient support.
+    """
+    n, g, k, l = cells.sample.shape
+    out = []
+    for idx, ok in zip(cells.idx, cells.valid):
+        if use_sample:
+            ok = ok & cells.sample
+        v = np.take_along_axis(xg, idx.reshape(n, g, 1, k * l), axis=3)  # (N, G, Cg, K*L)
+        v = v.reshape(n, g, xg.shape[2], k, l)
+        out.append(np.where(ok[:, :, None], v, 0))
+    return out
+
+
+def _bilinear(xg, cells):
+    """bilinear(x[n, c], p_y, p_x) for every sample: (N, G, Cg, K, L)."""
+    v00, v01, v10, v11 = _corner_values(xg, cells, use_sample=True)
+    w00 = (cells.hy * cells.hx)[:, :, None]  # (N, G, 1, K, L)
+    w01 = (cells.hy * cells.lx)[:, :, None]
+    w10 = (cells.ly * cells.hx)[:, :, None]
+    w11 = (cells.ly * cells.lx)[:, :, None]
+    return w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+
+
+def _mask_g(mask, n, offset_groups, k_taps, length):
+    """mask (N, G*K, out_h, out_w) as (N, G, 1, K, L) for broadcasting over channels."""
+    return mask.reshape(n, offset_groups, 1, k_taps, length)
+
+
+def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw, offset_groups):
+    """Deformable im2col.
+
+    Parameters
+    ----------
+    x : (N, C, H, W)
+    offset : (N, 2 G kh kw, out_h, out_w), (dy, dx) pairs per group and tap
+    mask : (N, G kh kw, out_h, out_w) or None (all ones)
+    kernel_hw, stride, padding, dilation, out_hw : pairs of ints
+    offset_groups : G, dividing C
+
+    Returns
+    -------
+    cols : (N, C, kh, kw, out_h, out_w), dtype of x:
+        ``cols[n, c, i, j, oy, ox] = m * bilinear(x[n, c], p_y, p_x)`` (module docstring).
+    """
+    n, c, height, width = x.shape
+    weight_h, weight_w = kernel_hw
+    out_h, out_w = out_hw
+    k_taps, length = weight_h * weight_w, out_h * out_w
+    cells = _cells(offset, height, width, kernel_hw, stride, padding, dilation, out_hw, offset_groups, x.dtype)
+    xg = x.reshape(n, offset_groups, c // offset_groups, height * width)  # (N, G, Cg, H*W)
+    cols = _bilinear(xg, cells)  # (N, G, Cg, K, L)
+    if mask is not None:
+        cols = _mask_g(mask, n, offset_groups, k_taps, length) * cols
+    return cols.reshape(n, c, weight_h, weight_w, out_h, out_w)
+
+
+def _scatter_add(flat_size, indices, values, dtype):
+    """out[idx] += value for every pair (repeated indices add up), summed in float64."""
+    out = np.zeros(flat_size, dtype=np.float64)
+    for idx, val in zip(indices, values):
+        out += np.bincount(idx.ravel(), weights=val.ravel(), minlength=flat_size)
+    return out.astype(dtype, copy=False)
+
+
+def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dilation, offset_groups):
+    """Adjoint of :func:`deform_im2col` with respect to ``x``.
+
+    Every column entry ``D = d_cols[n, c, i, j, oy, ox]`` whose position samples a nonzero
+    value adds ``m * w * D`` to each of its (in-image) corners, ``w`` the corner's
+    bilinear weight (``hy hx``, ``hy lx``, ``ly hx``, ``ly lx``).
+
+    Returns
+    -------
+    d_x : ndarray of ``x_shape`` (N, C, H, W), dtype of d_cols
+    """
+    n, c, height, width = x_shape
+    weight_h, weight_w, out_h, out_w = d_cols.shape[2:]
+    k_taps, length = weight_h * weight_w, out_h * out_w
+    cg = c // offset_groups
+    cells = _cells(offset, height, width, kernel_hw, stride, padding, dilation, (out_h, out_w), offset_groups, d_cols.dtype)
+    d = d_cols.reshape(n, offset_groups, cg, k_taps, length)  # (N, G, Cg, K, L)
+    if mask is not None:
+        d = _mask_g(mask, n, offset_groups, k_taps, length) * d
+    weights = (cells.hy * cells.hx, cells.hy * cells.lx, cells.ly * cells.hx, cells.ly * cells.lx)
+    # flat index into d_x of (n, g, cc) planes: ((n*G + g)*Cg + cc) * H*W
+    plane = (np.arange(n * c).reshape(n, offset_groups, cg, 1, 1)) * (height * width)  # (N, G, Cg, 1, 1)
+    indices, values = [], []
+    for idx, ok, w in zip(cells.idx, cells.valid, weights):
+        ok = (ok & cells.sample)[:, :, None]  # (N, G, 1, K, L)
+        indices.append(plane + idx[:, :, None])  # (N, G, Cg, K, L)
+        values.append(np.where(ok, w[:, :, None] * d, 0))  # (N, G, Cg, K, L)
+    d_x = _scatter_add(n * c * height * width, indices, values, d_cols.dtype)
+    return d_x.reshape(x_shape)
+
+
+def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups):
+    """Gradients of :func:`deform_im2col` with respect to ``offset`` and ``mask``.
+
+    Returns
+    -------
+    d_offset : shape of offset, dtype of x
+    d_mask : shape of mask, or None when mask is None
+    """
+    n, c, height, width = x.shape
+    weight_h, weight_w, out_h, out_w = d_cols.shape[2:]
+    k_taps, length = weight_h * weight_w, out_h * out_w
+    cells = _cells(offset, height, width, kernel_hw, stride, padding, dilation, (out_h, out_w), offset_groups, x.dtype)
+    xg = x.reshape(n, offset_groups, c // offset_groups, height * width)  # (N, G, Cg, H*W)
+    d = d_cols.reshape(n, offset_groups, c // offset_groups, k_taps, length)  # (N, G, Cg, K, L)
+
+    v00, v01, v10, v11 = _corner_values(xg, cells, use_sample=False)  # 4 x (N, G, Cg, K, L)
+    ly, lx = cells.ly[:, :, None], cells.lx[:, :, None]  # (N, G, 1, K, L)
+    hy, hx = cells.hy[:, :, None], cells.hx[:, :, None]
+    d_sample_dy = lx * (v11 - v01) + hx * (v10 - v00)  # (N, G, Cg, K, L) d bilinear / d p_y on the cell
+    d_sample_dx = ly * (v11 - v10) + hy * (v01 - v00)  # (N, G, Cg, K, L) d bilinear / d p_x on the cell
+    if mask is not None:
+        m = _mask_g(mask, n, offset_groups, k_taps, length)  # (N, G, 1, K, L)
+        d_sample_dy = m * d_sample_dy
+        d_sample_dx = m * d_sample_dx
+    d_py = (d_sample_dy * d).sum(axis=2)  # (N, G, K, L)
+    d_px = (d_sample_dx * d).sum(axis=2)  # (N, G, K, L)
+    d_offset = np.stack([d_py, d_px], axis=3)  # (N, G, K, 2, L)
+    d_offset = d_offset.reshape(offset.shape).astype(x.dtype, copy=False)
+
+    d_mask = None
+    if mask is not None:
+        sampled = _bilinear(xg, cells)  # (N, G, Cg, K, L)
+        d_mask = (d * sampled).sum(axis=2)  # (N, G, K, L)
+        d_mask = d_mask.reshape(mask.shape).astype(x.dtype, copy=False)
+    return d_offset, d_mask
+
+
+# ---- the seed's clamped sampling ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ClampedCells:
+    """Corners of every coordinate pair of the seed's sampling; arrays are (B, P)."""
+
+    idx: tuple  # 4 x int64 (B, P): flat index b*H*W + r*W + c of corners (r0,c0), (r1,c0), (r0,c1), (r1,c1)
+    fr: np.ndarray  # (B, P): r - r0
+    fc: np.ndarray  # (B, P): c - c0
+    nan: np.ndarray  # bool (B, P): the pair has a NaN (samples 0, zero gradients)
+    pass_r: np.ndarray  # bool (B, P): 0 <= row <= H-1 (clamp passes the row gradient)
+    pass_c: np.ndarray  # bool (B, P): 0 <= col <= W-1
+
+
+def _clamped_cells(x_shape, coords):
+    b, height, width = x_shape
+    row = coords[..., 0]  # (B, P)
+    col = coords[..., 1]  # (B, P)
+    nan = np.isnan(row) | np.isnan(col)
+    r = np.where(nan, 0, np.clip(row, 0, height - 1))  # clamp per axis; +-inf go to the border
+    c = np.where(nan, 0, np.clip(col, 0, width - 1))
+    r0f, r1f = np.floor(r), np.ceil(r)
+    c0f, c1f = np.floor(c), np.ceil(c)
+    r0, r1 = r0f.astype(np.int64), r1f.astype(np.int64)
+    c0, c1 = c0f.astype(np.int64), c1f.astype(np.int64)
+    base = (np.arange(b) * (height * width))[:, None]  # (B, 1)
+    idx = (base + r0 * width + c0, base + r1 * width + c0, base + r0 * width + c1, base + r1 * width + c1)
+    pass_r = ~nan & (row >= 0) & (row <= height - 1)
+    pass_c = ~nan & (col >= 0) & (col <= width - 1)
+    return _ClampedCells(idx, r - r0f, c - c0f, nan, pass_r, pass_c)
+
+
+def map_coordinates_clamped(x, coords):
+    """The seed's bilinear sampling with per-axis clamping (``th_batch_map_coordinates``).
+
+    Parameters
+    ----------
+    x : (B, H, W)
+    coords : (B, P, 2), (row, col) pairs, dtype of x
+
+    Returns
+    -------
+    out : (B, P), dtype of x; 0 where a coordinate is NaN.
+    """
+    cells = _clamped_cells(x.shape, coords)
+    flat = x.reshape(-1)
+    v_r0c0, v_r1c0, v_r0c1, v_r1c1 = (flat[i] for i in cells.idx)  # (B, P) each
+    fr, fc = cells.fr, cells.fc
+    left = fr * (v_r1c0 - v_r0c0) + v_r0c0  # column c0, interpolated along the rows
+    right = fr * (v_r1c1 - v_r0c1) + v_r0c1  # column c1
+    out = fc * (right - left) + left
+    return np.where(cells.nan, 0, out)
+
+
+def map_coordinates_clamped_backward(d_out, x, coords):
+    """Gradients of :func:`map_coordinates_clamped`.
+
+    Backward, in reverse order of the forward (NaN pairs get 0 everywhere)::
+
+        d_left  = d_out (1 - fc)           d_right = d_out fc
+        d_fc    = d_out (right - left)
+        d_fr    = d_left (v(r1, c0) - v(r0, c0)) + d_right (v(r1, c1) - v(r0, c1))
+        d_x[r0, c0] += d_left (1 - fr)     d_x[r1, c0] += d_left fr
+        d_x[r0, c1] += d_right (1 - fr)    d_x[r1, c1] += d_right fr
+        d_row   = d_fr  where 0 <= row <= H-1, else 0     (r0 = floor is a constant)
+        d_col   = d_fc  where 0 <= col <= W-1, else 0
+
+    At an integer coordinate r0 == r1, so ``d_fr`` is 0 (likewise for columns).
+
+    Returns
+    -------
+    d_x : (B, H, W), d_coords : (B, P, 2); dtype of x.
+    """
+    cells = _clamped_cells(x.shape, coords)
+    flat = x.reshape(-1)
+    v_r0c0, v_r1c0, v_r0c1, v_r1c1 = (flat[i] for i in cells.idx)  # (B, P) each
+    fr, fc = cells.fr, cells.fc
+    d_out = np.where(cells.nan, 0, d_out)  # (B, P)
+    left = fr * (v_r1c0 - v_r0c0) + v_r0c0  # (B, P)
+    right = fr * (v_r1c1 - v_r0c1) + v_r0c1  # (B, P)
+
+    d_left = d_out * (1 - fc)  # (B, P)
+    d_right = d_out * fc  # (B, P)
+    d_fc = d_out * (right - left)  # (B, P)
+    d_fr = d_left * (v_r1c0 - v_r0c0) + d_right * (v_r1c1 - v_r0c1)  # (B, P)
+    d_x = _scatter_add(
+        x.size,
+        cells.idx,
+        (d_left * (1 - fr), d_left * fr, d_right * (1 - fr), d_right * fr),
+        x.dtype,
+    ).reshape(x.shape)  # (B, H, W)
+    d_row = np.where(cells.pass_r, d_fr, 0)  # (B, P)
+    d_col = np.where(cells.pass_c, d_fc, 0)  # (B, P)
+    d_coords = np.stack([d_row, d_col], axis=-1).astype(x.dtype, copy=False)  # (B, P, 2)
+    return d_x, d_coords
