@@ -59,9 +59,117 @@ def cmd_demo(args) -> int:
     return 1 if failures else 0
 
 
+def _progress(i, n, label, stream=sys.stderr):
+    """A one-line progress display on a terminal (nothing when piped)."""
+    if stream.isatty():
+        width = 24
+        done = int(width * i / n) if n else width
+        stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:40]:<40}")
+        stream.flush()
+        if i == n:
+            stream.write("\r" + " " * (width + 50) + "\r")
+
+
+def cmd_list(args) -> int:
+    from . import golden
+
+    try:
+        cases = golden.list_cases(args.golden)
+    except golden.GoldenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'case':<34} {'block':<26} {'mode':<6} {'dtype':<8} shapes")
+    for cid, meta in cases.items():
+        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in meta.get("shapes", {}).items())
+        print(f"{cid:<34} {meta.get('block', '?'):<26} {meta.get('mode', '?'):<6} {meta.get('dtype', '?'):<8} {shapes}")
+    print(f"{len(cases)} cases")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import time
+
+    from . import golden
+
+    try:
+        cases = golden.list_cases(args.golden)
+    except golden.GoldenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    selected = [c for c in cases if not args.cases or any(c.startswith(p) for p in args.cases)]
+    failures = 0
+    t0 = time.perf_counter()
+    for i, cid in enumerate(selected, 1):
+        _progress(i - 1, len(selected), cid)
+        t = time.perf_counter()
+        res = golden.verify_case(cid, cases[cid], args.golden, fd_check=not args.no_fd)
+        failures += not res.ok
+        dt = time.perf_counter() - t
+        if res.ok:
+            fd = "" if args.no_fd else f", fd rel err {res.fd_rel_err:.1e}"
+            print(f"[{i}/{len(selected)}] {cid:<34} ok   (recomputed rel err {res.max_rel_err:.1e}{fd}, {dt:.1f} s)")
+        else:
+            print(f"[{i}/{len(selected)}] {cid:<34} FAIL {res.message}")
+    _progress(len(selected), len(selected), "")
+    print(f"\n{len(selected) - failures} of {len(selected)} cases verified, {failures} failed ({time.perf_counter() - t0:.1f} s)")
+    return 1 if failures or not selected else 0
+
+
+def cmd_check(args) -> int:
+    from . import golden
+
+    try:
+        outputs = golden.read_npz(args.outputs)
+        report = golden.check(args.case, outputs, args.golden)
+    except golden.GoldenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0 if report.ok else 1
+
+
+def cmd_export(args) -> int:
+    from . import golden
+
+    try:
+        paths = golden.export(args.case, args.dir, args.golden)
+    except golden.GoldenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npattn", description="NumPy reference for CNN attention blocks.")
+    parser = argparse.ArgumentParser(prog="npattn", description="NumPy reference for CNN attention blocks: golden fixtures and checks.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def golden_arg(p):
+        p.add_argument("--golden", metavar="DIR", default=None, help="fixture directory (default: $NPATTN_GOLDEN, ./golden, or the checkout's)")
+
+    p = sub.add_parser("list", help="list the golden cases with block, mode, dtype and shapes")
+    golden_arg(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("verify", help="recompute every case with npattn and compare with the stored fixtures")
+    golden_arg(p)
+    p.add_argument("cases", nargs="*", help="only cases whose id starts with one of these")
+    p.add_argument("--no-fd", action="store_true", help="skip the finite-difference spot check")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("check", help="compare another framework's results with a case")
+    golden_arg(p)
+    p.add_argument("case", help="case id (see npattn list)")
+    p.add_argument("outputs", help=".npz with 'output' and optionally 'grad.input.<name>', 'grad.param.<key>', 'buffer_after.<key>'")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("export", help="write a case's inputs, state_dict and grad_output for another framework")
+    golden_arg(p)
+    p.add_argument("case")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="run every primitive op forward and backward; print finite-difference errors")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -42,7 +42,7 @@ class TensorReport:
     shape: tuple
     method: str  # "full" or "projection"
     max_abs_err: float  # max |numerical - analytic|
-    rel_err: float  # max |numerical - analytic| / max |numerical| (normwise)
+    rel_err: float  # max |numerical - analytic| / max |numerical| (normwise); nan for a zero gradient
     worst_index: tuple  # element index (full) or projection number
     numerical: float  # at the worst index
     analytic: float  # at the worst index
@@ -60,7 +60,8 @@ class GradcheckReport:
 
     @property
     def max_rel_err(self) -> float:
-        return max((t.rel_err for t in self.tensors), default=0.0)
+        """Worst normwise relative error over the tensors whose gradient is not zero."""
+        return max((t.rel_err for t in self.tensors if t.rel_err == t.rel_err), default=0.0)
 
     def __str__(self) -> str:
         lines = [f"{'tensor':<28} {'shape':<20} {'method':<10} {'max abs err':>12} {'rel err':>10}  ok"]
@@ -213,7 +214,7 @@ def gradcheck(
         err = np.abs(numerical - analytic)
         bad = err > atol + rtol * np.abs(numerical)
         worst = int(np.argmax(err)) if err.size else 0
-        scale = max(float(np.max(np.abs(numerical))) if numerical.size else 0.0, np.finfo(np.float64).tiny)
+        scale = float(np.max(np.abs(numerical))) if numerical.size else 0.0
         max_err = float(err[worst]) if err.size else 0.0
         index = np.unravel_index(worst, a.shape) if method == "full" and a.size else (worst,)
         report.tensors.append(
@@ -222,7 +223,9 @@ def gradcheck(
                 shape=tuple(a.shape),
                 method=method,
                 max_abs_err=max_err,
-                rel_err=max_err / scale if err.size else 0.0,
+                # a gradient that is zero (below atol everywhere) has no relative error:
+                # it is judged by its absolute error alone
+                rel_err=max_err / scale if scale > atol else float("nan"),
                 worst_index=tuple(int(i) for i in index),
                 numerical=float(numerical[worst]) if err.size else 0.0,
                 analytic=float(analytic[worst]) if err.size else 0.0,

@@ -1,0 +1,260 @@
+"""Regenerate every golden fixture from fixed seeds (byte-identical on every run).
+
+    python tools/make_golden.py [--out golden] [--only PREFIX ...]
+
+For each case: build the block (or op) in float64 from its seed, give every parameter and
+buffer a non-trivial value (BatchNorm statistics, GCT's gamma = 0 init, the zero-initialised
+offset conv of ModulatedDeformConv2dPack would otherwise hide whole gradients), draw
+inputs and the upstream gradient, run npattn forward and backward, run a finite-difference
+spot check, and, when torch / torchvision are installed, run the project's PyTorch version
+of the block on the same arrays and record the agreement. A case whose cross-check or
+spot check fails is not written (the script exits non-zero).
+
+The float32 twin of each case stores the float32-rounded inputs and parameters; its
+expected arrays are computed in float64 from exactly those values, then rounded once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import npattn  # noqa: E402
+from npattn import golden  # noqa: E402
+
+# --------------------------------------------------------------------------- the cases
+# (case id stem, block or op, kind, config, input shapes {name: shape}, modes, seed)
+
+CASES = [
+    ("se/nobias", "SEBlock", "block", {"channels": 16, "reduction": 4, "bias": False}, {"x": (2, 16, 5, 3)}, ["eval"], 101),
+    ("se/bias", "SEBlock", "block", {"channels": 16, "reduction": 4, "bias": True}, {"x": (3, 16, 4, 6)}, ["eval"], 102),
+    ("sk/paths2_groups2", "SKConv", "block", {"in_channels": 4, "out_channels": 8, "groups": 2, "ratio": 16, "paths": 2}, {"x": (3, 4, 6, 5)}, ["train", "eval"], 201),
+    ("sk/paths3_groups4", "SKConv", "block", {"in_channels": 4, "out_channels": 8, "groups": 4, "ratio": 16, "paths": 3}, {"x": (3, 4, 7, 5)}, ["train", "eval"], 202),
+    ("daf/default", "DAF", "block", {}, {"x": (2, 4, 5, 3), "residual": (2, 4, 5, 3)}, ["eval"], 301),
+    ("aff/c8_r4", "AFF", "block", {"channels": 8, "r": 4}, {"x": (3, 8, 5, 4), "residual": (3, 8, 5, 4)}, ["train", "eval"], 302),
+    ("iaff/shared_global_att", "iAFF", "block", {"channels": 8, "r": 4, "share_global_att": True}, {"x": (3, 8, 4, 5), "residual": (3, 8, 4, 5)}, ["train", "eval"], 303),
+    ("iaff/paper_global_att2", "iAFF", "block", {"channels": 8, "r": 4, "share_global_att": False}, {"x": (3, 8, 4, 5), "residual": (3, 8, 4, 5)}, ["train", "eval"], 304),
+    ("ms_cam/c8_r4", "MS_CAM", "block", {"channels": 8, "r": 4}, {"x": (3, 8, 6, 3)}, ["train", "eval"], 305),
+    ("gct/l2", "GCT", "block", {"num_channels": 6, "mode": "l2"}, {"x": (2, 6, 5, 4)}, ["eval"], 401),
+    ("gct/l1", "GCT", "block", {"num_channels": 6, "mode": "l1"}, {"x": (2, 6, 5, 4)}, ["eval"], 402),
+    ("gct/l1_after_relu", "GCT", "block", {"num_channels": 6, "mode": "l1", "after_relu": True}, {"x": (3, 6, 4, 5)}, ["eval"], 403),
+    ("conv_offset2d/filters3", "ConvOffset2D", "block", {"filters": 3}, {"x": (2, 3, 6, 5)}, ["eval"], 501),
+    ("batch_map_offsets/b3", "batch_map_offsets", "function", {}, {"input": (3, 5, 4), "offsets": (3, 5, 4, 2)}, ["eval"], 502),
+    ("deform_conv2d/v1_groups2_offgroups2", "deform_conv2d", "function",
+     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1)},
+     {"input": (2, 4, 7, 6), "offset": (2, 2 * 2 * 3 * 2, 3, 5), "weight": (6, 2, 3, 2), "bias": (6,)}, ["eval"], 601),
+    ("deform_conv2d/v2_groups2_offgroups2", "deform_conv2d", "function",
+     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1)},
+     {"input": (2, 4, 7, 6), "offset": (2, 2 * 2 * 3 * 2, 3, 5), "weight": (6, 2, 3, 2), "bias": (6,), "mask": (2, 2 * 3 * 2, 3, 5)}, ["eval"], 602),
+    ("deform_conv2d_block/k3_groups2", "DeformConv2d", "block",
+     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "groups": 2},
+     {"x": (2, 4, 5, 6), "offset": (2, 18, 5, 6), "mask": (2, 9, 5, 6)}, ["eval"], 603),
+    ("modulated_deform_conv2d_pack/k3_dg2", "ModulatedDeformConv2dPack", "block",
+     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "deform_groups": 2},
+     {"x": (2, 4, 5, 6)}, ["eval"], 604),
+]
+
+
+def away_from_integers(rng, shape, low=-1.5, high=1.5):
+    """Offsets whose fractional part lies in [0.15, 0.85]: every sample position (integer
+    grid + offset) stays clear of the kinks of bilinear sampling at integers."""
+    whole = rng.integers(int(np.floor(low)), int(np.ceil(high)), size=shape)
+    return whole + rng.uniform(0.15, 0.85, size=shape)
+
+
+def make_inputs(block, shapes, rng):
+    inputs = {}
+    for name, shape in shapes.items():
+        if name in ("offset",):
+            inputs[name] = away_from_integers(rng, shape)
+        elif name == "offsets":  # seed sampling: keep positions inside and off integers
+            inputs[name] = away_from_integers(rng, shape, -1, 1)
+        elif name == "mask":
+            inputs[name] = rng.uniform(0.2, 1.0, size=shape)
+        elif name in ("weight", "bias"):
+            inputs[name] = rng.standard_normal(shape) * 0.5
+        else:
+            inputs[name] = rng.standard_normal(shape)
+    return inputs
+
+
+def randomise_state(blk, rng):
+    """Non-trivial values for every array, so that no gradient is zero by construction."""
+    state = blk.state_dict()
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = np.array(3, dtype=np.int64)
+        elif key.endswith("running_var"):
+            state[key] = rng.uniform(0.5, 1.5, size=value.shape)
+        elif key.endswith("running_mean"):
+            state[key] = 0.1 * rng.standard_normal(value.shape)
+        elif value.size and np.all(value == value.flat[0]):
+            # constant initialisations: BatchNorm's 1/0, GCT's alpha/gamma/beta, zero offset conv
+            scale = 0.3 if not key.startswith("conv_offset") else 0.2
+            state[key] = value + scale * rng.standard_normal(value.shape)
+    blk.load_state_dict(state)
+
+
+def build_arrays(spec, mode):
+    """The float64 arrays of one case (inputs, state, grad_output) and its metadata."""
+    stem, name, kind, config, shapes, _modes, seed = spec
+    rng = np.random.default_rng(seed)
+    meta = {"block": name, "kind": kind, "config": config, "mode": mode, "seed": seed}
+    arrays = {}
+    if kind == "block":
+        blk = getattr(npattn, name)(**config, rng=seed, dtype=np.float64)
+        randomise_state(blk, rng)
+        params = set(blk.parameter_names())
+        for k, v in blk.state_dict().items():
+            arrays[("param." if k in params else "buffer.") + k] = v
+    inputs = make_inputs(None, shapes, rng)
+    if name == "GCT" and config.get("after_relu"):
+        inputs["x"] = np.abs(inputs["x"])  # after_relu: the input is non-negative
+    for k, v in inputs.items():
+        arrays[f"input.{k}"] = v
+    meta["inputs"] = list(shapes)
+    return meta, arrays, rng
+
+
+def output_shape(meta, arrays):
+    blk_meta = dict(meta)
+    probe = dict(arrays)
+    if meta["kind"] == "function":
+        fwd, _ = golden._function_ops()[meta["block"]]
+        y, _ = fwd(**{n: arrays[f"input.{n}"] for n in meta["inputs"]}, **meta["config"])
+        return y.shape
+    blk = golden.build_block(blk_meta, np.float64)
+    state = {k.split(".", 1)[1]: v for k, v in probe.items() if k.startswith(("param.", "buffer."))}
+    blk.load_state_dict(state)
+    y, _ = blk.forward(*(arrays[f"input.{n}"] for n in meta["inputs"]), training=False)
+    return y.shape
+
+
+def finish(meta, arrays, dtype):
+    """Compute the expected arrays (in float64 from the stored values) and round to dtype."""
+    stored = {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in arrays.items()}
+    results = golden.run(meta, stored, np.float64)
+    for k, v in results.items():
+        stored[k] = v.astype(dtype) if v.dtype.kind == "f" else v
+    return stored
+
+
+# --------------------------------------------------------------------------- cross-check
+
+def torch_versions():
+    try:
+        import torch
+        import torchvision
+    except ImportError:
+        return None
+    return f"torch {torch.__version__.split('+')[0]}, torchvision {torchvision.__version__.split('+')[0]}"
+
+
+def cross_check(meta, arrays):
+    """Max normwise relative error between the fixture and the project's PyTorch version."""
+    import torch_crosscheck
+
+    theirs, reference = torch_crosscheck.run_case(meta, arrays)
+    expected = golden.Case("", meta, arrays, pathlib.Path()).expected()
+    floor = golden.TOLERANCES["float64"]["floor"] * golden.case_scale(expected)
+    worst = 0.0
+    for key, value in theirs.items():
+        if arrays[key].dtype.kind != "f" or not arrays[key].size:
+            if not np.array_equal(value, arrays[key]):
+                worst = np.inf
+            continue
+        e = arrays[key].astype(np.float64)
+        err = float(np.max(np.abs(np.asarray(value, dtype=np.float64) - e)) / max(np.max(np.abs(e)), floor, 1e-300))
+        worst = max(worst, err)
+    missing = [k for k in expected if k not in theirs]
+    return worst, reference, missing
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "golden"))
+    ap.add_argument("--only", nargs="*", default=None, help="case id prefixes to regenerate")
+    ap.add_argument("--no-crosscheck", action="store_true", help="do not run PyTorch even when installed")
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    manifest_path = out / "manifest.json"
+    old = json.loads(manifest_path.read_text())["cases"] if manifest_path.is_file() else {}
+    versions = None if args.no_crosscheck else torch_versions()
+    cases = {}
+    failed = []
+    for spec in CASES:
+        for mode in spec[5]:
+            meta0, arrays64, _ = build_arrays(spec, mode)
+            stem = spec[0]
+            for dtype in (np.float64, np.float32):
+                dname = np.dtype(dtype).name
+                case_id = f"{stem}_{mode}_{'f64' if dtype == np.float64 else 'f32'}"
+                if args.only and not any(case_id.startswith(p) for p in args.only):
+                    if case_id in old:
+                        cases[case_id] = old[case_id]
+                    continue
+                meta = dict(meta0, dtype=dname)
+                arrays = {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in arrays64.items()}
+                grad_rng = np.random.default_rng([spec[6], 7])
+                arrays["grad_output"] = grad_rng.standard_normal(output_shape(meta, arrays64)).astype(dtype)
+                arrays = finish(meta, arrays, dtype)
+                report = golden.spot_check_gradients(meta, arrays)
+                if not report.ok:
+                    failed.append(f"{case_id}: finite-difference spot check: {report.failure_message()}")
+                    continue
+                record = None
+                if versions:
+                    worst, reference, missing = cross_check(meta, arrays)
+                    # float64: the agreement the blocks are held to; float32 twins: the
+                    # expected arrays are float64 results rounded once to float32
+                    limit = 1e-10 if dtype == np.float64 else 2.0**-22
+                    if worst > limit or missing:
+                        failed.append(f"{case_id}: cross-check against {reference} gives max rel err {worst:.3e} (limit {limit:g}); missing {missing}")
+                        continue
+                    record = {"library": versions, "reference": reference, "max_rel_err": float(f"{worst:.3e}")}
+                elif case_id in old:
+                    record = old[case_id].get("cross_checked")
+                rel = f"{stem.split('/')[1]}_{mode}_{'f64' if dtype == np.float64 else 'f32'}.npz"
+                file = f"{stem.split('/')[0]}/{rel}"
+                sha = golden.write_npz(out / file, arrays)
+                if record is not None and case_id in old and old[case_id].get("sha256") != sha and not versions:
+                    record = None  # the stored cross-check was for different arrays
+                cases[case_id] = {
+                    "file": file,
+                    "block": meta["block"],
+                    "kind": meta["kind"],
+                    "config": {k: list(v) if isinstance(v, tuple) else v for k, v in meta["config"].items()},
+                    "inputs": meta["inputs"],
+                    "mode": mode,
+                    "dtype": dname,
+                    "seed": meta["seed"],
+                    "shapes": {k[len("input.") :]: list(v.shape) for k, v in arrays.items() if k.startswith("input.")}
+                    | {"output": list(arrays["output"].shape)},
+                    "sha256": sha,
+                    "tolerances": golden.TOLERANCES,
+                    "tolerance_rule": golden.TOLERANCE_RULE,
+                    "npattn_version": npattn.__version__,
+                    "cross_checked": record,
+                    "fd_spot_check_rel_err": float(f"{report.max_rel_err:.2e}"),
+                }
+                print(f"{case_id:<48} written  fd {report.max_rel_err:.1e}  cross-check {record['max_rel_err'] if record else '-'}")
+    manifest = {"format": golden.FORMAT, "cases": dict(sorted(cases.items()))}
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    for f in failed:
+        print("NOT WRITTEN:", f, file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Run a golden case through the project's PyTorch versions of the blocks (float64,
+autograd for the gradients) and return the results under the fixture's key names.
+
+Used by ``tools/make_golden.py`` to record each fixture's agreement with PyTorch, and by
+the cross-check tests. Needs torch (and torchvision for the deformable convolutions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from npattn import golden
+
+
+def _t(a, grad=True):
+    return torch.from_numpy(np.array(a, dtype=np.float64)).requires_grad_(grad)
+
+
+def _torch_module(np_block):
+    import torch_ref_blocks
+
+    try:
+        return torch_ref_blocks.make_torch_block(np_block), "tools/torch_ref_blocks.py (seed transcription)"
+    except (TypeError, KeyError):
+        import torch_ref_deform
+
+        return torch_ref_deform.make_torch_block(np_block), "tools/torch_ref_deform.py (seed / torchvision composition)"
+
+
+def run_case(meta: dict, arrays: dict):
+    """(results, reference description) for one case, in float64."""
+    arrays = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in arrays.items()}
+    names = meta["inputs"]
+    dy = torch.from_numpy(arrays["grad_output"])
+    out = {}
+    if meta["kind"] == "function":
+        tin = {n: _t(arrays[f"input.{n}"]) for n in names}
+        cfg = meta["config"]
+        if meta["block"] == "deform_conv2d":
+            import torchvision
+
+            y = torchvision.ops.deform_conv2d(
+                tin["input"], tin["offset"], tin["weight"], tin.get("bias"),
+                stride=tuple(cfg.get("stride", 1)) if not isinstance(cfg.get("stride", 1), int) else cfg.get("stride", 1),
+                padding=tuple(cfg.get("padding", 0)) if not isinstance(cfg.get("padding", 0), int) else cfg.get("padding", 0),
+                dilation=tuple(cfg.get("dilation", 1)) if not isinstance(cfg.get("dilation", 1), int) else cfg.get("dilation", 1),
+                mask=tin.get("mask"),
+            )
+            reference = "torchvision.ops.deform_conv2d"
+        elif meta["block"] == "batch_map_offsets":
+            import torch_ref_deform
+
+            y = torch_ref_deform.th_batch_map_offsets(tin["input"], tin["offsets"])
+            reference = "tools/torch_ref_deform.py th_batch_map_offsets (seed transcription)"
+        else:
+            raise KeyError(meta["block"])
+        y.backward(dy)
+        out["output"] = y.detach().numpy()
+        for n in names:
+            out[f"grad.input.{n}"] = tin[n].grad.numpy()
+        return out, reference
+
+    np_block = golden.build_block(meta, np.float64)
+    state = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(("param.", "buffer."))}
+    np_block.load_state_dict(state)
+    module, reference = _torch_module(np_block)
+    module.train(meta["mode"] == "train")
+    tin = [_t(arrays[f"input.{n}"]) for n in names]
+    y = module(*tin)
+    y.backward(dy)
+    out["output"] = y.detach().numpy()
+    for n, t in zip(names, tin):
+        out[f"grad.input.{n}"] = t.grad.numpy()
+    for k, p in module.named_parameters():
+        out[f"grad.param.{k}"] = p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape))
+    if meta["mode"] == "train":
+        params = dict(module.named_parameters())
+        for k, v in module.state_dict().items():
+            if k not in params:
+                out[f"buffer_after.{k}"] = v.numpy()
+    return out, reference
