@@ -19,14 +19,21 @@ class ReluCache:
 
 
 def relu_forward(x):
-    """``y = max(x, 0)``. Backward: ``dx = dy * [x > 0]``."""
+    """``y = max(x, 0)``. Backward: ``dx = dy * [x > 0]``.
+
+    (``np.maximum`` and a product with the mask, not ``np.where``: the same numbers, NaN
+    propagated as ``torch.relu`` does, and many times faster on a random sign pattern.)
+    """
     x = float_array("relu", "x", x)
     positive = x > 0
-    return np.where(positive, x, x.dtype.type(0)), ReluCache(positive)
+    return np.maximum(x, x.dtype.type(0)), ReluCache(positive)
 
 
 def relu_backward(dy, cache: ReluCache):
-    return {"x": np.where(cache.positive, dy, dy.dtype.type(0))}  # shape of x
+    dx = dy * cache.positive  # shape of x
+    if not np.isfinite(dy).all():  # 0 * inf would be NaN; PyTorch's gradient there is 0
+        dx = np.where(cache.positive, dy, dy.dtype.type(0))
+    return {"x": dx}
 
 
 @dataclass(frozen=True)
