@@ -16,3 +16,6 @@ from .blocks.gct import GCT
 from .blocks.se import SEBlock
 from .blocks.sk import SKConv
 __all__ += ["SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT"]
+from .blocks.deform import ConvOffset2D, DeformConv2d, ModulatedDeformConv2dPack
+from .functional.deform import batch_map_offsets, deform_conv2d
+__all__ += ["DeformConv2d", "ModulatedDeformConv2dPack", "ConvOffset2D", "deform_conv2d", "batch_map_offsets"]
