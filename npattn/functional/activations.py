@@ -42,13 +42,18 @@ class SigmoidCache:
 
 
 def sigmoid(x):
-    """Numerically stable logistic function (no overflow for large |x|).
+    """Logistic function ``1 / (1 + exp(-x))``, PyTorch's formula, safe for large |x|.
 
-    For x >= 0: ``1 / (1 + exp(-x))``; for x < 0: ``exp(x) / (1 + exp(x))``. Both
-    branches only ever exponentiate a non-positive number.
+    For very negative x, ``exp(-x)`` overflows to inf and ``1 / inf = 0``, the correct
+    limit (the overflow is expected and silenced); for x >= 0 the exponent is <= 0.
+    Relative accuracy is kept for negative x, where ``1 - sigmoid(-x)`` would cancel.
+    (No ``np.where`` over the two signs: it is ~10x slower on a random sign pattern.)
     """
-    e = np.exp(-np.abs(x))  # in (0, 1]
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+    e = np.negative(x, out=np.empty_like(x))  # one buffer, updated in place: fewer fresh pages
+    with np.errstate(over="ignore"):
+        np.exp(e, out=e)  # exp(-x) in (0, inf]
+    e += 1
+    return np.reciprocal(e, out=e)
 
 
 def sigmoid_forward(x):
