@@ -51,7 +51,8 @@ def run_case(meta: dict, arrays: dict):
         elif meta["block"] == "batch_map_offsets":
             import torch_ref_deform
 
-            y = torch_ref_deform.th_batch_map_offsets(tin["input"], tin["offsets"])
+            # the seed returns (B, H*W); npattn gives the same values as (B, H, W)
+            y = torch_ref_deform.th_batch_map_offsets(tin["input"], tin["offsets"]).reshape(dy.shape)
             reference = "tools/torch_ref_deform.py th_batch_map_offsets (seed transcription)"
         else:
             raise KeyError(meta["block"])
