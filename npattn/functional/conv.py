@@ -66,6 +66,55 @@ def col2im(d_cols, x_shape, stride, padding, dilation):
     return np.ascontiguousarray(d_x_pad[:, :, pad_h : pad_h + h, pad_w : pad_w + w])
 
 
+def _flat_padded(x, padding, extra):
+    """``x`` zero-padded, each (n, c) image flattened to one row of ``Hp * Wp`` values
+    followed by ``extra`` zeros: (N, C, Hp * Wp + extra). A view of ``x`` when there is
+    nothing to add."""
+    n, c, h, w = x.shape
+    pad_h, pad_w = padding
+    if not (pad_h or pad_w or extra):
+        return x.reshape(n, c, h * w)
+    hp, wp = h + 2 * pad_h, w + 2 * pad_w
+    flat = np.zeros((n, c, hp * wp + extra), dtype=x.dtype)
+    flat[:, :, : hp * wp].reshape(n, c, hp, wp)[:, :, pad_h : pad_h + h, pad_w : pad_w + w] = x
+    return flat
+
+
+def _tap_offsets(kernel, dilation, row_w):
+    """Start of tap (i, j) in a flattened padded image whose rows have ``row_w`` values."""
+    return [(i, j, i * dilation[0] * row_w + j * dilation[1]) for i in range(kernel[0]) for j in range(kernel[1])]
+
+
+def im2col_rows(x, kernel, padding, dilation):
+    """Stride-1 im2col on whole padded rows: long contiguous copies instead of short ones.
+
+    With ``x_pad`` flattened per image (row length ``Wp = W + 2 pad_w``), the patch
+    entry (i, j) of output pixel (oy, ox) is ``x_pad_flat[(oy + i d_h) Wp + ox + j d_w]``.
+    Letting ox run over the whole padded row (0 .. Wp - 1), tap (i, j) is one contiguous
+    slice of length ``out_h * Wp`` starting at ``i d_h Wp + j d_w``. The columns
+    ox >= out_w are junk (they wrap into the next row, or the ``(kw - 1) d_w`` zeros
+    appended at the end) and are dropped from the output.
+
+    Returns
+    -------
+    cols : ndarray (N, C, kh, kw, out_h * Wp); for a 1x1 kernel without padding, a view of x
+    row_w : int, Wp
+    """
+    n, c, h, w = x.shape
+    weight_h, weight_w = kernel
+    pad_h, pad_w = padding
+    hp, wp = h + 2 * pad_h, w + 2 * pad_w
+    out_h = hp - dilation[0] * (weight_h - 1)
+    length = out_h * wp
+    flat = _flat_padded(x, padding, (weight_w - 1) * dilation[1])  # (N, C, Hp * Wp + extra)
+    if weight_h == weight_w == 1:
+        return flat[:, :, None, None, :length], wp
+    cols = np.empty((n, c, weight_h, weight_w, length), dtype=x.dtype)
+    for i, j, start in _tap_offsets(kernel, dilation, wp):
+        cols[:, :, i, j] = flat[:, :, start : start + length]
+    return cols, wp
+
+
 @dataclass(frozen=True)
 class Conv2dCache:
     x_shape: tuple  # (N, C_in, H, W)
@@ -77,6 +126,7 @@ class Conv2dCache:
     dilation: tuple  # (d_h, d_w)
     groups: int
     out_hw: tuple  # (out_h, out_w)
+    row_w: int  # length of an output row in cols: out_w, or Wp = W + 2 pad_w (stride-1 rows layout)
 
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -114,6 +164,11 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         dW_g     = sum_n dY[n, g] @ X_col[n, g]^T          (C_out/G, C_in/G * kh * kw)
         dX_col   = W_g^T @ dY[n, g]                         (C_in/G * kh * kw, L)
         dx       = col2im(dX_col)                           (N, C_in, H, W)
+
+    With stride 1 the columns are taken on whole padded rows (:func:`im2col_rows`): each
+    tap is then one long contiguous copy, the output rows carry ``Wp - out_w`` junk
+    columns that are dropped, and the backward adds ``W_ij^T dY`` tap by tap into the
+    flattened padded gradient. A 1x1 kernel without padding needs no copy at all.
     """
     op = "conv2d"
     x = float_array(op, "x", x, 4, "(N, C, H, W)")
@@ -142,14 +197,19 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     out_w = conv_out_size(op, w, weight_w, stride[1], padding[1], dilation[1], "width")
 
     g = groups
-    cols = im2col(x, (weight_h, weight_w), stride, padding, dilation)  # (N, C_in, kh, kw, out_h, out_w)
-    cols = cols.reshape(n, g, c_per_group * weight_h * weight_w, out_h * out_w)  # (N, G, Ck, L)
+    if stride == (1, 1):
+        cols, row_w = im2col_rows(x, (weight_h, weight_w), padding, dilation)  # (N, C_in, kh, kw, out_h * Wp)
+    else:
+        cols, row_w = im2col(x, (weight_h, weight_w), stride, padding, dilation), out_w  # (N, C_in, kh, kw, out_h, out_w)
+    cols = cols.reshape(n, g, c_per_group * weight_h * weight_w, out_h * row_w)  # (N, G, Ck, L)
     w_g = weight.reshape(g, c_out // g, c_per_group * weight_h * weight_w)  # (G, C_out/G, Ck)
     y = np.matmul(w_g[None], cols)  # (N, G, C_out/G, L)
-    y = y.reshape(n, c_out, out_h, out_w)
+    y = y.reshape(n, c_out, out_h, row_w)
+    if row_w != out_w:
+        y = np.ascontiguousarray(y[:, :, :, :out_w])  # drop the junk columns of the rows layout
     if bias is not None:
         y += bias[None, :, None, None]
-    cache = Conv2dCache(x.shape, cols, weight, bias is not None, stride, padding, dilation, groups, (out_h, out_w))
+    cache = Conv2dCache(x.shape, cols, weight, bias is not None, stride, padding, dilation, groups, (out_h, out_w), row_w)
     return y, cache
 
 
@@ -162,13 +222,35 @@ def conv2d_backward(dy, cache: Conv2dCache):
     dy = float_array("conv2d_backward", "dy", dy, 4)
     if dy.shape != (n, c_out, out_h, out_w):
         raise ValueError(f"conv2d_backward: dy must have shape {(n, c_out, out_h, out_w)}, got {tuple(dy.shape)}")
-    dy_g = dy.reshape(n, g, c_out // g, out_h * out_w)  # (N, G, C_out/G, L)
+    row_w = cache.row_w
+    if row_w != out_w:  # rows layout: the junk columns get a zero gradient
+        dy_rows = np.zeros((n, c_out, out_h, row_w), dtype=dy.dtype)
+        dy_rows[:, :, :, :out_w] = dy
+        dy = dy_rows  # (N, C_out, out_h, Wp)
+    length = out_h * row_w
+    dy_g = dy.reshape(n, g, c_out // g, length)  # (N, G, C_out/G, L)
     w_g = cache.weight.reshape(g, c_out // g, c_per_group * weight_h * weight_w)  # (G, C_out/G, Ck)
 
     grads = {}
-    d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (N, G, Ck, L)
-    d_cols = d_cols.reshape(n, c_in, weight_h, weight_w, out_h, out_w)  # (N, C_in, kh, kw, out_h, out_w)
-    grads["x"] = col2im(d_cols, cache.x_shape, cache.stride, cache.padding, cache.dilation)  # (N, C_in, H, W)
+    if cache.stride == (1, 1):
+        # dx_pad_flat[start(i, j) + l] += (W_ij^T dy)[l], tap by tap (no (N, Ck, L) temporary)
+        pad_h, pad_w = cache.padding
+        w_taps = cache.weight.reshape(g, c_out // g, c_per_group, weight_h, weight_w)  # (G, C_out/G, C_in/G, kh, kw)
+        if weight_h == weight_w == 1 and not (pad_h or pad_w):
+            d_flat = np.matmul(w_taps[:, :, :, 0, 0].transpose(0, 2, 1)[None], dy_g)  # (N, G, C_in/G, HW)
+            grads["x"] = d_flat.reshape(cache.x_shape)  # (N, C_in, H, W)
+        else:
+            hp, wp = h + 2 * pad_h, row_w
+            d_flat = np.zeros((n, c_in, hp * wp + (weight_w - 1) * cache.dilation[1]), dtype=dy.dtype)
+            for i, j, start in _tap_offsets((weight_h, weight_w), cache.dilation, wp):
+                d_tap = np.matmul(w_taps[:, :, :, i, j].transpose(0, 2, 1)[None], dy_g)  # (N, G, C_in/G, L)
+                d_flat[:, :, start : start + length] += d_tap.reshape(n, c_in, length)
+            d_pad = d_flat[:, :, : hp * wp].reshape(n, c_in, hp, wp)  # (N, C_in, Hp, Wp)
+            grads["x"] = np.ascontiguousarray(d_pad[:, :, pad_h : pad_h + h, pad_w : pad_w + w])  # (N, C_in, H, W)
+    else:
+        d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (N, G, Ck, L)
+        d_cols = d_cols.reshape(n, c_in, weight_h, weight_w, out_h, out_w)  # (N, C_in, kh, kw, out_h, out_w)
+        grads["x"] = col2im(d_cols, cache.x_shape, cache.stride, cache.padding, cache.dilation)  # (N, C_in, H, W)
     d_w = np.matmul(dy_g, cache.cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, C_out/G, Ck)
     grads["weight"] = d_w.reshape(cache.weight.shape)  # (C_out, C_in/G, kh, kw)
     if cache.has_bias:

@@ -21,6 +21,12 @@ class BatchNormCache:
     running_var: np.ndarray  # (C,) running variance after this call (updated in training), or None
 
 
+def _channel_dot(a, b):
+    """``sum(a * b)`` per channel over every other axis of (N, C) or (N, C, H, W), (C,)."""
+    n, c = a.shape[:2]
+    return np.einsum("ncl,ncl->c", a.reshape(n, c, -1), b.reshape(n, c, -1))
+
+
 def _channel_view(a, ndim):
     """(C,) -> broadcastable against (N, C) or (N, C, H, W)."""
     return a.reshape((1, -1) + (1,) * (ndim - 2))
@@ -66,10 +72,14 @@ def batch_norm_forward(
         dgamma = sum dy * x_hat
         dx     = dy * gamma / sqrt(var + eps)
 
-    Training mode also differentiates mu and var (both depend on x)::
+    Training mode also differentiates mu and var (both depend on x); with dx_hat = dy gamma
+    and k = gamma / sqrt(var + eps)::
 
-        dx_hat = dy * gamma
         dx     = inv_std / m * (m dx_hat - sum(dx_hat) - x_hat sum(dx_hat * x_hat))
+               = k * (dy - sum(dy) / m - x_hat * sum(dy * x_hat) / m)
+
+    (the second line is what the code computes, from the two sums that dbeta and
+    dgamma need anyway).
 
     Like PyTorch, training with one value per channel (m = 1) is an error.
     """
@@ -95,7 +105,7 @@ def batch_norm_forward(
             )
         mu = x.mean(axis=axes)  # (C,)
         xc = x - _channel_view(mu, x.ndim)  # shape of x
-        var = (xc * xc).mean(axis=axes)  # (C,) biased
+        var = _channel_dot(xc, xc) / dt(count)  # (C,) biased
         inv_std = 1.0 / np.sqrt(var + dt(eps))  # (C,)
         if running_mean is not None:
             m = dt(momentum)
@@ -109,7 +119,8 @@ def batch_norm_forward(
         inv_std = 1.0 / np.sqrt(running_var + dt(eps))  # (C,)
         xc = x - _channel_view(running_mean, x.ndim)
         new_mean, new_var = running_mean, running_var
-    x_hat = xc * _channel_view(inv_std, x.ndim)  # shape of x
+    x_hat = xc  # shape of x; xc is a fresh array, normalised in place
+    x_hat *= _channel_view(inv_std, x.ndim)
     y = x_hat * _channel_view(weight, x.ndim) if weight is not None else x_hat.copy()
     if bias is not None:
         y += _channel_view(bias, x.ndim)
@@ -126,18 +137,16 @@ def batch_norm_backward(dy, cache: BatchNormCache):
     nd = x_hat.ndim
     axes = (0,) if nd == 2 else (0, 2, 3)
     grads = {}
-    d_x_hat = dy * _channel_view(cache.weight, nd) if cache.weight is not None else dy  # shape of x
+    sum_dy = dy.sum(axis=axes)  # (C,)
+    sum_dy_xhat = _channel_dot(dy, x_hat)  # (C,)
+    k = cache.inv_std * cache.weight if cache.weight is not None else cache.inv_std  # (C,) gamma / sqrt(var + eps)
+    grads["x"] = dy * _channel_view(k, nd)  # shape of x
     if cache.training:
         m = cache.count
-        sum_d = d_x_hat.sum(axis=axes)  # (C,)
-        sum_d_xhat = (d_x_hat * x_hat).sum(axis=axes)  # (C,)
-        grads["x"] = _channel_view(cache.inv_std / m, nd) * (
-            m * d_x_hat - _channel_view(sum_d, nd) - x_hat * _channel_view(sum_d_xhat, nd)
-        )  # shape of x
-    else:
-        grads["x"] = d_x_hat * _channel_view(cache.inv_std, nd)  # shape of x
+        grads["x"] -= x_hat * _channel_view(k * sum_dy_xhat / m, nd)
+        grads["x"] -= _channel_view(k * sum_dy / m, nd)
     if cache.weight is not None:
-        grads["weight"] = (dy * x_hat).sum(axis=axes)  # (C,)
+        grads["weight"] = sum_dy_xhat  # (C,)
     if cache.has_bias:
-        grads["bias"] = dy.sum(axis=axes)  # (C,)
+        grads["bias"] = sum_dy  # (C,)
     return grads
