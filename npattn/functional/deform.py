@@ -89,7 +89,8 @@ def deform_conv2d_forward(
         Images are processed in chunks whose deformable columns (C_in * kh * kw *
         out_h * out_w values per image) stay under this many bytes (at least one image
         per chunk), like torchvision's ``n_parallel_imgs``. The result does not depend
-        on it.
+        on it. The NumPy backend's temporaries are a few times this buffer (measured:
+        about 4x in the forward and 10x in the backward, float32).
 
     Returns
     -------

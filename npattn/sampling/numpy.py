@@ -149,30 +149,34 @@ def _cells(offset, height, width, kernel_hw, stride, padding, dilation, out_hw, 
 
 
 def _corner_values(xg, cells, use_sample):
-    """The four corner pixels of every sample, per channel: 4 x (N, G, Cg, K, L), 0 where invalid.
+    """The four corner pixels of every sample, per channel, one corner at a time (a
+    generator): 00, 01, 10, 11, each (N, G, Cg, K, L), 0 where the corner is invalid.
 
     ``xg`` is the input as (N, G, Cg, H*W). With ``use_sample`` a corner also needs the
     position inside the sampling support (-1 < p); otherwise the gradient support.
     """
     n, g, k, l = cells.sample.shape
-    out = []
     for idx, ok in zip(cells.idx, cells.valid):
         if use_sample:
             ok = ok & cells.sample
         v = np.take_along_axis(xg, idx.reshape(n, g, 1, k * l), axis=3)  # (N, G, Cg, K*L)
         v = v.reshape(n, g, xg.shape[2], k, l)
-        out.append(np.where(ok[:, :, None], v, 0))
-    return out
+        yield np.where(ok[:, :, None], v, 0)
 
 
 def _bilinear(xg, cells):
-    """bilinear(x[n, c], p_y, p_x) for every sample: (N, G, Cg, K, L)."""
-    v00, v01, v10, v11 = _corner_values(xg, cells, use_sample=True)
-    w00 = (cells.hy * cells.hx)[:, :, None]  # (N, G, 1, K, L)
-    w01 = (cells.hy * cells.lx)[:, :, None]
-    w10 = (cells.ly * cells.hx)[:, :, None]
-    w11 = (cells.ly * cells.lx)[:, :, None]
-    return w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+    """bilinear(x[n, c], p_y, p_x) for every sample: (N, G, Cg, K, L).
+
+    Summed corner by corner in the order w00 v00 + w01 v01 + w10 v10 + w11 v11."""
+    weights = (cells.hy * cells.hx, cells.hy * cells.lx, cells.ly * cells.hx, cells.ly * cells.lx)  # (N, G, K, L) each
+    val = None
+    for w, v in zip(weights, _corner_values(xg, cells, use_sample=True)):
+        v *= w[:, :, None]  # (N, G, Cg, K, L), in place: v is a fresh array
+        if val is None:
+            val = v
+        else:
+            val += v
+    return val
 
 
 def _mask_g(mask, n, offset_groups, k_taps, length):
@@ -208,10 +212,11 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     return cols.reshape(n, c, weight_h, weight_w, out_h, out_w)
 
 
-def _scatter_add(flat_size, indices, values, dtype):
-    """out[idx] += value for every pair (repeated indices add up), summed in float64."""
+def _scatter_add(flat_size, pairs, dtype):
+    """out[idx] += value for every (indices, values) pair in turn (repeated indices add
+    up), summed in float64; ``pairs`` may be a generator, so one pair lives at a time."""
     out = np.zeros(flat_size, dtype=np.float64)
-    for idx, val in zip(indices, values):
+    for idx, val in pairs:
         out += np.bincount(idx.ravel(), weights=val.ravel(), minlength=flat_size)
     return out.astype(dtype, copy=False)
 
@@ -238,12 +243,14 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     weights = (cells.hy * cells.hx, cells.hy * cells.lx, cells.ly * cells.hx, cells.ly * cells.lx)
     # flat index into d_x of (n, g, cc) planes: ((n*G + g)*Cg + cc) * H*W
     plane = (np.arange(n * c).reshape(n, offset_groups, cg, 1, 1)) * (height * width)  # (N, G, Cg, 1, 1)
-    indices, values = [], []
-    for idx, ok, w in zip(cells.idx, cells.valid, weights):
-        ok = (ok & cells.sample)[:, :, None]  # (N, G, 1, K, L)
-        indices.append(plane + idx[:, :, None])  # (N, G, Cg, K, L)
-        values.append(np.where(ok, w[:, :, None] * d, 0))  # (N, G, Cg, K, L)
-    d_x = _scatter_add(n * c * height * width, indices, values, d_cols.dtype)
+    corners = (
+        (
+            plane + idx[:, :, None],  # (N, G, Cg, K, L) flat index into d_x
+            np.where((ok & cells.sample)[:, :, None], w[:, :, None] * d, 0),  # (N, G, Cg, K, L)
+        )
+        for idx, ok, w in zip(cells.idx, cells.valid, weights)
+    )  # one corner at a time
+    d_x = _scatter_add(n * c * height * width, corners, d_cols.dtype)
     return d_x.reshape(x_shape)
 
 
@@ -275,6 +282,7 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
     d_px = (d_sample_dx * d).sum(axis=2)  # (N, G, K, L)
     d_offset = np.stack([d_py, d_px], axis=3)  # (N, G, K, 2, L)
     d_offset = d_offset.reshape(offset.shape).astype(x.dtype, copy=False)
+    del v00, v01, v10, v11, d_sample_dy, d_sample_dx  # free them before the mask gradient
 
     d_mask = None
     if mask is not None:
@@ -372,8 +380,7 @@ def map_coordinates_clamped_backward(d_out, x, coords):
     d_fr = d_left * (v_r1c0 - v_r0c0) + d_right * (v_r1c1 - v_r0c1)  # (B, P)
     d_x = _scatter_add(
         x.size,
-        cells.idx,
-        (d_left * (1 - fr), d_left * fr, d_right * (1 - fr), d_right * fr),
+        zip(cells.idx, (d_left * (1 - fr), d_left * fr, d_right * (1 - fr), d_right * fr)),
         x.dtype,
     ).reshape(x.shape)  # (B, H, W)
     d_row = np.where(cells.pass_r, d_fr, 0)  # (B, P)
