@@ -138,7 +138,9 @@ def test_dcnv2_pack_gradcheck(rng):
     assert 0.05 < frac.min() and frac.max() < 0.95  # the test's premise
     report = gradcheck_block(blk, (x,))
     assert {t.name for t in report.tensors} == {"input.0", "param.weight", "param.bias", "param.conv_offset.weight", "param.conv_offset.bias"}
-    assert report.ok and report.max_rel_err < 1e-8, str(report)
+    # besides gradcheck's own tolerances: the central differences' rounding noise here is
+    # about 1e-8 relative (measured 9e-9 on x, which enters twice), hence 5e-8
+    assert report.ok and report.max_rel_err < 5e-8, str(report)
 
 
 def test_dcnv2_pack_checks():
