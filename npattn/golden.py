@@ -450,7 +450,9 @@ def verify_case(case_id: str, meta: dict, golden_dir=None, *, fd_check=True) -> 
             r = recomputed[key]
             if e.dtype.kind == "f":
                 r = r.astype(dtype)
-                tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == np.float64 else {"rtol": 2 ** -23, "atol": 2 ** -24}
+                # npattn against its own stored result: far inside the float64 policy, but
+                # not at the level of rounding noise, which another BLAS may change
+                tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == np.float64 else {"rtol": 2**-22, "atol": 2**-22}
             else:
                 tol = None
             c = compare(key, r, e, tol or {"rtol": 0, "atol": 0}, floor)
