@@ -1,0 +1,541 @@
+"""The "cuda" sampling backend: numba.cuda kernels for the bilinear-sampling hot loop.
+
+Same functions, signatures and numbers as ``numpy.py`` (the definition) and ``cpu.py``;
+see ``numpy.py`` for the semantics. Every kernel is a grid-stride loop:
+
+* ``deform_im2col``: one thread per column entry (n, c, k, oy, ox);
+* ``deform_col2im``: one thread per column entry; it adds ``w * (m * D)`` to each of its
+  in-image corners with ``cuda.atomic.add`` into a float64 buffer (as numpy.py sums in
+  float64), which is then rounded to the dtype of ``d_cols``;
+* ``deform_col2im_coord``: one thread per position (n, g, k, oy, ox); it sums over the
+  group's channels in increasing order and writes its own d_offset pair and d_mask entry
+  (no atomics, same order as numpy.py);
+* ``map_coordinates_clamped``: one thread per (b, p); its backward writes d_coords
+  directly and scatters d_x with float64 atomics.
+
+The float64 atomic scatters add in an unspecified order, so ``d_x`` may differ from run to
+run in the last bits of float64 (for float32 inputs the final rounding almost always hides
+it); everything else is deterministic.
+
+Host wrappers accept NumPy arrays or CUDA device arrays (anything with
+``__cuda_array_interface__``). With NumPy inputs only, results come back as NumPy arrays;
+as soon as one input is a device array, results stay on the device (``DeviceNDArray``).
+
+Memory safety: a corner index is formed only after a floating-point range test that is
+false for NaN and +-inf, so non-finite or huge offsets never index outside the input.
+
+The kernels run on Numba's CUDA simulator when ``NUMBA_ENABLE_CUDASIM=1`` (tests use
+tiny shapes there: the simulator spends ~150 us per thread), and
+:func:`ptx_kernels` lists every kernel with its signatures so that
+``numba.cuda.compile_ptx`` can check they compile without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from numba import cuda, float32, float64, int64, boolean
+
+from . import cpu as _cpu  # argument checks shared with the CPU backend
+
+__all__ = [
+    "unavailable_reason",
+    "deform_im2col",
+    "deform_col2im",
+    "deform_col2im_coord",
+    "map_coordinates_clamped",
+    "map_coordinates_clamped_backward",
+    "ptx_kernels",
+]
+
+THREADS_PER_BLOCK = 256
+MAX_BLOCKS = 65535  # grid-stride loops cover the rest
+
+
+def unavailable_reason():
+    """None when a CUDA device (or the simulator) is usable, else why not."""
+    try:
+        ok = cuda.is_available()
+    except Exception as exc:  # a broken driver install raises instead of answering
+        return f"no usable CUDA device: {exc}"
+    if not ok:
+        return (
+            "no CUDA device: numba.cuda.is_available() is False (no NVIDIA driver or GPU); "
+            "set NUMBA_ENABLE_CUDASIM=1 to run the kernels on Numba's CUDA simulator"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# kernels: deformable convolution
+
+
+def _im2col_k(x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, cols):
+    # x (N, C, H, W); offset (N, 2*G*K, oh, ow); mask (N, G*K, oh, ow) (read only if
+    # has_mask); cols (N, C, K, oh, ow)
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    K = kh * kw
+    oh = cols.shape[3]
+    ow = cols.shape[4]
+    cpg = C // G
+    tp = x.dtype.type
+    zero = tp(0)
+    one = tp(1)
+    total = N * C * K * oh * ow
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for t in range(start, total, step):
+        ox = t % ow
+        u = t // ow
+        oy = u % oh
+        u = u // oh
+        k = u % K
+        u = u // K
+        c = u % C
+        n = u // C
+        g = c // cpg
+        i = k // kw
+        j = k - i * kw
+        ch = 2 * (g * K + k)
+        py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
+        px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
+        v = zero
+        if py > -1 and py < H and px > -1 and px < W:  # false for NaN and inf
+            y0 = int(math.floor(py))  # in [-1, H-1]
+            x0 = int(math.floor(px))  # in [-1, W-1]
+            ly = py - tp(y0)
+            lx = px - tp(x0)
+            hy = one - ly
+            hx = one - lx
+            up = y0 >= 0
+            down = y0 + 1 <= H - 1
+            left = x0 >= 0
+            right = x0 + 1 <= W - 1
+            v00 = x[n, c, y0, x0] if (up and left) else zero  # corners outside read nothing
+            v01 = x[n, c, y0, x0 + 1] if (up and right) else zero
+            v10 = x[n, c, y0 + 1, x0] if (down and left) else zero
+            v11 = x[n, c, y0 + 1, x0 + 1] if (down and right) else zero
+            v = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+        if has_mask:
+            v = mask[n, g * K + k, oy, ox] * v
+        cols[n, c, k, oy, ox] = v
+
+
+def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, d_x):
+    # d_cols (N, C, K, oh, ow); d_x (N, C, H, W) float64, zero on entry
+    N = d_cols.shape[0]
+    C = d_cols.shape[1]
+    H = d_x.shape[2]
+    W = d_x.shape[3]
+    K = kh * kw
+    oh = d_cols.shape[3]
+    ow = d_cols.shape[4]
+    cpg = C // G
+    tp = d_cols.dtype.type
+    one = tp(1)
+    total = N * C * K * oh * ow
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for t in range(start, total, step):
+        ox = t % ow
+        u = t // ow
+        oy = u % oh
+        u = u // oh
+        k = u % K
+        u = u // K
+        c = u % C
+        n = u // C
+        g = c // cpg
+        i = k // kw
+        j = k - i * kw
+        ch = 2 * (g * K + k)
+        py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
+        px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
+        if py > -1 and py < H and px > -1 and px < W:
+            d = d_cols[n, c, k, oy, ox]
+            if has_mask:
+                d = mask[n, g * K + k, oy, ox] * d
+            y0 = int(math.floor(py))
+            x0 = int(math.floor(px))
+            ly = py - tp(y0)
+            lx = px - tp(x0)
+            hy = one - ly
+            hx = one - lx
+            up = y0 >= 0
+            down = y0 + 1 <= H - 1
+            left = x0 >= 0
+            right = x0 + 1 <= W - 1
+            if up and left:
+                cuda.atomic.add(d_x, (n, c, y0, x0), float64((hy * hx) * d))
+            if up and right:
+                cuda.atomic.add(d_x, (n, c, y0, x0 + 1), float64((hy * lx) * d))
+            if down and left:
+                cuda.atomic.add(d_x, (n, c, y0 + 1, x0), float64((ly * hx) * d))
+            if down and right:
+                cuda.atomic.add(d_x, (n, c, y0 + 1, x0 + 1), float64((ly * lx) * d))
+
+
+def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask):
+    # one thread per position (n, g, k, oy, ox); sums over the group's channels in order
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    K = kh * kw
+    oh = d_cols.shape[3]
+    ow = d_cols.shape[4]
+    cpg = C // G
+    tp = x.dtype.type
+    zero = tp(0)
+    one = tp(1)
+    total = N * G * K * oh * ow
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for t in range(start, total, step):
+        ox = t % ow
+        u = t // ow
+        oy = u % oh
+        u = u // oh
+        k = u % K
+        u = u // K
+        g = u % G
+        n = u // G
+        i = k // kw
+        j = k - i * kw
+        ch = 2 * (g * K + k)
+        py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
+        px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
+        m = mask[n, g * K + k, oy, ox] if has_mask else one
+        acc_y = zero
+        acc_x = zero
+        acc_m = zero
+        # the gradient support [-1, H) x [-1, W); false for NaN and inf
+        if py >= -1 and py < H and px >= -1 and px < W:
+            y0 = int(math.floor(py))
+            x0 = int(math.floor(px))
+            ly = py - tp(y0)
+            lx = px - tp(x0)
+            hy = one - ly
+            hx = one - lx
+            sample = py > -1 and px > -1
+            up = y0 >= 0
+            down = y0 + 1 <= H - 1
+            left = x0 >= 0
+            right = x0 + 1 <= W - 1
+            for c in range(g * cpg, (g + 1) * cpg):
+                v00 = x[n, c, y0, x0] if (up and left) else zero  # corners outside read nothing
+                v01 = x[n, c, y0, x0 + 1] if (up and right) else zero
+                v10 = x[n, c, y0 + 1, x0] if (down and left) else zero
+                v11 = x[n, c, y0 + 1, x0 + 1] if (down and right) else zero
+                d = d_cols[n, c, k, oy, ox]
+                gy = lx * (v11 - v01) + hx * (v10 - v00)
+                gx = ly * (v11 - v10) + hy * (v01 - v00)
+                if has_mask:
+                    acc_y += (m * gy) * d
+                    acc_x += (m * gx) * d
+                    if sample:
+                        acc_m += (hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11) * d
+                else:
+                    acc_y += gy * d
+                    acc_x += gx * d
+        d_offset[n, ch, oy, ox] = acc_y
+        d_offset[n, ch + 1, oy, ox] = acc_x
+        if has_mask:
+            d_mask[n, g * K + k, oy, ox] = acc_m
+
+
+# ---------------------------------------------------------------------------------------
+# kernels: the seed's clamped sampling
+
+
+def _map_k(x, coords, out):
+    B = x.shape[0]
+    H = x.shape[1]
+    W = x.shape[2]
+    P = coords.shape[1]
+    tp = x.dtype.type
+    zero = tp(0)
+    hmax = tp(H - 1)
+    wmax = tp(W - 1)
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for t in range(start, B * P, step):
+        p = t % P
+        b = t // P
+        y = coords[b, p, 0]
+        xq = coords[b, p, 1]
+        if math.isnan(y) or math.isnan(xq):
+            out[b, p] = zero
+            continue
+        yc = min(max(y, zero), hmax)  # +-inf clamp like any other value
+        xc = min(max(xq, zero), wmax)
+        i0 = int(math.floor(yc))
+        i1 = int(math.ceil(yc))
+        j0 = int(math.floor(xc))
+        j1 = int(math.ceil(xc))
+        fy = yc - tp(i0)
+        fx = xc - tp(j0)
+        v_lt = x[b, i0, j0]
+        v_rb = x[b, i1, j1]
+        v_lb = x[b, i0, j1]
+        v_rt = x[b, i1, j0]
+        vals_t = fy * (v_rt - v_lt) + v_lt
+        vals_b = fy * (v_rb - v_lb) + v_lb
+        out[b, p] = fx * (vals_b - vals_t) + vals_t
+
+
+def _map_backward_k(d_out, x, coords, d_x, d_coords):
+    # d_x (B, H, W) float64, zero on entry
+    B = x.shape[0]
+    H = x.shape[1]
+    W = x.shape[2]
+    P = coords.shape[1]
+    tp = x.dtype.type
+    zero = tp(0)
+    one = tp(1)
+    hmax = tp(H - 1)
+    wmax = tp(W - 1)
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for t in range(start, B * P, step):
+        p = t % P
+        b = t // P
+        y = coords[b, p, 0]
+        xq = coords[b, p, 1]
+        if math.isnan(y) or math.isnan(xq):
+            d_coords[b, p, 0] = zero
+            d_coords[b, p, 1] = zero
+            continue
+        yc = min(max(y, zero), hmax)
+        xc = min(max(xq, zero), wmax)
+        i0 = int(math.floor(yc))
+        i1 = int(math.ceil(yc))
+        j0 = int(math.floor(xc))
+        j1 = int(math.ceil(xc))
+        fy = yc - tp(i0)
+        fx = xc - tp(j0)
+        v_lt = x[b, i0, j0]
+        v_rb = x[b, i1, j1]
+        v_lb = x[b, i0, j1]
+        v_rt = x[b, i1, j0]
+        vals_t = fy * (v_rt - v_lt) + v_lt
+        vals_b = fy * (v_rb - v_lb) + v_lb
+        d = d_out[b, p]
+        d_vals_b = fx * d
+        d_vals_t = (one - fx) * d
+        d_fx = (vals_b - vals_t) * d
+        d_fy = (v_rt - v_lt) * d_vals_t + (v_rb - v_lb) * d_vals_b
+        cuda.atomic.add(d_x, (b, i0, j0), float64((one - fy) * d_vals_t))
+        cuda.atomic.add(d_x, (b, i1, j0), float64(fy * d_vals_t))
+        cuda.atomic.add(d_x, (b, i0, j1), float64((one - fy) * d_vals_b))
+        cuda.atomic.add(d_x, (b, i1, j1), float64(fy * d_vals_b))
+        d_coords[b, p, 0] = d_fy if (y >= 0 and y <= hmax) else zero
+        d_coords[b, p, 1] = d_fx if (xq >= 0 and xq <= wmax) else zero
+
+
+def _zero_k(dst):
+    # dst (1-D view) = 0
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for t in range(start, dst.shape[0], step):
+        dst[t] = 0
+
+
+def _cast_k(src, dst):
+    # dst.ravel() = src.ravel() rounded to dst's dtype (both 1-D views)
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for t in range(start, src.shape[0], step):
+        dst[t] = src[t]
+
+
+# ---------------------------------------------------------------------------------------
+# compilation: lazily, once per kernel (the simulator and PTX checks use the same source)
+
+_PYFUNCS = {
+    "im2col": _im2col_k,
+    "col2im": _col2im_k,
+    "coord": _coord_k,
+    "map": _map_k,
+    "map_backward": _map_backward_k,
+    "cast": _cast_k,
+    "zero": _zero_k,
+}
+_KERNELS = {}
+
+
+def _kernel(name):
+    k = _KERNELS.get(name)
+    if k is None:
+        k = _KERNELS[name] = cuda.jit(_PYFUNCS[name])
+    return k
+
+
+def ptx_kernels(dtype):
+    """``{name: (python function, signature)}`` of every kernel for ``dtype`` (float32 or
+    float64), for ``numba.cuda.compile_ptx``; the signatures are those the host wrappers
+    launch with C-contiguous arrays."""
+    ft = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}[np.dtype(dtype)]
+    a4, a5, a3, a2 = ft[:, :, :, ::1], ft[:, :, :, :, ::1], ft[:, :, ::1], ft[:, ::1]
+    acc4, acc3 = float64[:, :, :, ::1], float64[:, :, ::1]
+    geo = (int64,) * 9
+    return {
+        "im2col": (_im2col_k, (a4, a4, a4, boolean, *geo, a5)),
+        "col2im": (_col2im_k, (a5, a4, a4, boolean, *geo, acc4)),
+        "coord": (_coord_k, (a5, a4, a4, a4, boolean, *geo, a4, a4)),
+        "map": (_map_k, (a3, a3, a2)),
+        "map_backward": (_map_backward_k, (a2, a3, a3, acc3, a3)),
+        "cast": (_cast_k, (float64[::1], ft[::1])),
+        "zero": (_zero_k, (float64[::1],)),
+    }
+
+
+def _launch(name, total, *args):
+    if total <= 0:
+        return
+    blocks = min(MAX_BLOCKS, (total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+    _kernel(name)[blocks, THREADS_PER_BLOCK](*args)
+
+
+# ---------------------------------------------------------------------------------------
+# host wrappers
+
+
+def _is_array(a):
+    return isinstance(a, np.ndarray) or cuda.is_cuda_array(a)
+
+
+def _require_device(op):
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"{op}: the cuda sampling backend cannot run: {reason}")
+
+
+class _Io:
+    """Moves NumPy inputs to the device; results go back to the host only when every
+    array input was a NumPy array."""
+
+    def __init__(self, *arrays):
+        self.host = all(a is None or isinstance(a, np.ndarray) for a in arrays)
+
+    @staticmethod
+    def dev(a):
+        if a is None:
+            return None
+        if isinstance(a, np.ndarray):
+            return cuda.to_device(np.ascontiguousarray(a))
+        return cuda.as_cuda_array(a)
+
+    def out(self, d):
+        if d is None:
+            return None
+        return d.copy_to_host() if self.host else d
+
+
+def _dummy(dtype):
+    return cuda.device_array((1, 1, 1, 1), dtype=dtype)
+
+
+def _zeros64(shape):
+    """A float64 device accumulator of ``shape``, set to 0 on the device."""
+    acc = cuda.device_array(shape, dtype=np.float64)
+    if acc.size:
+        _launch("zero", acc.size, acc.reshape(acc.size))
+    return acc
+
+
+def _rounded(acc, dtype):
+    """float64 device accumulator -> device array of ``dtype`` (same shape)."""
+    if np.dtype(dtype) == np.float64:
+        return acc
+    out = cuda.device_array(acc.shape, dtype=dtype)
+    if acc.size:
+        _launch("cast", acc.size, acc.reshape(acc.size), out.reshape(out.size))
+    return out
+
+
+def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw, offset_groups):
+    """Deformable im2col on the GPU: ``cols (N, C, kh, kw, out_h, out_w)`` (see numpy.py)."""
+    op = "deform_im2col"
+    N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, G = _cpu.check_deform_args(
+        op, None, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups, out_hw=out_hw,
+        arrays_ok=_is_array)
+    _require_device(op)
+    io = _Io(x, offset, mask)
+    dtype = np.dtype(x.dtype)
+    cols = cuda.device_array((N, C, kh, kw, oh, ow), dtype=dtype)
+    if cols.size:
+        x_d, off_d = io.dev(x), io.dev(offset)
+        m_d = io.dev(mask) if mask is not None else _dummy(dtype)
+        _launch("im2col", cols.size, x_d, off_d, m_d, mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G,
+                cols.reshape(N, C, kh * kw, oh, ow))
+    return io.out(cols)
+
+
+def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dilation, offset_groups):
+    """Adjoint of :func:`deform_im2col` w.r.t. x: ``d_x`` of ``x_shape``, dtype of d_cols."""
+    op = "deform_col2im"
+    N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, G = _cpu.check_deform_args(
+        op, tuple(x_shape), None, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
+        d_cols=d_cols, arrays_ok=_is_array)
+    _require_device(op)
+    io = _Io(d_cols, offset, mask)
+    dtype = np.dtype(d_cols.dtype)
+    acc = _zeros64((N, C, H, W))
+    if acc.size and d_cols.size:
+        dc_d, off_d = io.dev(d_cols), io.dev(offset)
+        m_d = io.dev(mask) if mask is not None else _dummy(dtype)
+        _launch("col2im", d_cols.size, dc_d.reshape(N, C, kh * kw, oh, ow), off_d, m_d, mask is not None,
+                kh, kw, sh, sw, ph, pw, dh, dw, G, acc)
+    return io.out(_rounded(acc, dtype))
+
+
+def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups):
+    """Gradients w.r.t. offset and mask on the GPU: ``(d_offset, d_mask or None)``."""
+    op = "deform_col2im_coord"
+    N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, G = _cpu.check_deform_args(
+        op, None, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups, d_cols=d_cols,
+        arrays_ok=_is_array)
+    _require_device(op)
+    io = _Io(d_cols, x, offset, mask)
+    dtype = np.dtype(x.dtype)
+    d_offset = cuda.device_array(tuple(offset.shape), dtype=dtype)
+    d_mask = None if mask is None else cuda.device_array(tuple(mask.shape), dtype=dtype)
+    if d_offset.size:
+        dc_d, x_d, off_d = io.dev(d_cols), io.dev(x), io.dev(offset)
+        m_d = io.dev(mask) if mask is not None else _dummy(dtype)
+        dm_d = d_mask if d_mask is not None else _dummy(dtype)
+        _launch("coord", N * G * kh * kw * oh * ow, dc_d.reshape(N, C, kh * kw, oh, ow), x_d, off_d, m_d,
+                mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, dm_d)
+    return io.out(d_offset), io.out(d_mask)
+
+
+def map_coordinates_clamped(x, coords):
+    """The seed's clamped bilinear sampling on the GPU: x (B, H, W), coords (B, P, 2) -> (B, P)."""
+    op = "map_coordinates_clamped"
+    B, H, W, P = _cpu.check_map_args(op, x, coords, arrays_ok=_is_array)
+    _require_device(op)
+    io = _Io(x, coords)
+    out = cuda.device_array((B, P), dtype=np.dtype(x.dtype))
+    if out.size:
+        _launch("map", out.size, io.dev(x), io.dev(coords), out)
+    return io.out(out)
+
+
+def map_coordinates_clamped_backward(d_out, x, coords):
+    """Backward of :func:`map_coordinates_clamped`: ``(d_x (B, H, W), d_coords (B, P, 2))``."""
+    op = "map_coordinates_clamped_backward"
+    B, H, W, P = _cpu.check_map_args(op, x, coords, d_out=d_out, arrays_ok=_is_array)
+    _require_device(op)
+    io = _Io(d_out, x, coords)
+    dtype = np.dtype(x.dtype)
+    acc = _zeros64((B, H, W))
+    d_coords = cuda.device_array((B, P, 2), dtype=dtype)
+    if d_coords.size:
+        _launch("map_backward", B * P, io.dev(d_out), io.dev(x), io.dev(coords), acc, d_coords)
+    return io.out(_rounded(acc, dtype)), io.out(d_coords)
