@@ -197,48 +197,53 @@ def _c(a):
 
 
 @njit(cache=True)
-def _corner_row(offset, n, ch, oy, base_y, base_x, sw, H, W, idx, wts):
+def _corner_row(offset, n, ch, oy, base_y, base_x, sw, H, W, idx, ok, wts):
     """Corners of the samples of one output row, torchvision's ``bilinear_interpolate``.
 
     For ox in range(ow), position ``p_y = base_y + offset[n, ch, oy, ox]``, ``p_x = base_x
-    + ox*sw + offset[n, ch+1, oy, ox]``. Fills ``idx[ox, q]`` with the flat index
-    ``y*W + x`` of corner q (q = 0: (y0, x0), 1: (y0, x0+1), 2: (y0+1, x0), 3: (y0+1,
-    x0+1)), or -1 when the corner is outside the image or the sample is 0 (p_y <= -1,
-    p_y >= H, p_x <= -1, p_x >= W, or a NaN/inf coordinate), and ``wts[ox, q]`` with its
-    weight. The range test is written so that NaN fails it: no index is ever computed
-    from a non-finite or out-of-range position.
+    + ox*sw + offset[n, ch+1, oy, ox]``. Corner q (0: (y0, x0), 1: (y0, x0+1), 2: (y0+1,
+    x0), 3: (y0+1, x0+1)) gets ``ok[q, ox]`` (inside the image, and the sample nonzero:
+    -1 < p_y < H and -1 < p_x < W), its flat index ``idx[q, ox] = y*W + x`` (0 when not
+    ok, so every index is a valid address) and its bilinear weight ``wts[q, ox]``. The
+    range test is false for NaN and +-inf: no integer is ever made from a non-finite or
+    out-of-range position.
     """
     tp = wts.dtype.type
     one = tp(1)
     by = tp(base_y)
-    for ox in range(idx.shape[0]):
+    for ox in range(idx.shape[1]):
         py = by + offset[n, ch, oy, ox]
         px = tp(base_x + ox * sw) + offset[n, ch + 1, oy, ox]
         if py > -1 and py < H and px > -1 and px < W:
             yl = tp(np.floor(py))
             xl = tp(np.floor(px))
-            lh = py - yl
-            lw = px - xl
-            hh = one - lh
-            hw = one - lw
+            ly = py - yl
+            lx = px - xl
+            hy = one - ly
+            hx = one - lx
             y0 = int(yl)  # in [-1, H-1]
             x0 = int(xl)  # in [-1, W-1]
             up = y0 >= 0
             down = y0 + 1 <= H - 1
             left = x0 >= 0
             right = x0 + 1 <= W - 1
-            idx[ox, 0] = y0 * W + x0 if (up and left) else -1
-            idx[ox, 1] = y0 * W + x0 + 1 if (up and right) else -1
-            idx[ox, 2] = (y0 + 1) * W + x0 if (down and left) else -1
-            idx[ox, 3] = (y0 + 1) * W + x0 + 1 if (down and right) else -1
-            wts[ox, 0] = hh * hw
-            wts[ox, 1] = hh * lw
-            wts[ox, 2] = lh * hw
-            wts[ox, 3] = lh * lw
+            ok[0, ox] = up and left
+            ok[1, ox] = up and right
+            ok[2, ox] = down and left
+            ok[3, ox] = down and right
+            idx[0, ox] = y0 * W + x0 if ok[0, ox] else 0
+            idx[1, ox] = y0 * W + x0 + 1 if ok[1, ox] else 0
+            idx[2, ox] = (y0 + 1) * W + x0 if ok[2, ox] else 0
+            idx[3, ox] = (y0 + 1) * W + x0 + 1 if ok[3, ox] else 0
+            wts[0, ox] = hy * hx
+            wts[1, ox] = hy * lx
+            wts[2, ox] = ly * hx
+            wts[3, ox] = ly * lx
         else:
             for q in range(4):
-                idx[ox, q] = -1
-                wts[ox, q] = 0
+                ok[q, ox] = False
+                idx[q, ox] = 0
+                wts[q, ox] = 0
 
 
 @njit(cache=True, parallel=True)
@@ -261,27 +266,24 @@ def _im2col_kernel(x, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, 
         n = t // G
         i = k // kw
         j = k - i * kw
-        idx = np.empty((ow, 4), np.int64)
-        wts = np.empty((ow, 4), x.dtype)
-        _corner_row(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, idx, wts)
+        idx = np.empty((4, ow), np.int64)
+        ok = np.empty((4, ow), np.bool_)
+        wts = np.empty((4, ow), x.dtype)
+        _corner_row(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, idx, ok, wts)
         for c in range(g * cpg, (g + 1) * cpg):
+            xc = x[n, c]
+            out = cols[n, c, k, oy]
             for ox in range(ow):
-                v = zero
-                a = idx[ox, 0]
-                if a >= 0:
-                    v += wts[ox, 0] * x[n, c, a]
-                a = idx[ox, 1]
-                if a >= 0:
-                    v += wts[ox, 1] * x[n, c, a]
-                a = idx[ox, 2]
-                if a >= 0:
-                    v += wts[ox, 2] * x[n, c, a]
-                a = idx[ox, 3]
-                if a >= 0:
-                    v += wts[ox, 3] * x[n, c, a]
+                # a corner outside the image is 0 (a select, not a product with weight 0,
+                # so a non-finite pixel elsewhere cannot leak in)
+                v0 = xc[idx[0, ox]] if ok[0, ox] else zero
+                v1 = xc[idx[1, ox]] if ok[1, ox] else zero
+                v2 = xc[idx[2, ox]] if ok[2, ox] else zero
+                v3 = xc[idx[3, ox]] if ok[3, ox] else zero
+                v = wts[0, ox] * v0 + wts[1, ox] * v1 + wts[2, ox] * v2 + wts[3, ox] * v3
                 if has_mask:
                     v = mask[n, g * K + k, oy, ox] * v
-                cols[n, c, k, oy, ox] = v
+                out[ox] = v
 
 
 @njit(cache=True, parallel=True)
@@ -304,30 +306,23 @@ def _col2im_kernel(d_cols, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw,
         n = u // G
         c_lo = g * cpg + b * cblock
         c_hi = min(c_lo + cblock, (g + 1) * cpg)
-        idx = np.empty((ow, 4), np.int64)
-        wts = np.empty((ow, 4), d_cols.dtype)
+        idx = np.empty((4, ow), np.int64)
+        ok = np.empty((4, ow), np.bool_)
+        wts = np.empty((4, ow), d_cols.dtype)
         for k in range(K):
             i = k // kw
             j = k - i * kw
             for oy in range(oh):
-                _corner_row(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, idx, wts)
+                _corner_row(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, idx, ok, wts)
                 for c in range(c_lo, c_hi):
+                    dxc = d_x[n, c]
                     for ox in range(ow):
                         d = d_cols[n, c, k, oy, ox]
                         if has_mask:
                             d = mask[n, g * K + k, oy, ox] * d
-                        a = idx[ox, 0]
-                        if a >= 0:
-                            d_x[n, c, a] += wts[ox, 0] * d
-                        a = idx[ox, 1]
-                        if a >= 0:
-                            d_x[n, c, a] += wts[ox, 1] * d
-                        a = idx[ox, 2]
-                        if a >= 0:
-                            d_x[n, c, a] += wts[ox, 2] * d
-                        a = idx[ox, 3]
-                        if a >= 0:
-                            d_x[n, c, a] += wts[ox, 3] * d
+                        for q in range(4):
+                            if ok[q, ox]:
+                                dxc[idx[q, ox]] += wts[q, ox] * d
 
 
 @njit(cache=True, parallel=True)
@@ -355,61 +350,69 @@ def _coord_kernel(d_cols, x, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, p
         j = k - i * kw
         ch = 2 * (g * K + k)
         by = tp(oy * sh - ph + i * dh)
-        y0 = np.empty(ow, np.int64)
-        x0 = np.empty(ow, np.int64)
-        lh = np.empty(ow, x.dtype)
-        lw = np.empty(ow, x.dtype)
-        state = np.zeros(ow, np.int8)  # 0: no gradient, 1: offset gradient, 2: also a sample
+        idx = np.zeros((4, ow), np.int64)  # corners 00, 01, 10, 11: flat index (0 when not ok)
+        ok = np.zeros((4, ow), np.bool_)  # corner inside the image and position in the support
+        frac = np.zeros((4, ow), x.dtype)  # ly, lx, hy, hx of the cell (0 outside the support)
+        smp = np.zeros(ow, np.bool_)  # -1 < p_y and -1 < p_x as well: a nonzero sample
+        mrow = np.empty(ow, x.dtype)
         acc_y = np.zeros(ow, x.dtype)
         acc_x = np.zeros(ow, x.dtype)
         acc_m = np.zeros(ow, x.dtype)
-        mrow = np.empty(ow, x.dtype)
         for ox in range(ow):
             mrow[ox] = mask[n, g * K + k, oy, ox] if has_mask else one
             py = by + offset[n, ch, oy, ox]
             px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
             # torchvision's get_coordinate_weight has no range test of its own; outside
-            # [-1, H) x [-1, W) all four corners are outside, so the gradient is 0 there.
-            # The test is false for NaN and inf, so no index comes from them.
+            # the support [-1, H) x [-1, W) all four corners are outside, so the gradient
+            # is 0 there. The test is false for NaN and inf, so no index comes from them.
             if py >= -1 and py < H and px >= -1 and px < W:
                 yl = tp(np.floor(py))
                 xl = tp(np.floor(px))
-                y0[ox] = int(yl)
-                x0[ox] = int(xl)
-                lh[ox] = py - yl
-                lw[ox] = px - xl
-                state[ox] = 2 if (py > -1 and px > -1) else 1
+                y0 = int(yl)  # in [-1, H-1]
+                x0 = int(xl)  # in [-1, W-1]
+                up = y0 >= 0
+                down = y0 + 1 <= H - 1
+                left = x0 >= 0
+                right = x0 + 1 <= W - 1
+                ok[0, ox] = up and left
+                ok[1, ox] = up and right
+                ok[2, ox] = down and left
+                ok[3, ox] = down and right
+                idx[0, ox] = y0 * W + x0 if ok[0, ox] else 0
+                idx[1, ox] = y0 * W + x0 + 1 if ok[1, ox] else 0
+                idx[2, ox] = (y0 + 1) * W + x0 if ok[2, ox] else 0
+                idx[3, ox] = (y0 + 1) * W + x0 + 1 if ok[3, ox] else 0
+                ly = py - yl
+                lx = px - xl
+                frac[0, ox] = ly
+                frac[1, ox] = lx
+                frac[2, ox] = one - ly
+                frac[3, ox] = one - lx
+                smp[ox] = py > -1 and px > -1
         for c in range(g * cpg, (g + 1) * cpg):
+            xc = x[n, c]
+            dc = d_cols[n, c, k, oy]
             for ox in range(ow):
-                s = state[ox]
-                if s == 0:
-                    continue
-                yy = y0[ox]
-                xx = x0[ox]
-                up = yy >= 0
-                down = yy + 1 <= H - 1
-                left = xx >= 0
-                right = xx + 1 <= W - 1
-                v_yx = x[n, c, yy * W + xx] if (up and left) else zero
-                v_yX = x[n, c, yy * W + xx + 1] if (up and right) else zero
-                v_Yx = x[n, c, (yy + 1) * W + xx] if (down and left) else zero
-                v_YX = x[n, c, (yy + 1) * W + xx + 1] if (down and right) else zero
-                a_lh = lh[ox]
-                a_lw = lw[ox]
-                a_hh = one - a_lh
-                a_hw = one - a_lw
-                d = d_cols[n, c, k, oy, ox]
-                gy = a_lw * (v_YX - v_yX) + a_hw * (v_Yx - v_yx)  # d bilinear / d p_y on the cell
-                gx = a_lh * (v_YX - v_Yx) + a_hh * (v_yX - v_yx)  # d bilinear / d p_x on the cell
+                v00 = xc[idx[0, ox]] if ok[0, ox] else zero
+                v01 = xc[idx[1, ox]] if ok[1, ox] else zero
+                v10 = xc[idx[2, ox]] if ok[2, ox] else zero
+                v11 = xc[idx[3, ox]] if ok[3, ox] else zero
+                ly = frac[0, ox]
+                lx = frac[1, ox]
+                hy = frac[2, ox]
+                hx = frac[3, ox]
+                d = dc[ox]
+                gy = lx * (v11 - v01) + hx * (v10 - v00)  # d bilinear / d p_y on the cell
+                gx = ly * (v11 - v10) + hy * (v01 - v00)  # d bilinear / d p_x on the cell
                 if has_mask:
                     m = mrow[ox]
-                    gy = m * gy
-                    gx = m * gx
-                acc_y[ox] += gy * d
-                acc_x[ox] += gx * d
-                if has_mask and s == 2:
-                    val = a_hh * a_hw * v_yx + a_hh * a_lw * v_yX + a_lh * a_hw * v_Yx + a_lh * a_lw * v_YX
-                    acc_m[ox] += val * d
+                    acc_y[ox] += (m * gy) * d
+                    acc_x[ox] += (m * gx) * d
+                    val = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+                    acc_m[ox] += (val if smp[ox] else zero) * d
+                else:
+                    acc_y[ox] += gy * d
+                    acc_x[ox] += gx * d
         for ox in range(ow):
             d_offset[n, ch, oy, ox] = acc_y[ox]
             d_offset[n, ch + 1, oy, ox] = acc_x[ox]
