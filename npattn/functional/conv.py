@@ -85,40 +85,11 @@ def _tap_offsets(kernel, dilation, row_w):
     return [(i, j, i * dilation[0] * row_w + j * dilation[1]) for i in range(kernel[0]) for j in range(kernel[1])]
 
 
-def im2col_rows(x, kernel, padding, dilation):
-    """Stride-1 im2col on whole padded rows: long contiguous copies instead of short ones.
-
-    With ``x_pad`` flattened per image (row length ``Wp = W + 2 pad_w``), the patch
-    entry (i, j) of output pixel (oy, ox) is ``x_pad_flat[(oy + i d_h) Wp + ox + j d_w]``.
-    Letting ox run over the whole padded row (0 .. Wp - 1), tap (i, j) is one contiguous
-    slice of length ``out_h * Wp`` starting at ``i d_h Wp + j d_w``. The columns
-    ox >= out_w are junk (they wrap into the next row, or the ``(kw - 1) d_w`` zeros
-    appended at the end) and are dropped from the output.
-
-    Returns
-    -------
-    cols : ndarray (N, C, kh, kw, out_h * Wp); for a 1x1 kernel without padding, a view of x
-    row_w : int, Wp
-    """
-    n, c, h, w = x.shape
-    weight_h, weight_w = kernel
-    pad_h, pad_w = padding
-    hp, wp = h + 2 * pad_h, w + 2 * pad_w
-    out_h = hp - dilation[0] * (weight_h - 1)
-    length = out_h * wp
-    flat = _flat_padded(x, padding, (weight_w - 1) * dilation[1])  # (N, C, Hp * Wp + extra)
-    if weight_h == weight_w == 1:
-        return flat[:, :, None, None, :length], wp
-    cols = np.empty((n, c, weight_h, weight_w, length), dtype=x.dtype)
-    for i, j, start in _tap_offsets(kernel, dilation, wp):
-        cols[:, :, i, j] = flat[:, :, start : start + length]
-    return cols, wp
-
-
 @dataclass(frozen=True)
 class Conv2dCache:
     x_shape: tuple  # (N, C_in, H, W)
-    cols: np.ndarray  # (N, G, C_in/G * kh * kw, out_h * out_w)
+    cols: np.ndarray  # (N, G, C_in/G * kh * kw, out_h * out_w) im2col columns; None with stride 1
+    x_rows: np.ndarray  # stride 1: (N, C_in, Hp * Wp + (kw - 1) d_w) padded x, one row per image (a view of x for 1x1 without padding); else None
     weight: np.ndarray  # (C_out, C_in/G, kh, kw)
     has_bias: bool
     stride: tuple  # (s_h, s_w)
@@ -126,7 +97,6 @@ class Conv2dCache:
     dilation: tuple  # (d_h, d_w)
     groups: int
     out_hw: tuple  # (out_h, out_w)
-    row_w: int  # length of an output row in cols: out_w, or Wp = W + 2 pad_w (stride-1 rows layout)
 
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -165,10 +135,20 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         dX_col   = W_g^T @ dY[n, g]                         (C_in/G * kh * kw, L)
         dx       = col2im(dX_col)                           (N, C_in, H, W)
 
-    With stride 1 the columns are taken on whole padded rows (:func:`im2col_rows`): each
-    tap is then one long contiguous copy, the output rows carry ``Wp - out_w`` junk
-    columns that are dropped, and the backward adds ``W_ij^T dY`` tap by tap into the
-    flattened padded gradient. A 1x1 kernel without padding needs no copy at all.
+    Stride 1 needs no column matrix. Flatten each zero-padded image to one row
+    ``x_rows`` (row length ``Wp = W + 2 pad_w``, then ``(kw - 1) d_w`` zeros); tap (i, j)
+    of output pixel (oy, ox) reads ``x_rows[(oy + i d_h) Wp + ox + j d_w]``, so letting ox
+    run over whole padded rows, the tap's inputs are one contiguous slice (a view) of
+    length ``L = out_h * Wp`` starting at ``s_ij = i d_h Wp + j d_w``::
+
+        Y_rows[n, g] = sum_{i, j} W_g[:, :, i, j] @ x_rows[n, g, :, s_ij : s_ij + L]
+        y            = Y_rows[..., :out_w]       (the other Wp - out_w columns are junk)
+
+    and, with dY_rows = dY padded with zeros in the junk columns::
+
+        dW_g[:, :, i, j]               = sum_n dY_rows[n, g] @ x_rows[n, g, :, s_ij : s_ij + L]^T
+        dx_rows[n, g, :, s_ij : +L]   += W_g[:, :, i, j]^T @ dY_rows[n, g]
+        dx                             = dx_rows cropped to the image
     """
     op = "conv2d"
     x = float_array(op, "x", x, 4, "(N, C, H, W)")
@@ -197,19 +177,34 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     out_w = conv_out_size(op, w, weight_w, stride[1], padding[1], dilation[1], "width")
 
     g = groups
-    if stride == (1, 1):
-        cols, row_w = im2col_rows(x, (weight_h, weight_w), padding, dilation)  # (N, C_in, kh, kw, out_h * Wp)
-    else:
-        cols, row_w = im2col(x, (weight_h, weight_w), stride, padding, dilation), out_w  # (N, C_in, kh, kw, out_h, out_w)
-    cols = cols.reshape(n, g, c_per_group * weight_h * weight_w, out_h * row_w)  # (N, G, Ck, L)
     w_g = weight.reshape(g, c_out // g, c_per_group * weight_h * weight_w)  # (G, C_out/G, Ck)
-    y = np.matmul(w_g[None], cols)  # (N, G, C_out/G, L)
-    y = y.reshape(n, c_out, out_h, row_w)
-    if row_w != out_w:
-        y = np.ascontiguousarray(y[:, :, :, :out_w])  # drop the junk columns of the rows layout
+    if stride == (1, 1):
+        pad_h, pad_w = padding
+        row_w = w + 2 * pad_w  # Wp
+        length = out_h * row_w  # L
+        x_rows = _flat_padded(x, padding, (weight_w - 1) * dilation[1])  # (N, C_in, Hp * Wp + extra)
+        w_taps = weight.reshape(g, c_out // g, c_per_group, weight_h, weight_w)  # (G, C_out/G, C_in/G, kh, kw)
+        y = tmp = None
+        for i, j, start in _tap_offsets((weight_h, weight_w), dilation, row_w):
+            x_tap = x_rows[:, :, start : start + length].reshape(n, g, c_per_group, length)  # a view
+            if y is None:
+                y = np.matmul(w_taps[None, :, :, :, i, j], x_tap)  # (N, G, C_out/G, L)
+            else:
+                tmp = np.matmul(w_taps[None, :, :, :, i, j], x_tap, out=tmp)
+                y += tmp
+        y = y.reshape(n, c_out, out_h, row_w)
+        if row_w != out_w:
+            y = np.ascontiguousarray(y[:, :, :, :out_w])  # drop the junk columns
+        cols = None
+    else:
+        cols = im2col(x, (weight_h, weight_w), stride, padding, dilation)  # (N, C_in, kh, kw, out_h, out_w)
+        cols = cols.reshape(n, g, c_per_group * weight_h * weight_w, out_h * out_w)  # (N, G, Ck, L)
+        y = np.matmul(w_g[None], cols)  # (N, G, C_out/G, L)
+        y = y.reshape(n, c_out, out_h, out_w)
+        x_rows = None
     if bias is not None:
         y += bias[None, :, None, None]
-    cache = Conv2dCache(x.shape, cols, weight, bias is not None, stride, padding, dilation, groups, (out_h, out_w), row_w)
+    cache = Conv2dCache(x.shape, cols, x_rows, weight, bias is not None, stride, padding, dilation, groups, (out_h, out_w))
     return y, cache
 
 
@@ -222,36 +217,47 @@ def conv2d_backward(dy, cache: Conv2dCache):
     dy = float_array("conv2d_backward", "dy", dy, 4)
     if dy.shape != (n, c_out, out_h, out_w):
         raise ValueError(f"conv2d_backward: dy must have shape {(n, c_out, out_h, out_w)}, got {tuple(dy.shape)}")
-    row_w = cache.row_w
-    if row_w != out_w:  # rows layout: the junk columns get a zero gradient
-        dy_rows = np.zeros((n, c_out, out_h, row_w), dtype=dy.dtype)
-        dy_rows[:, :, :, :out_w] = dy
-        dy = dy_rows  # (N, C_out, out_h, Wp)
-    length = out_h * row_w
-    dy_g = dy.reshape(n, g, c_out // g, length)  # (N, G, C_out/G, L)
     w_g = cache.weight.reshape(g, c_out // g, c_per_group * weight_h * weight_w)  # (G, C_out/G, Ck)
-
     grads = {}
     if cache.stride == (1, 1):
-        # dx_pad_flat[start(i, j) + l] += (W_ij^T dy)[l], tap by tap (no (N, Ck, L) temporary)
         pad_h, pad_w = cache.padding
-        w_taps = cache.weight.reshape(g, c_out // g, c_per_group, weight_h, weight_w)  # (G, C_out/G, C_in/G, kh, kw)
-        if weight_h == weight_w == 1 and not (pad_h or pad_w):
-            d_flat = np.matmul(w_taps[:, :, :, 0, 0].transpose(0, 2, 1)[None], dy_g)  # (N, G, C_in/G, HW)
-            grads["x"] = d_flat.reshape(cache.x_shape)  # (N, C_in, H, W)
+        row_w = w + 2 * pad_w  # Wp
+        length = out_h * row_w  # L
+        if row_w != out_w:  # the junk columns get a zero gradient
+            dy_rows = np.zeros((n, c_out, out_h, row_w), dtype=dy.dtype)
+            dy_rows[:, :, :, :out_w] = dy
         else:
-            hp, wp = h + 2 * pad_h, row_w
-            d_flat = np.zeros((n, c_in, hp * wp + (weight_w - 1) * cache.dilation[1]), dtype=dy.dtype)
-            for i, j, start in _tap_offsets((weight_h, weight_w), cache.dilation, wp):
-                d_tap = np.matmul(w_taps[:, :, :, i, j].transpose(0, 2, 1)[None], dy_g)  # (N, G, C_in/G, L)
-                d_flat[:, :, start : start + length] += d_tap.reshape(n, c_in, length)
-            d_pad = d_flat[:, :, : hp * wp].reshape(n, c_in, hp, wp)  # (N, C_in, Hp, Wp)
+            dy_rows = dy
+        dy_g = dy_rows.reshape(n, g, c_out // g, length)  # (N, G, C_out/G, L)
+        w_taps = cache.weight.reshape(g, c_out // g, c_per_group, weight_h, weight_w)  # (G, C_out/G, C_in/G, kh, kw)
+        # tiny per-group matrices: einsum's loop beats N*G small BLAS calls
+        small = (c_out // g) * c_per_group <= 16
+        d_w = np.empty_like(w_taps)  # (G, C_out/G, C_in/G, kh, kw)
+        taps = _tap_offsets((weight_h, weight_w), cache.dilation, row_w)
+        for i, j, start in taps:
+            x_tap = cache.x_rows[:, :, start : start + length].reshape(n, g, c_per_group, length)  # a view
+            if small:
+                d_w[:, :, :, i, j] = np.einsum("ngol,ngcl->goc", dy_g, x_tap)
+            else:
+                d_w[:, :, :, i, j] = np.matmul(dy_g, x_tap.transpose(0, 1, 3, 2)).sum(axis=0)
+        if weight_h == weight_w == 1 and not (pad_h or pad_w):
+            d_rows = np.matmul(w_taps[None, :, :, :, 0, 0].transpose(0, 1, 3, 2), dy_g)  # (N, G, C_in/G, HW)
+            grads["x"] = d_rows.reshape(cache.x_shape)  # (N, C_in, H, W)
+        else:
+            hp = h + 2 * pad_h
+            d_rows = np.zeros((n, c_in, hp * row_w + (weight_w - 1) * cache.dilation[1]), dtype=dy.dtype)
+            d_tap = None
+            for i, j, start in taps:
+                d_tap = np.matmul(w_taps[None, :, :, :, i, j].transpose(0, 1, 3, 2), dy_g, out=d_tap)  # (N, G, C_in/G, L)
+                d_rows[:, :, start : start + length] += d_tap.reshape(n, c_in, length)
+            d_pad = d_rows[:, :, : hp * row_w].reshape(n, c_in, hp, row_w)  # (N, C_in, Hp, Wp)
             grads["x"] = np.ascontiguousarray(d_pad[:, :, pad_h : pad_h + h, pad_w : pad_w + w])  # (N, C_in, H, W)
     else:
+        dy_g = dy.reshape(n, g, c_out // g, out_h * out_w)  # (N, G, C_out/G, L)
         d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (N, G, Ck, L)
         d_cols = d_cols.reshape(n, c_in, weight_h, weight_w, out_h, out_w)  # (N, C_in, kh, kw, out_h, out_w)
         grads["x"] = col2im(d_cols, cache.x_shape, cache.stride, cache.padding, cache.dilation)  # (N, C_in, H, W)
-    d_w = np.matmul(dy_g, cache.cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, C_out/G, Ck)
+        d_w = np.matmul(dy_g, cache.cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, C_out/G, Ck)
     grads["weight"] = d_w.reshape(cache.weight.shape)  # (C_out, C_in/G, kh, kw)
     if cache.has_bias:
         grads["bias"] = dy.sum(axis=(0, 2, 3))  # (C_out,)
