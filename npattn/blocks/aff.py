@@ -98,8 +98,11 @@ def _check_grad(op, grad_out, x_shape, dtype):
 
 
 def _sigmoid_slope(w):
-    """sigmoid'(z) expressed with w = sigmoid(z)."""
-    return w * (1 - w)
+    """sigmoid'(z) expressed with w = sigmoid(z): w (1 - w)."""
+    s = 1 - w
+    s *= w
+    return s
+
 
 
 class DAF(Block):
@@ -169,7 +172,8 @@ class _AttentionFusion(Block):
         g4, k_g4 = self._conv(f"{glob}4.", ga)  # (N, C, 1, 1)
         xg, k_g5 = self._batch_norm(f"{glob}5.", g4, training)  # (N, C, 1, 1)
 
-        z = xl + xg  # (N, C, H, W)
+        z = xl  # (N, C, H, W) the BatchNorm output is ours: add the global logits in place
+        z += xg
         return z, MSCAMCache((k_c0, k_b1, k_a, k_c3, k_b4), (k_p, k_g1, k_g2, k_ga, k_g4, k_g5))
 
     def _ms_cam_backward(self, local, glob, d_z, cache: MSCAMCache, grads):
@@ -189,7 +193,8 @@ class _AttentionFusion(Block):
         d_b1 = F.relu_backward(d_a, k_a)["x"]  # (N, C', H, W)
         d_c0 = self._batch_norm_backward(f"{local}1.", d_b1, k_b1, grads)  # (N, C', H, W)
         d_xa = self._conv_backward(f"{local}0.", d_c0, k_c0, grads)  # (N, C, H, W)
-        d_xa += F.global_avg_pool2d_backward(d_p, k_p)["x"]  # (N, C, H, W)
+        h, w = d_z.shape[2:]
+        d_xa += d_p * d_p.dtype.type(1.0 / (h * w))  # (N, C, H, W) the pool's share, broadcast over (H, W)
         return d_xa
 
     # ---- checks -------------------------------------------------------------------
@@ -240,7 +245,8 @@ class MS_CAM(_AttentionFusion):
         dy = _check_grad("MS_CAM.backward", grad_out, cache.x_shape, cache.dtype)
         grads = self.zero_grads()
         w = cache.w1
-        d_z = dy * cache.x * _sigmoid_slope(w)  # (N, C, H, W)
+        d_z = dy * cache.x  # (N, C, H, W)
+        d_z *= _sigmoid_slope(w)
         d_x = self._ms_cam_backward("local_att.", "global_att.", d_z, cache.att1, grads)  # (N, C, H, W)
         d_x += dy * w  # (N, C, H, W)
         return (d_x,), grads
@@ -264,7 +270,9 @@ class AFF(_AttentionFusion):
         z, att = self._ms_cam("local_att.", "global_att.", xa, training)  # (N, C, H, W)
         w = F.sigmoid(z)  # (N, C, H, W)
         diff = x - residual  # (N, C, H, W)
-        y = 2 * (residual + w * diff)  # (N, C, H, W) = 2 x w + 2 res (1 - w)
+        y = w * diff  # (N, C, H, W)
+        y += residual
+        y *= 2  # = 2 x w + 2 res (1 - w)
         return y, FusionCache(x.shape, x.dtype, None, diff, w, att, None, None)
 
     def backward(self, grad_out, cache: FusionCache):
@@ -272,11 +280,14 @@ class AFF(_AttentionFusion):
         grads = self.zero_grads()
         w = cache.w1
         dy2 = 2 * dy  # (N, C, H, W)
-        d_z = dy2 * cache.diff * _sigmoid_slope(w)  # (N, C, H, W)
+        d_z = dy2 * cache.diff  # (N, C, H, W)
+        d_z *= _sigmoid_slope(w)
         d_xa = self._ms_cam_backward("local_att.", "global_att.", d_z, cache.att1, grads)  # (N, C, H, W)
-        d_x_direct = dy2 * w  # (N, C, H, W)
-        d_x = d_x_direct + d_xa  # (N, C, H, W)
-        d_res = dy2 - d_x_direct + d_xa  # (N, C, H, W) = 2 dy (1 - w) + d_xa
+        d_x = dy2 * w  # (N, C, H, W) direct path: 2 dy w
+        d_res = dy2  # (N, C, H, W) becomes 2 dy (1 - w) + d_xa
+        d_res -= d_x
+        d_res += d_xa
+        d_x += d_xa  # (N, C, H, W) 2 dy w + d_xa
         return (d_x, d_res), grads
 
 
@@ -317,21 +328,28 @@ class iAFF(_AttentionFusion):
         z1, att1 = self._ms_cam("local_att.", "global_att.", xa, training)  # (N, C, H, W)
         w1 = F.sigmoid(z1)  # (N, C, H, W)
         diff = x - residual  # (N, C, H, W)
-        xi = residual + w1 * diff  # (N, C, H, W) = x w1 + res (1 - w1)
+        xi = w1 * diff  # (N, C, H, W)
+        xi += residual  # = x w1 + res (1 - w1)
         z2, att2 = self._ms_cam("local_att2.", self._global2, xi, training)  # (N, C, H, W)
         w2 = F.sigmoid(z2)  # (N, C, H, W)
-        y = residual + w2 * diff  # (N, C, H, W) = x w2 + res (1 - w2)
+        y = w2 * diff  # (N, C, H, W)
+        y += residual  # = x w2 + res (1 - w2)
         return y, FusionCache(x.shape, x.dtype, None, diff, w1, att1, w2, att2)
 
     def backward(self, grad_out, cache: FusionCache):
         dy = _check_grad("iAFF.backward", grad_out, cache.x_shape, cache.dtype)
         grads = self.zero_grads()
         w1, w2, diff = cache.w1, cache.w2, cache.diff
-        d_z2 = dy * diff * _sigmoid_slope(w2)  # (N, C, H, W)
+        d_z2 = dy * diff  # (N, C, H, W)
+        d_z2 *= _sigmoid_slope(w2)
         d_xi = self._ms_cam_backward("local_att2.", self._global2, d_z2, cache.att2, grads)  # (N, C, H, W)
-        d_z1 = d_xi * diff * _sigmoid_slope(w1)  # (N, C, H, W)
+        d_z1 = d_xi * diff  # (N, C, H, W)
+        d_z1 *= _sigmoid_slope(w1)
         d_xa = self._ms_cam_backward("local_att.", "global_att.", d_z1, cache.att1, grads)  # (N, C, H, W)
-        d_x_direct = dy * w2 + d_xi * w1  # (N, C, H, W)
-        d_x = d_x_direct + d_xa  # (N, C, H, W)
-        d_res = dy + d_xi - d_x_direct + d_xa  # (N, C, H, W) = dy (1 - w2) + d_xi (1 - w1) + d_xa
+        d_x = dy * w2  # (N, C, H, W) direct paths: dy w2 + d_xi w1
+        d_x += d_xi * w1
+        d_res = dy + d_xi  # (N, C, H, W) becomes dy (1 - w2) + d_xi (1 - w1) + d_xa
+        d_res -= d_x
+        d_res += d_xa
+        d_x += d_xa  # (N, C, H, W) dy w2 + d_xi w1 + d_xa
         return (d_x, d_res), grads

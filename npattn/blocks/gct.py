@@ -163,11 +163,12 @@ class GCT(Block):
             d_emb = d_emb + d_r * np.sign(emb) / c  # (N, C, 1, 1)
         d_alpha = (d_emb * l).sum(axis=0, keepdims=True)  # (1, C, 1, 1)
         d_l = d_emb * alpha  # (N, C, 1, 1)
+        d_x = dy * cache.gate  # (N, C, H, W) through the gate's factor
         if self.mode == "l2":
-            d_x = dy * cache.gate + (d_l / l) * x  # (N, C, H, W)
+            d_x += (d_l / l) * x  # through l = sqrt(sum x^2 + eps)
         elif self.after_relu:
-            d_x = dy * cache.gate + d_l  # (N, C, H, W)
+            d_x += d_l  # through l = sum x
         else:
-            d_x = dy * cache.gate + F.abs_backward(np.broadcast_to(d_l, x.shape), cache.abs_x)["x"]  # (N, C, H, W)
+            d_x += F.abs_backward(np.broadcast_to(d_l, x.shape), cache.abs_x)["x"]  # through l = sum |x|
         grads = {"alpha": d_alpha, "gamma": d_gamma, "beta": d_beta}
         return (d_x,), grads

@@ -113,5 +113,6 @@ class SEBlock(Block):
         d_a = self._linear_backward("fc.2.", d_z, cache.fc2, grads)  # (N, D)
         d_h = F.relu_backward(d_a, cache.relu)["x"]  # (N, D)
         d_s = self._linear_backward("fc.0.", d_h, cache.fc0, grads)  # (N, C)
-        d_x = dy * g + (d_s * x.dtype.type(1.0 / (h * w))).reshape(n, c, 1, 1)  # (N, C, H, W)
+        d_x = dy * g  # (N, C, H, W) through the gate's factor
+        d_x += (d_s * x.dtype.type(1.0 / (h * w))).reshape(n, c, 1, 1)  # through the squeeze
         return (d_x,), grads

@@ -8,7 +8,7 @@ With P paths, C = out_channels and d = max(C // ratio, 32), for x of shape (N, C
              b_i = BN2d_i(c_i)                            (N, C, H, W)   convs.i.1
              f_i = relu(b_i)                              (N, C, H, W)   convs.i.2
     fuse:    u   = sum_i f_i                              (N, C, H, W)
-             s   = mean_{h, w} u                          (N, C)
+             s   = mean_{h, w} u = sum_i mean_{h, w} f_i  (N, C)         (u itself is never needed)
              h   = s Wc^T + bc                            (N, d)         compress.0 (Linear)
              hb  = BN1d(h)                                (N, d)         compress.1
              z   = relu(hb)                               (N, d)         compress.2
@@ -126,8 +126,7 @@ class SKConv(Block):
             f_i, k_relu = F.relu_forward(b_i)  # (N, C, H, W)
             path_caches.append((k_conv, k_bn, k_relu))
             features.append(f_i)
-        u = features[0] if p == 1 else sum(features[1:], features[0])  # (N, C, H, W)
-        s = u.mean(axis=(2, 3))  # (N, C)
+        s = sum(f_i.mean(axis=(2, 3)) for f_i in features)  # (N, C) = mean_hw u, u never formed
         hc, k_lin = self._linear("compress.0.", s)  # (N, d)
         hb, k_bn1d = self._batch_norm("compress.1.", hc, training)  # (N, d)
         z, k_zrelu = F.relu_forward(hb)  # (N, d)
@@ -139,7 +138,7 @@ class SKConv(Block):
         att, k_sm = F.softmax_forward(np.stack(logits, axis=1), axis=1)  # (N, P, C)
         y = features[0] * att[:, 0, :, None, None]  # (N, C, H, W)
         for i in range(1, p):
-            y += features[i] * att[:, i, :, None, None]
+            y += features[i] * att[:, i, :, None, None]  # (N, C, H, W)
         cache = SKCache(
             tuple(x.shape), tuple(path_caches), tuple(features), 1.0 / (h * w),
             (k_lin, k_bn1d, k_zrelu), tuple(proj_caches), k_sm,
@@ -174,9 +173,13 @@ class SKConv(Block):
         d_x = None
         for i in range(p):
             k_conv, k_bn, k_relu = cache.paths[i]
-            d_f = dy * att[:, i, :, None, None] + d_u  # (N, C, H, W)
+            d_f = dy * att[:, i, :, None, None]  # (N, C, H, W)
+            d_f += d_u
             d_b = F.relu_backward(d_f, k_relu)["x"]  # (N, C, H, W)
             d_c = self._batch_norm_backward(f"convs.{i}.1.", d_b, k_bn, grads)  # (N, C, H, W)
             d_x_i = self._conv_backward(f"convs.{i}.0.", d_c, k_conv, grads)  # (N, C_in, H, W)
-            d_x = d_x_i if d_x is None else d_x + d_x_i
+            if d_x is None:
+                d_x = d_x_i
+            else:
+                d_x += d_x_i
         return (d_x,), grads
