@@ -15,7 +15,11 @@ see ``numpy.py`` for the semantics. Every kernel is a grid-stride loop:
 
 The float64 atomic scatters add in an unspecified order, so ``d_x`` may differ from run to
 run in the last bits of float64 (for float32 inputs the final rounding almost always hides
-it); everything else is deterministic.
+it); everything else is deterministic. The arithmetic is written in numpy.py's order and
+in the dtype of the input (float32 stays float32), but on a real GPU NVVM fuses
+``a * b + c`` into one fused multiply-add (its default; numba.cuda offers no switch for it
+apart from fastmath, which would do more), so device results agree with numpy.py to
+rounding rather than bit for bit. The simulator runs the same source as Python.
 
 Host wrappers accept NumPy arrays or CUDA device arrays (anything with
 ``__cuda_array_interface__``). With NumPy inputs only, results come back as NumPy arrays;
@@ -406,8 +410,14 @@ def _launch(name, total, *args):
 # host wrappers
 
 
+def _is_device_array(a):
+    if hasattr(cuda, "is_cuda_array"):
+        return cuda.is_cuda_array(a)  # anything with __cuda_array_interface__
+    return cuda.devicearray.is_cuda_ndarray(a)  # Numba's CUDA simulator
+
+
 def _is_array(a):
-    return isinstance(a, np.ndarray) or cuda.is_cuda_array(a)
+    return isinstance(a, np.ndarray) or _is_device_array(a)
 
 
 def _require_device(op):
@@ -429,7 +439,9 @@ class _Io:
             return None
         if isinstance(a, np.ndarray):
             return cuda.to_device(np.ascontiguousarray(a))
-        return cuda.as_cuda_array(a)
+        if hasattr(a, "copy_to_host"):  # a Numba device array already
+            return a
+        return cuda.as_cuda_array(a)  # e.g. CuPy or PyTorch CUDA tensors
 
     def out(self, d):
         if d is None:

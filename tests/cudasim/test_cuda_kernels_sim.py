@@ -1,0 +1,180 @@
+"""The "cuda" sampling backend (npattn/sampling/cuda.py) against the NumPy definition.
+
+Meant for Numba's CUDA simulator, in a pytest run of its own::
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cudasim -q
+
+(the simulator spends ~150 us per thread, so every case here launches at most a few
+thousand). On a machine with an NVIDIA GPU the same tests run on the device; without
+either they are skipped.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from npattn.sampling import numpy as ref
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def _gpu_present():
+    if SIMULATOR:
+        return True
+    try:
+        from numba import cuda
+
+        return cuda.is_available()
+    except Exception:
+        return False
+
+
+pytestmark = [
+    pytest.mark.cudasim,
+    pytest.mark.skipif(
+        not _gpu_present(),
+        reason="CUDA kernels need NUMBA_ENABLE_CUDASIM=1 (Numba's simulator) or an NVIDIA GPU; neither is present",
+    ),
+]
+
+if _gpu_present():
+    from numba import cuda as nbcuda
+
+    from npattn.sampling import cuda as cu
+
+# name: (N, C, H, W, kernel_hw, stride, padding, dilation, offset_groups), all tiny
+CONFIGS = {
+    "uneven": (2, 3, 5, 4, (3, 2), (2, 1), (1, 0), (2, 1), 3),
+    "square": (1, 2, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "batch0": (0, 2, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "H1": (1, 2, 1, 5, (1, 3), (1, 1), (0, 1), (1, 1), 2),
+    "W1": (2, 2, 5, 1, (3, 1), (2, 1), (1, 0), (1, 1), 1),
+}
+TOL = {np.float64: 1e-12, np.float32: 1e-6}
+
+
+def out_hw(cfg):
+    n, c, h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw), g = cfg
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def make_inputs(rng, cfg, dtype, with_mask, bad=None):
+    n, c, h, w, (kh, kw), _, (ph, _), _, g = cfg
+    oh, ow = out_hw(cfg)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    offset = rng.uniform(-2.5, 2.5, (n, 2 * g * kh * kw, oh, ow))
+    offset[:, ::3] = np.round(offset[:, ::3])
+    if n:
+        offset[0, 0, 0, 0] = -1.0 + ph  # p_y = -1 exactly
+        if bad is not None:
+            offset[0, 2, 0, -1] = bad
+            offset[-1, -1, -1, 0] = bad
+            offset[-1, 2 * (g * kh * kw) - 2 :, 0, 0] = bad
+    offset = offset.astype(dtype)
+    mask = rng.uniform(-0.5, 1.5, (n, g * kh * kw, oh, ow)).astype(dtype) if with_mask else None
+    d_cols = rng.standard_normal((n, c, kh, kw, oh, ow)).astype(dtype)
+    return x, offset, mask, d_cols
+
+
+def run_all(backend, x, offset, mask, d_cols, cfg, x_shape=None):
+    geo = cfg[4:8]
+    g = cfg[8]
+    cols = backend.deform_im2col(x, offset, mask, *geo, out_hw(cfg), g)
+    d_x = backend.deform_col2im(d_cols, offset, mask, x_shape or x.shape, *geo, g)
+    d_offset, d_mask = backend.deform_col2im_coord(d_cols, x, offset, mask, *geo, g)
+    return cols, d_x, d_offset, d_mask
+
+
+def assert_matches(actual, expected, dtype, what):
+    assert isinstance(actual, np.ndarray), f"{what}: NumPy inputs must give a NumPy result, got {type(actual)}"
+    assert actual.dtype == expected.dtype == np.dtype(dtype), what
+    assert actual.shape == expected.shape, what
+    if expected.size == 0:
+        return
+    err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+    scale = float(np.max(np.abs(expected)))
+    assert err <= TOL[dtype] * scale, f"{what}: max abs difference {err:.3e} (scale {scale:.3e})"
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_deform_kernels_match_numpy_backend(name, dtype, with_mask):
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng([31, list(CONFIGS).index(name)])
+    x, offset, mask, d_cols = make_inputs(rng, cfg, dtype, with_mask)
+    got = run_all(cu, x, offset, mask, d_cols, cfg)
+    want = run_all(ref, x, offset, mask, d_cols, cfg)
+    for what, a, b in zip(("cols", "d_x", "d_offset", "d_mask"), got, want):
+        if b is None:
+            assert a is None
+        else:
+            assert_matches(a, b, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e30, -1e30], ids=["nan", "inf", "-inf", "1e30", "-1e30"])
+def test_non_finite_and_huge_offsets(dtype, bad):
+    cfg = CONFIGS["uneven"]
+    rng = np.random.default_rng(37)
+    x, offset, mask, d_cols = make_inputs(rng, cfg, dtype, True, bad=bad)
+    got = run_all(cu, x, offset, mask, d_cols, cfg)
+    want = run_all(ref, x, offset, mask, d_cols, cfg)
+    for what, a, b in zip(("cols", "d_x", "d_offset", "d_mask"), got, want):
+        assert np.all(np.isfinite(a)), what
+        assert_matches(a, b, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 16), (1, 1, 4, 9), (2, 4, 1, 9), (0, 3, 3, 5)])
+def test_clamped_sampling_matches_numpy_backend(shape, dtype):
+    b, h, w, p = shape
+    rng = np.random.default_rng([b, h, w, p, 41])
+    x = rng.standard_normal((b, h, w)).astype(dtype)
+    coords = np.stack([rng.uniform(-2, h + 1, (b, p)), rng.uniform(-2, w + 1, (b, p))], axis=-1)
+    coords[:, ::3] = np.round(coords[:, ::3])
+    if b and p >= 6:
+        coords[0, :6] = [[np.nan, 1], [1, np.nan], [np.inf, 0.5], [-np.inf, 0.5], [0, 0], [1e30, -1e30]]
+    coords = coords.astype(dtype)
+    d_out = rng.standard_normal((b, p)).astype(dtype)
+    assert_matches(cu.map_coordinates_clamped(x, coords), ref.map_coordinates_clamped(x, coords), dtype, "out")
+    got = cu.map_coordinates_clamped_backward(d_out, x, coords)
+    want = ref.map_coordinates_clamped_backward(d_out, x, coords)
+    assert_matches(got[0], want[0], dtype, "d_x")
+    assert_matches(got[1], want[1], dtype, "d_coords")
+
+
+def test_device_arrays_in_device_arrays_out():
+    cfg = CONFIGS["uneven"]
+    rng = np.random.default_rng(43)
+    x, offset, mask, d_cols = make_inputs(rng, cfg, np.float32, True)
+    want = run_all(ref, x, offset, mask, d_cols, cfg)
+    dev = [nbcuda.to_device(a) for a in (x, offset, mask, d_cols)]
+    got = run_all(cu, *dev, cfg, x_shape=x.shape)
+    for what, a, b in zip(("cols", "d_x", "d_offset", "d_mask"), got, want):
+        assert cu._is_device_array(a) and not isinstance(a, np.ndarray), f"{what}: expected a device array"
+        assert_matches(a.copy_to_host(), b, np.float32, what)
+    # a mix of host and device inputs also stays on the device
+    cols = cu.deform_im2col(x, dev[1], mask, *cfg[4:8], out_hw(cfg), cfg[8])
+    assert cu._is_device_array(cols) and not isinstance(cols, np.ndarray)
+    np.testing.assert_array_equal(cols.copy_to_host(), want[0])
+
+
+def test_bad_arguments_raise_before_any_launch():
+    cfg = CONFIGS["uneven"]
+    rng = np.random.default_rng(47)
+    x, offset, mask, d_cols = make_inputs(rng, cfg, np.float64, True)
+    with pytest.raises(ValueError, match="offset must have shape"):
+        cu.deform_im2col(x, offset[:, :-2], mask, *cfg[4:8], out_hw(cfg), cfg[8])
+    with pytest.raises(TypeError, match="x must be a numpy.ndarray or a CUDA device array"):
+        cu.deform_im2col(x.tolist(), offset, mask, *cfg[4:8], out_hw(cfg), cfg[8])
+    with pytest.raises(TypeError, match="coords must have the same dtype as x"):
+        cu.map_coordinates_clamped(np.zeros((1, 3, 3)), np.zeros((1, 2, 2), np.float32))
+
+
+def test_backend_reports_available():
+    from npattn import sampling
+
+    assert cu.unavailable_reason() is None
+    assert sampling.get_backend("cuda") is cu

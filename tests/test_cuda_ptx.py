@@ -1,0 +1,49 @@
+"""Every CUDA sampling kernel compiles to PTX, for float32 and float64, without a GPU.
+
+``numba.cuda.compile_ptx`` only needs NVVM, which ``numba-cuda[cu13]`` installs; this
+catches typing and lowering errors in npattn/sampling/cuda.py on machines with no GPU
+(the simulator runs the kernels as Python and would not notice them).
+"""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+pytestmark = pytest.mark.skipif(
+    SIMULATOR, reason="NUMBA_ENABLE_CUDASIM=1 replaces the CUDA compiler by the simulator; PTX is checked in the normal run"
+)
+
+if not SIMULATOR:
+    from numba import cuda
+
+    from npattn.sampling import cuda as cu
+
+# the oldest compute capability this NVVM accepts and the H100's
+CCS = [(7, 5), (9, 0)]
+KERNELS = ["im2col", "col2im", "coord", "map", "map_backward", "cast", "zero"]
+# the float64 accumulators of the scatters use atomic adds
+ATOMIC = {"col2im", "map_backward"}
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_compiles_to_ptx(name, dtype, cc):
+    kernels = cu.ptx_kernels(dtype)
+    assert set(kernels) == set(KERNELS)
+    pyfunc, signature = kernels[name]
+    ptx, restype = cuda.compile_ptx(pyfunc, signature, cc=cc)
+    assert str(restype) == "none"
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx
+    assert ".entry" in ptx
+    has_atomic = "atom.global.add.f64" in ptx
+    assert has_atomic == (name in ATOMIC), f"{name}: float64 atomic add {'missing' if not has_atomic else 'unexpected'}"
+    if np.dtype(dtype) == np.float32 and name not in ("cast", "zero"):
+        # float32 kernels compute in float32: no silent promotion of the arithmetic to
+        # float64 (only the accumulators of the scatters are float64, via atomics)
+        ops = set(re.findall(r"\s((?:mul|fma|sub|add|div)(?:\.rn)?\.f(?:32|64))\s", ptx))
+        assert ops & {"mul.f32", "mul.rn.f32", "fma.rn.f32"}, ops
+        assert not {op for op in ops if op.endswith("f64")}, ops
