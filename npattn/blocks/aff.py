@@ -13,7 +13,7 @@ where conv_k are 1x1 convolutions with bias (C -> C' then C' -> C) and BN_k are
 BatchNorm2d; the index k is the position in the PyTorch ``Sequential``, hence the
 state_dict keys ``local_att.0.weight`` ... ``global_att.5.num_batches_tracked``.
 
-The four blocks (x the input, res the residual; r is not the ratio here)::
+The four blocks (x the input, res the residual)::
 
     DAF:     y = x + res
     MS_CAM:  w = M(x);                        y = x * w
@@ -38,13 +38,13 @@ Backward of M, for dz = dL/d(L + G) (the sigmoid's input) in the order the code 
 
 each step being the backward of the primitive op in ``npattn.functional`` (1x1 conv:
 ``dW = sum dy x^T``, ``dX = W^T dy``; BatchNorm in training also differentiates the batch
-statistics). With d = x - res and ds = sigmoid' = w (1 - w):
+statistics). With d = x - res and ds = sigmoid' = w (1 - w)::
 
     MS_CAM:  dz  = dy * x * ds;            dx = dy * w + dX(dz)
     AFF:     dz  = 2 dy * d * ds;          dx = 2 dy w + dX(dz);   dres = 2 dy (1 - w) + dX(dz)
-    iAFF:    dz2 = dy * d * ds2;           dxi = dX2(dz2)
-             dx  = dy w2 + dxi w1;         dres = dy (1 - w2) + dxi (1 - w1)
-             dz1 = dxi * d * ds1;          dx += dX(dz1);          dres += dX(dz1)
+    iAFF:    dz2 = dy * d * ds2;           dxi = dX2(dz2)          (xi = res + w1 d)
+             dz1 = dxi * d * ds1;          dxa = dX(dz1)
+             dx  = dy w2 + dxi w1 + dxa;   dres = dy (1 - w2) + dxi (1 - w1) + dxa
     DAF:     dx = dy;  dres = dy
 
 With one sample per batch the global branch's BatchNorm sees one value per channel, and
@@ -104,14 +104,13 @@ def _sigmoid_slope(w):
     return s
 
 
-
 class DAF(Block):
     """Direct add fusion, ``y = x + res``: the baseline the attentional fusions replace.
 
     No parameters (empty state_dict). ``forward(x, residual)`` takes two float arrays of
-    equal shape (N, C, H, W) and equal dtype (float32 or float64, whatever ``dtype`` the
-    block was built with: it holds no arrays); ``backward`` returns ``((dy, dy), {})``
-    (two copies). ``rng`` is accepted for a uniform constructor and ignored.
+    equal shape (N, C, H, W) and equal dtype, float32 or float64 (DAF holds no arrays, so
+    its ``dtype`` does not constrain them); ``backward`` returns ``((dy, dy), {})`` (two
+    copies). ``rng`` is accepted for a uniform constructor and ignored.
     """
 
     def __init__(self, *, rng=None, dtype=np.float32):
