@@ -468,3 +468,23 @@ def test_jit_default_threading_layer_does_not_spin():
     # a layer the user chose is left alone
     info = _child({"NUMBA_THREADING_LAYER": "workqueue"})
     assert info["threading"]["chosen_by_npattn"] is False, info
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_non_finite_pixels_propagate_as_in_numpy_backend(dtype):
+    """An inf or NaN pixel reaches exactly the outputs numpy.py lets it reach (a corner
+    outside the image is 0 and never multiplies a pixel)."""
+    cfg = CONFIGS["uneven"]
+    rng = np.random.default_rng(29)
+    x, offset, mask, d_cols = make_inputs(rng, cfg, dtype, True)
+    x[0, 0, 0, 0] = np.inf
+    x[1, 3, 2, 4] = np.nan
+    x[2, 5, 6, 0] = -np.inf
+    with np.errstate(invalid="ignore"):
+        got = run_all(cpu, x, offset, mask, d_cols, cfg)
+        want = run_all(ref, x, offset, mask, d_cols, cfg)
+    for what, a, b in zip(("cols", "d_x", "d_offset", "d_mask"), got, want):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=what)
+        np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=what)
+        fin = np.isfinite(b)
+        assert_matches(np.where(fin, a, 0), np.where(fin, b, 0), dtype, what)

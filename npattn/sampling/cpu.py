@@ -31,14 +31,26 @@ non-finite or huge offset never reaches an integer conversion or an index.
 
 Threads
 -------
-On a machine with few cores, Numba's OpenMP worker threads and OpenBLAS's worker threads
-both busy-wait for a while after their work is done. When a kernel and a BLAS matrix
-product alternate (deformable im2col, matmul, im2col, ...), each pool's spinning threads
-take the cores the other one needs and both slow down several times over. This module
-therefore asks Numba for its "workqueue" threading layer (whose workers sleep instead of
-spinning) when the process has not chosen a layer yet (neither ``NUMBA_THREADING_LAYER``
-nor ``numba.config.THREADING_LAYER`` set to something else) and no parallel region has
-started; see :func:`threading_info` and ``tools/bench.py`` for the measurements.
+A deformable convolution alternates these kernels with BLAS matrix products (im2col,
+matmul, col2im, ...). Measured with ``tools/bench.py`` on 2 cores:
+
+* Numba's default OpenMP layer keeps its workers busy-waiting after a kernel, which
+  slows the following OpenBLAS product, and its sleeping workers take milliseconds to
+  wake for the next small kernel. The "workqueue" layer's workers sleep on a condition
+  variable instead (about 0.1 ms to start a parallel region). So, when the process has
+  not chosen a layer (no ``NUMBA_THREADING_LAYER``, ``numba.config.THREADING_LAYER``
+  left at "default") and no parallel region has run yet, importing this module selects
+  the workqueue layer.
+* OpenBLAS's own workers busy-wait for about 0.1 s after every product. A kernel that
+  starts in that window splits its rows statically over one thread per core and runs at
+  the speed of its slowest thread, the one sharing a core with a spinning BLAS worker:
+  no faster than one thread. Only a product that does not wake OpenBLAS's workers avoids
+  this; :func:`single_threaded_blas` is a context manager that limits the OpenBLAS which
+  NumPy loaded to one thread for the duration of a block and restores it after (without
+  threadpoolctl, through the library's own ``openblas_set_num_threads``).
+
+The results never depend on the number of threads (every element is computed by one
+iteration, in a fixed order). :func:`threading_info` says what was chosen.
 """
 
 from __future__ import annotations
@@ -63,7 +75,7 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------
-# threading layer (see "Threads" in the module docstring)
+# threads (see "Threads" in the module docstring)
 
 _LAYER_CHOSEN_HERE = False
 
@@ -71,9 +83,7 @@ _LAYER_CHOSEN_HERE = False
 def _prefer_workqueue():
     """Select Numba's non-spinning "workqueue" layer unless the process chose one already."""
     global _LAYER_CHOSEN_HERE
-    if os.environ.get("NUMBA_THREADING_LAYER"):
-        return
-    if numba.config.THREADING_LAYER != "default":
+    if os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default":
         return
     try:  # once a parallel region has run, the layer is fixed; leave it alone
         numba.threading_layer()
@@ -86,18 +96,88 @@ def _prefer_workqueue():
 
 _prefer_workqueue()
 
+_BLAS = {}  # "set"/"get": ctypes functions of NumPy's OpenBLAS, or "reason" why not found
+
+
+def _numpy_openblas():
+    """ctypes handles on the OpenBLAS that NumPy loaded (set/get number of threads)."""
+    if _BLAS:
+        return _BLAS
+    import ctypes
+
+    paths = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if line.rstrip().endswith(".so") or ".so." in line else ""
+                if "openblas" in os.path.basename(path).lower() and path not in paths:
+                    paths.append(path)
+    except OSError:
+        pass
+    # NumPy's own copy (wheels bundle one in numpy.libs); another package's copy (SciPy
+    # bundles its own) only when it is the one OpenBLAS in the process
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    own = [p for p in paths if p.startswith(os.path.join(numpy_dir, "numpy"))]
+    paths = own or (paths if len(paths) == 1 else [])
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    getter.restype = ctypes.c_int
+                    setter.argtypes = [ctypes.c_int]
+                    _BLAS.update(set=setter, get=getter, library=path)
+                    return _BLAS
+    _BLAS["reason"] = "NumPy's BLAS is not an OpenBLAS found among the loaded libraries"
+    return _BLAS
+
+
+class single_threaded_blas:
+    """Context manager: NumPy's OpenBLAS runs on one thread inside the block.
+
+    Matrix products inside the block then never wake OpenBLAS's worker threads, whose
+    busy-waiting would otherwise take a core from the parallel kernels that follow (see
+    "Threads" in the module docstring). The previous thread count is restored on exit.
+    Process-wide while it lasts (OpenBLAS has one setting): a product that another
+    Python thread runs meanwhile is single-threaded too. A no-op when NumPy's BLAS is
+    not an OpenBLAS found among the loaded libraries (``threading_info()["blas"]`` says).
+    """
+
+    def __enter__(self):
+        blas = _numpy_openblas()
+        self._previous = None
+        if "set" in blas:
+            self._previous = blas["get"]()
+            if self._previous != 1:
+                blas["set"](1)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous not in (None, 1):
+            _BLAS["set"](self._previous)
+        return False
+
 
 def threading_info() -> dict:
-    """Which threading layer the kernels use, how many threads, and who chose the layer."""
+    """Which threading layer the kernels use, how many threads, who chose the layer, and
+    whether :func:`single_threaded_blas` can act on NumPy's BLAS."""
     try:
         layer = numba.threading_layer()
     except ValueError:
         layer = None  # no parallel region has run yet
+    blas = _numpy_openblas()
     return {
         "configured_layer": numba.config.THREADING_LAYER,
         "active_layer": layer,
         "num_threads": numba.get_num_threads(),
         "chosen_by_npattn": _LAYER_CHOSEN_HERE,
+        "blas": blas.get("library") or blas.get("reason"),
+        "blas_threads": blas["get"]() if "get" in blas else None,
     }
 
 
@@ -189,74 +269,94 @@ def _c(a):
 
 # ---------------------------------------------------------------------------------------
 # kernels: deformable convolution (torchvision semantics)
-
-
 #
-# Loop-invariant index arithmetic is hoisted by hand: a row (n, g, k, oy) of the output
-# shares its offsets, positions, corner indices and weights across the channels of group g.
+# The image is read (and its gradient accumulated) through a copy with a zero border:
+# one row above, two below, one column left and right, i.e. planes of (H+3) x (W+2)
+# with pixel (y, x) at ((y+1) * (W+2) + x + 1). Every corner of a sample inside
+# (-1, H) x (-1, W) (and of the gradient support [-1, H) x [-1, W)) lies in that plane,
+# and a corner outside the image lands on the border, which holds 0: the bilinear sum
+# needs no per-corner test, exactly as numpy.py's "corner value 0 when outside". A sample
+# outside the support gets weights 0 and the base index of the all-zero 2x2 block at
+# (H+1, 0), so it reads zeros and (in col2im) writes only into the border, which is
+# cropped. The index is formed only after a floating-point range test that is false
+# for NaN and +-inf, so no index ever comes from a non-finite or out-of-range position.
+# A row (n, g, k, oy) of the output shares its positions, base indices and weights
+# across the channels of group g: they are computed once per row.
+
+
+@njit(cache=True, parallel=True)
+def _pad_kernel(x, xp):
+    # x (N, C, H, W) -> xp (N, C, (H+3)*(W+2)) with the zero border described above
+    N, C, H, W = x.shape
+    Wp = W + 2
+    zero = xp.dtype.type(0)
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        plane = xp[n, c]
+        for q in range(Wp):  # border row above
+            plane[q] = zero
+        for y in range(H):
+            row = (y + 1) * Wp
+            plane[row] = zero
+            for xx in range(W):
+                plane[row + xx + 1] = x[n, c, y, xx]
+            plane[row + W + 1] = zero
+        for q in range((H + 1) * Wp, (H + 3) * Wp):  # two border rows below
+            plane[q] = zero
 
 
 @njit(cache=True)
-def _corner_row(offset, n, ch, oy, base_y, base_x, sw, H, W, idx, ok, wts):
-    """Corners of the samples of one output row, torchvision's ``bilinear_interpolate``.
+def _row_cells(offset, n, ch, oy, base_y, base_x, sw, H, W, inclusive, base, frac):
+    """Cells of the samples of one output row.
 
-    For ox in range(ow), position ``p_y = base_y + offset[n, ch, oy, ox]``, ``p_x = base_x
-    + ox*sw + offset[n, ch+1, oy, ox]``. Corner q (0: (y0, x0), 1: (y0, x0+1), 2: (y0+1,
-    x0), 3: (y0+1, x0+1)) gets ``ok[q, ox]`` (inside the image, and the sample nonzero:
-    -1 < p_y < H and -1 < p_x < W), its flat index ``idx[q, ox] = y*W + x`` (0 when not
-    ok, so every index is a valid address) and its bilinear weight ``wts[q, ox]``. The
-    range test is false for NaN and +-inf: no integer is ever made from a non-finite or
-    out-of-range position.
+    For ox in range(ow): ``p_y = base_y + offset[n, ch, oy, ox]`` and ``p_x = base_x +
+    ox*sw + offset[n, ch+1, oy, ox]``. Inside the support -- ``-1 < p_y < H`` and
+    ``-1 < p_x < W`` (sampling), or with ``-1 <=`` when ``inclusive`` (the offset
+    gradient) -- ``base[ox]`` is the padded index of corner (floor p_y, floor p_x) and
+    ``frac[:, ox]`` = (ly, lx, hy, hx) = (p_y - floor p_y, p_x - floor p_x, 1 - ly,
+    1 - lx); outside (NaN and +-inf included) ``base`` is the all-zero block and ``frac`` 0.
     """
-    tp = wts.dtype.type
+    tp = frac.dtype.type
     one = tp(1)
+    zero = tp(0)
     by = tp(base_y)
-    for ox in range(idx.shape[1]):
+    Wp = W + 2
+    empty = (H + 1) * Wp  # the all-zero 2x2 block of the border
+    for ox in range(base.shape[0]):
         py = by + offset[n, ch, oy, ox]
         px = tp(base_x + ox * sw) + offset[n, ch + 1, oy, ox]
-        if py > -1 and py < H and px > -1 and px < W:
+        if inclusive:
+            inside = py >= -1 and py < H and px >= -1 and px < W
+        else:
+            inside = py > -1 and py < H and px > -1 and px < W
+        if inside:  # false for NaN and +-inf
             yl = tp(np.floor(py))
             xl = tp(np.floor(px))
             ly = py - yl
             lx = px - xl
-            hy = one - ly
-            hx = one - lx
-            y0 = int(yl)  # in [-1, H-1]
-            x0 = int(xl)  # in [-1, W-1]
-            up = y0 >= 0
-            down = y0 + 1 <= H - 1
-            left = x0 >= 0
-            right = x0 + 1 <= W - 1
-            ok[0, ox] = up and left
-            ok[1, ox] = up and right
-            ok[2, ox] = down and left
-            ok[3, ox] = down and right
-            idx[0, ox] = y0 * W + x0 if ok[0, ox] else 0
-            idx[1, ox] = y0 * W + x0 + 1 if ok[1, ox] else 0
-            idx[2, ox] = (y0 + 1) * W + x0 if ok[2, ox] else 0
-            idx[3, ox] = (y0 + 1) * W + x0 + 1 if ok[3, ox] else 0
-            wts[0, ox] = hy * hx
-            wts[1, ox] = hy * lx
-            wts[2, ox] = ly * hx
-            wts[3, ox] = ly * lx
+            base[ox] = (int(yl) + 1) * Wp + int(xl) + 1  # y0 in [-1, H-1], x0 in [-1, W-1]
+            frac[0, ox] = ly
+            frac[1, ox] = lx
+            frac[2, ox] = one - ly
+            frac[3, ox] = one - lx
         else:
+            base[ox] = empty
             for q in range(4):
-                ok[q, ox] = False
-                idx[q, ox] = 0
-                wts[q, ox] = 0
+                frac[q, ox] = zero
 
 
 @njit(cache=True, parallel=True)
-def _im2col_kernel(x, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, cols):
-    # x (N, C, H*W); offset (N, 2*G*K, oh, ow); mask (N, G*K, oh, ow) (unused unless has_mask)
-    # cols (N, C, K, oh, ow): every element written.
-    N = x.shape[0]
-    C = x.shape[1]
+def _im2col_kernel(xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, cols):
+    # xp (N, C, (H+3)*(W+2)) zero-bordered; offset (N, 2*G*K, oh, ow); mask (N, G*K, oh,
+    # ow) (read only if has_mask); cols (N, C, K, oh, ow): every element written.
+    N = xp.shape[0]
+    C = xp.shape[1]
     K = kh * kw
     oh = cols.shape[3]
     ow = cols.shape[4]
     cpg = C // G
-    zero = x.dtype.type(0)
+    Wp = W + 2
     for r in prange(N * G * K * oh):
         oy = r % oh
         t = r // oh
@@ -266,77 +366,90 @@ def _im2col_kernel(x, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, 
         n = t // G
         i = k // kw
         j = k - i * kw
-        idx = np.empty((4, ow), np.int64)
-        ok = np.empty((4, ow), np.bool_)
-        wts = np.empty((4, ow), x.dtype)
-        _corner_row(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, idx, ok, wts)
+        base = np.empty(ow, np.int64)
+        frac = np.empty((4, ow), xp.dtype)
+        wts = np.empty((4, ow), xp.dtype)
+        _row_cells(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, False, base, frac)
+        for ox in range(ow):
+            ly, lx, hy, hx = frac[0, ox], frac[1, ox], frac[2, ox], frac[3, ox]
+            wts[0, ox] = hy * hx
+            wts[1, ox] = hy * lx
+            wts[2, ox] = ly * hx
+            wts[3, ox] = ly * lx
         for c in range(g * cpg, (g + 1) * cpg):
-            xc = x[n, c]
+            xc = xp[n, c]
             out = cols[n, c, k, oy]
             for ox in range(ow):
-                # a corner outside the image is 0 (a select, not a product with weight 0,
-                # so a non-finite pixel elsewhere cannot leak in)
-                v0 = xc[idx[0, ox]] if ok[0, ox] else zero
-                v1 = xc[idx[1, ox]] if ok[1, ox] else zero
-                v2 = xc[idx[2, ox]] if ok[2, ox] else zero
-                v3 = xc[idx[3, ox]] if ok[3, ox] else zero
-                v = wts[0, ox] * v0 + wts[1, ox] * v1 + wts[2, ox] * v2 + wts[3, ox] * v3
+                b = base[ox]
+                v = wts[0, ox] * xc[b] + wts[1, ox] * xc[b + 1] + wts[2, ox] * xc[b + Wp] + wts[3, ox] * xc[b + Wp + 1]
                 if has_mask:
                     v = mask[n, g * K + k, oy, ox] * v
                 out[ox] = v
 
 
 @njit(cache=True, parallel=True)
-def _col2im_kernel(d_cols, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, cblock, d_x):
-    # d_cols (N, C, K, oh, ow); d_x (N, C, H*W) float64, zero on entry. Iteration
-    # (n, g, block of channels) owns the planes d_x[n, c] of its channels and adds into
-    # them in (k, oy, ox) order. Each term w * (m * D) is formed in the dtype of d_cols and
-    # accumulated in float64, as numpy.py does.
-    N = d_x.shape[0]
-    C = d_x.shape[1]
+def _col2im_kernel(d_cols, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, cblock, d_xp):
+    # d_cols (N, C, K, oh, ow); d_xp (N, C, (H+3)*(W+2)) float64, zero on entry, with the
+    # zero border (cropped by the caller). Iteration (n, g, block of channels) owns the
+    # planes d_xp[n, c] of its channels and adds into them in (k, oy, ox) order. Each term
+    # w * (m * D) is formed in the dtype of d_cols and accumulated in float64, as numpy.py.
+    N = d_xp.shape[0]
+    C = d_xp.shape[1]
     K = kh * kw
     oh = d_cols.shape[3]
     ow = d_cols.shape[4]
     cpg = C // G
+    Wp = W + 2
     nblk = (cpg + cblock - 1) // cblock
     for t in prange(N * G * nblk):
-        b = t % nblk
+        b_ = t % nblk
         u = t // nblk
         g = u % G
         n = u // G
-        c_lo = g * cpg + b * cblock
+        c_lo = g * cpg + b_ * cblock
         c_hi = min(c_lo + cblock, (g + 1) * cpg)
-        idx = np.empty((4, ow), np.int64)
-        ok = np.empty((4, ow), np.bool_)
+        base = np.empty(ow, np.int64)
+        frac = np.empty((4, ow), d_cols.dtype)
         wts = np.empty((4, ow), d_cols.dtype)
         for k in range(K):
             i = k // kw
             j = k - i * kw
             for oy in range(oh):
-                _corner_row(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, idx, ok, wts)
+                _row_cells(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, False, base, frac)
+                for ox in range(ow):
+                    ly, lx, hy, hx = frac[0, ox], frac[1, ox], frac[2, ox], frac[3, ox]
+                    wts[0, ox] = hy * hx
+                    wts[1, ox] = hy * lx
+                    wts[2, ox] = ly * hx
+                    wts[3, ox] = ly * lx
                 for c in range(c_lo, c_hi):
-                    dxc = d_x[n, c]
+                    acc = d_xp[n, c]
+                    dc = d_cols[n, c, k, oy]
                     for ox in range(ow):
-                        d = d_cols[n, c, k, oy, ox]
+                        d = dc[ox]
                         if has_mask:
                             d = mask[n, g * K + k, oy, ox] * d
-                        for q in range(4):
-                            if ok[q, ox]:
-                                dxc[idx[q, ox]] += wts[q, ox] * d
+                        b = base[ox]
+                        acc[b] += wts[0, ox] * d
+                        acc[b + 1] += wts[1, ox] * d
+                        acc[b + Wp] += wts[2, ox] * d
+                        acc[b + Wp + 1] += wts[3, ox] * d
 
 
 @njit(cache=True, parallel=True)
-def _coord_kernel(d_cols, x, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask):
-    # d_cols (N, C, K, oh, ow); x (N, C, H*W); d_offset (N, 2*G*K, oh, ow) and, when
-    # has_mask, d_mask (N, G*K, oh, ow): every element written. Iteration (n, g, k, oy)
-    # owns one row of each and sums over the group's channels in increasing order.
-    N = x.shape[0]
-    C = x.shape[1]
+def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask):
+    # d_cols (N, C, K, oh, ow); xp (N, C, (H+3)*(W+2)) zero-bordered; d_offset (N, 2*G*K,
+    # oh, ow) and, when has_mask, d_mask (N, G*K, oh, ow): every element written.
+    # Iteration (n, g, k, oy) owns one row of each and sums over the group's channels in
+    # increasing order (numpy.py's order, so the sums agree bit for bit).
+    N = xp.shape[0]
+    C = xp.shape[1]
     K = kh * kw
     oh = d_cols.shape[3]
     ow = d_cols.shape[4]
     cpg = C // G
-    tp = x.dtype.type
+    Wp = W + 2
+    tp = xp.dtype.type
     zero = tp(0)
     one = tp(1)
     for r in prange(N * G * K * oh):
@@ -349,58 +462,33 @@ def _coord_kernel(d_cols, x, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, p
         i = k // kw
         j = k - i * kw
         ch = 2 * (g * K + k)
+        # torchvision's get_coordinate_weight has no range test of its own: the offset
+        # gradient lives on the support [-1, H) x [-1, W) (outside it all four corners
+        # are outside the image); the sample itself only on (-1, H) x (-1, W).
+        base = np.empty(ow, np.int64)
+        frac = np.empty((4, ow), xp.dtype)
+        _row_cells(offset, n, ch, oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, True, base, frac)
+        smp = np.empty(ow, np.bool_)
+        mrow = np.empty(ow, xp.dtype)
         by = tp(oy * sh - ph + i * dh)
-        idx = np.zeros((4, ow), np.int64)  # corners 00, 01, 10, 11: flat index (0 when not ok)
-        ok = np.zeros((4, ow), np.bool_)  # corner inside the image and position in the support
-        frac = np.zeros((4, ow), x.dtype)  # ly, lx, hy, hx of the cell (0 outside the support)
-        smp = np.zeros(ow, np.bool_)  # -1 < p_y and -1 < p_x as well: a nonzero sample
-        mrow = np.empty(ow, x.dtype)
-        acc_y = np.zeros(ow, x.dtype)
-        acc_x = np.zeros(ow, x.dtype)
-        acc_m = np.zeros(ow, x.dtype)
         for ox in range(ow):
-            mrow[ox] = mask[n, g * K + k, oy, ox] if has_mask else one
             py = by + offset[n, ch, oy, ox]
             px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
-            # torchvision's get_coordinate_weight has no range test of its own; outside
-            # the support [-1, H) x [-1, W) all four corners are outside, so the gradient
-            # is 0 there. The test is false for NaN and inf, so no index comes from them.
-            if py >= -1 and py < H and px >= -1 and px < W:
-                yl = tp(np.floor(py))
-                xl = tp(np.floor(px))
-                y0 = int(yl)  # in [-1, H-1]
-                x0 = int(xl)  # in [-1, W-1]
-                up = y0 >= 0
-                down = y0 + 1 <= H - 1
-                left = x0 >= 0
-                right = x0 + 1 <= W - 1
-                ok[0, ox] = up and left
-                ok[1, ox] = up and right
-                ok[2, ox] = down and left
-                ok[3, ox] = down and right
-                idx[0, ox] = y0 * W + x0 if ok[0, ox] else 0
-                idx[1, ox] = y0 * W + x0 + 1 if ok[1, ox] else 0
-                idx[2, ox] = (y0 + 1) * W + x0 if ok[2, ox] else 0
-                idx[3, ox] = (y0 + 1) * W + x0 + 1 if ok[3, ox] else 0
-                ly = py - yl
-                lx = px - xl
-                frac[0, ox] = ly
-                frac[1, ox] = lx
-                frac[2, ox] = one - ly
-                frac[3, ox] = one - lx
-                smp[ox] = py > -1 and px > -1
+            smp[ox] = py > -1 and py < H and px > -1 and px < W
+            mrow[ox] = mask[n, g * K + k, oy, ox] if has_mask else one
+        acc_y = np.zeros(ow, xp.dtype)
+        acc_x = np.zeros(ow, xp.dtype)
+        acc_m = np.zeros(ow, xp.dtype)
         for c in range(g * cpg, (g + 1) * cpg):
-            xc = x[n, c]
+            xc = xp[n, c]
             dc = d_cols[n, c, k, oy]
             for ox in range(ow):
-                v00 = xc[idx[0, ox]] if ok[0, ox] else zero
-                v01 = xc[idx[1, ox]] if ok[1, ox] else zero
-                v10 = xc[idx[2, ox]] if ok[2, ox] else zero
-                v11 = xc[idx[3, ox]] if ok[3, ox] else zero
-                ly = frac[0, ox]
-                lx = frac[1, ox]
-                hy = frac[2, ox]
-                hx = frac[3, ox]
+                b = base[ox]
+                v00 = xc[b]
+                v01 = xc[b + 1]
+                v10 = xc[b + Wp]
+                v11 = xc[b + Wp + 1]
+                ly, lx, hy, hx = frac[0, ox], frac[1, ox], frac[2, ox], frac[3, ox]
                 d = dc[ox]
                 gy = lx * (v11 - v01) + hx * (v10 - v00)  # d bilinear / d p_y on the cell
                 gx = ly * (v11 - v10) + hy * (v01 - v00)  # d bilinear / d p_x on the cell
@@ -518,6 +606,14 @@ def _map_backward_kernel(d_out, x, coords, d_x, d_coords):
 # the backend functions (contract of npattn.sampling)
 
 
+def _padded(x):
+    """x (N, C, H, W) as (N, C, (H+3)*(W+2)) with the zero border of the kernels."""
+    N, C, H, W = x.shape
+    xp = np.empty((N, C, (H + 3) * (W + 2)), dtype=x.dtype)
+    _pad_kernel(_c(x), xp)
+    return xp
+
+
 def _mask_or_dummy(mask, dtype):
     if mask is None:
         return np.zeros((1, 1, 1, 1), dtype=dtype), False
@@ -533,7 +629,7 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     if cols.size == 0:
         return cols
     m, has_mask = _mask_or_dummy(mask, x.dtype)
-    _im2col_kernel(_c(x).reshape(N, C, H * W), _c(offset), m, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G,
+    _im2col_kernel(_padded(x), _c(offset), m, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G,
                    cols.reshape(N, C, kh * kw, oh, ow))
     return cols
 
@@ -551,13 +647,15 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, G = check_deform_args(
         "deform_col2im", tuple(x_shape), None, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
         d_cols=d_cols)
-    d_x = np.zeros((N, C, H, W), dtype=np.float64)  # accumulated in float64
-    if d_x.size and d_cols.size:
-        m, has_mask = _mask_or_dummy(mask, d_cols.dtype)
-        cblock = _channel_block(N, G, C // G)
-        _col2im_kernel(_c(d_cols).reshape(N, C, kh * kw, oh, ow), _c(offset), m, has_mask, H, W, kh, kw, sh, sw,
-                       ph, pw, dh, dw, G, cblock, d_x.reshape(N, C, H * W))
-    return d_x.astype(d_cols.dtype, copy=False)
+    if N * C * H * W == 0 or d_cols.size == 0:
+        return np.zeros((N, C, H, W), dtype=d_cols.dtype)
+    d_xp = np.zeros((N, C, (H + 3) * (W + 2)), dtype=np.float64)  # accumulated in float64, zero border
+    m, has_mask = _mask_or_dummy(mask, d_cols.dtype)
+    cblock = _channel_block(N, G, C // G)
+    _col2im_kernel(_c(d_cols).reshape(N, C, kh * kw, oh, ow), _c(offset), m, has_mask, H, W, kh, kw, sh, sw, ph,
+                   pw, dh, dw, G, cblock, d_xp)
+    d_x = d_xp.reshape(N, C, H + 3, W + 2)[:, :, 1 : H + 1, 1 : W + 1]  # crop the border
+    return np.array(d_x, dtype=d_cols.dtype, order="C")
 
 
 def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups):
@@ -571,8 +669,8 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
         return d_offset, d_mask
     m, has_mask = _mask_or_dummy(mask, x.dtype)
     d_mask_arg = d_mask if has_mask else np.zeros((1, 1, 1, 1), dtype=x.dtype)
-    _coord_kernel(_c(d_cols).reshape(N, C, kh * kw, oh, ow), _c(x).reshape(N, C, H * W), _c(offset), m, has_mask,
-                  H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask_arg)
+    _coord_kernel(_c(d_cols).reshape(N, C, kh * kw, oh, ow), _padded(x), _c(offset), m, has_mask, H, W, kh, kw,
+                  sh, sw, ph, pw, dh, dw, G, d_offset, d_mask_arg)
     return d_offset, d_mask
 
 
