@@ -488,3 +488,22 @@ def test_non_finite_pixels_propagate_as_in_numpy_backend(dtype):
         np.testing.assert_array_equal(np.isinf(a), np.isinf(b), err_msg=what)
         fin = np.isfinite(b)
         assert_matches(np.where(fin, a, 0), np.where(fin, b, 0), dtype, what)
+
+
+def test_single_threaded_blas_limits_and_restores_numpy_blas():
+    info = cpu.threading_info()
+    if info["blas_threads"] is None:
+        # NumPy's BLAS is not an OpenBLAS this module can find: the block is a no-op
+        with cpu.single_threaded_blas():
+            assert cpu.threading_info()["blas_threads"] is None
+        return
+    before = info["blas_threads"]
+    with cpu.single_threaded_blas():
+        assert cpu.threading_info()["blas_threads"] == 1
+        a = np.arange(64.0).reshape(8, 8)
+        np.testing.assert_array_equal(a @ a, np.einsum("ij,jk->ik", a, a))
+    assert cpu.threading_info()["blas_threads"] == before
+    with pytest.raises(RuntimeError):
+        with cpu.single_threaded_blas():
+            raise RuntimeError("restored on the way out")
+    assert cpu.threading_info()["blas_threads"] == before

@@ -14,16 +14,22 @@ Every kernel is ``@njit(cache=True, parallel=True)`` with ``fastmath`` off, and 
 ``prange`` iteration writes a set of output elements no other iteration touches, so the
 result does not depend on the number of threads or their timing (identical run to run):
 
-* ``deform_im2col``: one iteration per output row (n, g, k, oy); it computes the corner
-  indices and weights of the row once and then fills ``cols[n, c, i, j, oy, :]`` for the
-  channels c of group g.
+* ``deform_im2col``: one iteration per output row (n, g, k, oy); it computes the positions,
+  corner index and weights of the row once and then fills ``cols[n, c, i, j, oy, :]``
+  for the channels c of group g.
 * ``deform_col2im``: one iteration per (n, g, block of channels); the iteration owns the
-  planes ``d_x[n, c]`` of its channels and adds into them in a fixed order (k, oy, ox).
+  planes ``d_x[n, c]`` of its channels and adds into them in a fixed order (k, oy, ox),
+  in float64 like numpy.py.
 * ``deform_col2im_coord``: one iteration per output row (n, g, k, oy); it owns
   ``d_offset[n, 2*(g*K+k) : 2*(g*K+k)+2, oy, :]`` and ``d_mask[n, g*K+k, oy, :]`` and sums
   over the channels of the group in increasing order.
 * ``map_coordinates_clamped`` and its backward: one iteration per map b (the backward
   owns ``d_x[b]`` and ``d_coords[b]``).
+
+The deformable kernels read the image (and accumulate its gradient) through a copy with
+a zero border, so a corner outside the image reads 0 without a test per corner; the
+arithmetic is numpy.py's, in the same order and dtype, so im2col and the offset/mask
+gradients agree with it bit for bit and the scatters to rounding (summation order).
 
 Memory safety: Numba does not bounds-check. A corner index is computed only after the
 position has passed a floating-point range test that is false for NaN and +-inf, so a
