@@ -47,3 +47,19 @@ def test_kernel_compiles_to_ptx(name, dtype, cc):
         ops = set(re.findall(r"\s((?:mul|fma|sub|add|div)(?:\.rn)?\.f(?:32|64))\s", ptx))
         assert ops & {"mul.f32", "mul.rn.f32", "fma.rn.f32"}, ops
         assert not {op for op in ops if op.endswith("f64")}, ops
+
+
+def test_cuda_backend_reports_whether_a_device_is_present():
+    from npattn import sampling
+
+    if cuda.is_available():
+        assert cu.unavailable_reason() is None
+        assert sampling.get_backend("cuda") is cu
+        return
+    reason = cu.unavailable_reason()
+    assert reason and "no CUDA device" in reason
+    with pytest.raises(sampling.BackendUnavailable, match="no CUDA device"):
+        sampling.get_backend("cuda")
+    x = np.zeros((1, 1, 3, 3))
+    with pytest.raises(sampling.BackendUnavailable, match="no CUDA device"):
+        cu.deform_im2col(x, np.zeros((1, 2, 3, 3)), None, (1, 1), 1, 0, 1, (3, 3), 1)

@@ -423,7 +423,9 @@ def _is_array(a):
 def _require_device(op):
     reason = unavailable_reason()
     if reason:
-        raise RuntimeError(f"{op}: the cuda sampling backend cannot run: {reason}")
+        from . import BackendUnavailable
+
+        raise BackendUnavailable(f"{op}: the cuda sampling backend cannot run: {reason}")
 
 
 class _Io:
