@@ -77,6 +77,7 @@ __all__ = [
     "deform_col2im_coord",
     "map_coordinates_clamped",
     "map_coordinates_clamped_backward",
+    "single_threaded_blas",
     "threading_info",
 ]
 
