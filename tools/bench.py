@@ -25,6 +25,7 @@ its own: Numba's default OpenMP layer, npattn's choice of the workqueue layer, o
 thread, and the op run inside ``npattn.sampling.cpu.single_threaded_blas()``).
 
     python tools/bench.py [--repeat 5] [--shapes a,b] [--skip-threads] [--skip-cold]
+                          [--column-budget-mib M] [--json FILE]
 """
 
 from __future__ import annotations
@@ -73,13 +74,17 @@ def make_inputs(shape, seed=0):
     }
 
 
+COLUMN_BUDGET = {}  # {"column_budget_bytes": n} when --column-budget-mib is given
+
+
 def npattn_fns(arrays, backend):
     from npattn.functional.deform import deform_conv2d_backward, deform_conv2d_forward
 
     a = arrays
 
     def forward():
-        return deform_conv2d_forward(a["x"], a["offset"], a["weight"], a["bias"], 1, 1, 1, a["mask"], backend=backend)
+        return deform_conv2d_forward(a["x"], a["offset"], a["weight"], a["bias"], 1, 1, 1, a["mask"], backend=backend,
+                                     **COLUMN_BUDGET)
 
     def forward_backward():
         out, cache = forward()
@@ -398,8 +403,12 @@ def main(argv=None):
     p.add_argument("--shapes", default="a,b")
     p.add_argument("--skip-threads", action="store_true")
     p.add_argument("--skip-cold", action="store_true")
+    p.add_argument("--column-budget-mib", type=float,
+                   help="npattn's column_budget_bytes (default: deform_conv2d's own default)")
     p.add_argument("--json", help="also write every figure to this file")
     args = p.parse_args(argv)
+    if args.column_budget_mib:
+        COLUMN_BUDGET["column_budget_bytes"] = int(args.column_budget_mib * 2**20)
 
     try:
         import torch  # noqa: F401
@@ -409,7 +418,7 @@ def main(argv=None):
     except ImportError:
         have_torch = False
 
-    report = {"environment": environment()}
+    report = {"environment": environment(), "column_budget": COLUMN_BUDGET or "deform_conv2d's default"}
     print(json.dumps(report["environment"]))
     for s in args.shapes.split(","):
         rows = speed_and_memory(s, args.repeat, have_torch)
