@@ -507,3 +507,48 @@ def test_single_threaded_blas_limits_and_restores_numpy_blas():
         with cpu.single_threaded_blas():
             raise RuntimeError("restored on the way out")
     assert cpu.threading_info()["blas_threads"] == before
+
+
+# ---- end to end: the ops of npattn.functional on the numba backend ---------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_deform_conv2d_and_batch_map_offsets_match_numpy_backend(dtype):
+    from npattn.functional.deform import (
+        batch_map_offsets_backward,
+        batch_map_offsets_forward,
+        deform_conv2d_backward,
+        deform_conv2d_forward,
+    )
+
+    rng = np.random.default_rng(31)
+    n, c_in, c_out, h, w = 3, 6, 4, 7, 5
+    kh, kw, g_off = 3, 2, 3
+    stride, padding, dilation = (2, 1), (1, 0), (2, 1)
+    oh, ow = (h + 2 - 2 * 2 - 1) // 2 + 1, (w - 1 - 1) // 1 + 1
+    args = dict(
+        input=rng.standard_normal((n, c_in, h, w)).astype(dtype),
+        offset=rng.uniform(-2, 2, (n, 2 * g_off * kh * kw, oh, ow)).astype(dtype),
+        weight=rng.standard_normal((c_out, c_in // 2, kh, kw)).astype(dtype),  # 2 weight groups
+        bias=rng.standard_normal(c_out).astype(dtype),
+        stride=stride, padding=padding, dilation=dilation,
+        mask=rng.uniform(0, 1, (n, g_off * kh * kw, oh, ow)).astype(dtype),
+    )
+    grad_out = rng.standard_normal((n, c_out, oh, ow)).astype(dtype)
+    results = {}
+    for backend in ("numba", "numpy"):
+        out, cache = deform_conv2d_forward(**args, backend=backend, column_budget_bytes=1)  # one image per chunk
+        results[backend] = {"out": out, **deform_conv2d_backward(grad_out, cache)}
+    assert set(results["numba"]) == {"out", "input", "offset", "weight", "bias", "mask"}
+    for key, want in results["numpy"].items():
+        assert_matches(results["numba"][key], want, dtype, f"deform_conv2d {key}")
+
+    x = rng.standard_normal((4, 5, 6)).astype(dtype)
+    offsets = rng.uniform(-3, 3, (4, 5, 6, 2)).astype(dtype)
+    d_out = rng.standard_normal((4, 5, 6)).astype(dtype)
+    seed = {}
+    for backend in ("numba", "numpy"):
+        out, cache = batch_map_offsets_forward(x, offsets, backend=backend)
+        seed[backend] = {"out": out, **batch_map_offsets_backward(d_out, cache)}
+    for key, want in seed["numpy"].items():
+        assert_matches(seed["numba"][key], want, dtype, f"batch_map_offsets {key}")
