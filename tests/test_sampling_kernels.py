@@ -15,6 +15,7 @@ import numba
 import numpy as np
 import pytest
 
+import npattn
 from npattn import sampling
 from npattn.gradcheck import gradcheck
 from npattn.sampling import cpu
@@ -507,6 +508,28 @@ def test_single_threaded_blas_limits_and_restores_numpy_blas():
         with cpu.single_threaded_blas():
             raise RuntimeError("restored on the way out")
     assert cpu.threading_info()["blas_threads"] == before
+
+
+def test_deform_conv2d_runs_its_kernels_with_single_threaded_blas_and_restores_it(monkeypatch):
+    seen = []
+    real = cpu.deform_im2col
+
+    def spy(*args):
+        seen.append(cpu.threading_info()["blas_threads"])
+        return real(*args)
+
+    before = cpu.threading_info()["blas_threads"]
+    monkeypatch.setattr(cpu, "deform_im2col", spy)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 2, 5, 4))
+    offset = rng.standard_normal((2, 18, 5, 4))
+    y, cache = npattn.functional.deform_conv2d_forward(x, offset, rng.standard_normal((3, 2, 3, 3)), padding=1, backend="numba")
+    npattn.functional.deform_conv2d_backward(np.ones_like(y), cache)
+    assert len(seen) == 2  # forward and backward
+    if before is not None:  # NumPy's OpenBLAS found: one thread inside, restored after
+        assert seen == [1, 1]
+    assert cpu.threading_info()["blas_threads"] == before
+    assert sampling.blas_context("numpy").__class__.__name__ == "nullcontext"
 
 
 # ---- end to end: the ops of npattn.functional on the numba backend ---------------------

@@ -26,7 +26,7 @@ __all__ = [
     "deform_conv2d_forward",
 ]
 
-DEFAULT_COLUMN_BUDGET_BYTES = 64 * 2**20  # 64 MiB of deformable columns per chunk of images
+DEFAULT_COLUMN_BUDGET_BYTES = 16 * 2**20  # 16 MiB of deformable columns per chunk of images
 
 
 @dataclass(frozen=True)
@@ -201,14 +201,15 @@ def deform_conv2d_forward(
     geometry = ((weight_h, weight_w), stride, padding, dilation)
     w_g = weight.reshape(weight_groups, c_out // weight_groups, c_per_group * k_taps)  # (G_w, C_out/G_w, Ck)
     out = np.empty((n, c_out, out_h, out_w), dtype=input.dtype)
-    for s in range(0, n, chunk):
-        sl = slice(s, min(s + chunk, n))
-        m = len(range(*sl.indices(n)))
-        cols = be.deform_im2col(
-            input[sl], offset[sl], None if mask is None else mask[sl], *geometry, (out_h, out_w), offset_groups
-        )  # (m, C_in, kh, kw, out_h, out_w)
-        cols = cols.reshape(m, weight_groups, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
-        out[sl] = np.matmul(w_g[None], cols).reshape(m, c_out, out_h, out_w)  # (m, C_out, out_h, out_w)
+    with sampling.blas_context(backend_name):  # kernels and BLAS alternate: see blas_context
+        for s in range(0, n, chunk):
+            sl = slice(s, min(s + chunk, n))
+            m = len(range(*sl.indices(n)))
+            cols = be.deform_im2col(
+                input[sl], offset[sl], None if mask is None else mask[sl], *geometry, (out_h, out_w), offset_groups
+            )  # (m, C_in, kh, kw, out_h, out_w)
+            cols = cols.reshape(m, weight_groups, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
+            out[sl] = np.matmul(w_g[None], cols).reshape(m, c_out, out_h, out_w)  # (m, C_out, out_h, out_w)
     if bias is not None:
         out += bias[None, :, None, None]
     cache = DeformConv2dCache(
@@ -246,21 +247,22 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
     d_offset = np.empty_like(offset)  # (N, 2 G_off K, out_h, out_w)
     d_mask = None if mask is None else np.empty_like(mask)  # (N, G_off K, out_h, out_w)
     d_w_g = np.zeros_like(w_g)  # (G_w, C_out/G_w, Ck)
-    for s in range(0, n, cache.images_per_chunk):
-        sl = slice(s, min(s + cache.images_per_chunk, n))
-        m = len(range(*sl.indices(n)))
-        mask_sl = None if mask is None else mask[sl]
-        dy_g = grad_out[sl].reshape(m, g_w, c_out // g_w, out_h * out_w)  # (m, G_w, C_out/G_w, L)
-        d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (m, G_w, Ck, L)
-        d_cols = d_cols.reshape(m, c_in, weight_h, weight_w, out_h, out_w)  # (m, C_in, kh, kw, out_h, out_w)
-        d_input[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
-        d_off, d_m = be.deform_col2im_coord(d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups)
-        d_offset[sl] = d_off  # (m, 2 G_off K, out_h, out_w)
-        if d_mask is not None:
-            d_mask[sl] = d_m  # (m, G_off K, out_h, out_w)
-        cols = be.deform_im2col(x[sl], offset[sl], mask_sl, *geometry, cache.out_hw, cache.offset_groups)
-        cols = cols.reshape(m, g_w, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
-        d_w_g += np.matmul(dy_g, cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G_w, C_out/G_w, Ck)
+    with sampling.blas_context(cache.backend):  # kernels and BLAS alternate: see blas_context
+        for s in range(0, n, cache.images_per_chunk):
+            sl = slice(s, min(s + cache.images_per_chunk, n))
+            m = len(range(*sl.indices(n)))
+            mask_sl = None if mask is None else mask[sl]
+            dy_g = grad_out[sl].reshape(m, g_w, c_out // g_w, out_h * out_w)  # (m, G_w, C_out/G_w, L)
+            d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (m, G_w, Ck, L)
+            d_cols = d_cols.reshape(m, c_in, weight_h, weight_w, out_h, out_w)  # (m, C_in, kh, kw, out_h, out_w)
+            d_input[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
+            d_off, d_m = be.deform_col2im_coord(d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups)
+            d_offset[sl] = d_off  # (m, 2 G_off K, out_h, out_w)
+            if d_mask is not None:
+                d_mask[sl] = d_m  # (m, G_off K, out_h, out_w)
+            cols = be.deform_im2col(x[sl], offset[sl], mask_sl, *geometry, cache.out_hw, cache.offset_groups)
+            cols = cols.reshape(m, g_w, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
+            d_w_g += np.matmul(dy_g, cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G_w, C_out/G_w, Ck)
 
     grads = {"input": d_input, "offset": d_offset, "weight": d_w_g.reshape(weight.shape)}
     if cache.has_bias:
