@@ -512,14 +512,16 @@ def test_single_threaded_blas_limits_and_restores_numpy_blas():
 
 def test_deform_conv2d_runs_its_kernels_with_single_threaded_blas_and_restores_it(monkeypatch):
     seen = []
-    real = cpu.deform_im2col
 
-    def spy(*args):
-        seen.append(cpu.threading_info()["blas_threads"])
-        return real(*args)
+    def spy(real):
+        def wrapped(*args, **kwargs):
+            seen.append(cpu.threading_info()["blas_threads"])
+            return real(*args, **kwargs)
+        return wrapped
 
     before = cpu.threading_info()["blas_threads"]
-    monkeypatch.setattr(cpu, "deform_im2col", spy)
+    monkeypatch.setattr(cpu, "deform_im2col", spy(cpu.deform_im2col))  # forward
+    monkeypatch.setattr(cpu, "deform_col2im_coord", spy(cpu.deform_col2im_coord))  # backward
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 2, 5, 4))
     offset = rng.standard_normal((2, 18, 5, 4))
@@ -575,3 +577,29 @@ def test_deform_conv2d_and_batch_map_offsets_match_numpy_backend(dtype):
         seed[backend] = {"out": out, **batch_map_offsets_backward(d_out, cache)}
     for key, want in seed["numpy"].items():
         assert_matches(seed["numba"][key], want, dtype, f"batch_map_offsets {key}")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_coord_gradient_fills_cols_out_exactly_like_im2col(backend, dtype, with_mask):
+    be = sampling.get_backend(backend)
+    rng = np.random.default_rng(11)
+    geo = ((3, 2), (2, 1), (1, 0), (2, 1))
+    x = rng.standard_normal((2, 4, 7, 6)).astype(dtype)
+    offset = (2 * rng.standard_normal((2, 2 * 2 * 6, 3, 5))).astype(dtype)
+    offset[0, 0, 0, :3] = [np.nan, np.inf, -1e30]
+    offset[1, 2, 1, 1] = -2.0  # channel 2 is dy of tap k = 1 (i = 0): p_y = 1*2 - 1 + 0*2 - 2 = -1 exactly
+    mask = rng.uniform(0.2, 1.0, (2, 2 * 6, 3, 5)).astype(dtype) if with_mask else None
+    cols = be.deform_im2col(x, offset, mask, *geo, (3, 5), 2)
+    d_cols = rng.standard_normal(cols.shape).astype(dtype)
+    buf = np.full_like(cols, 7.0)
+    with np.errstate(all="raise"):
+        d_off, d_m = be.deform_col2im_coord(d_cols, x, offset, mask, *geo, 2, cols_out=buf)
+    np.testing.assert_array_equal(buf, cols)
+    d_off2, d_m2 = be.deform_col2im_coord(d_cols, x, offset, mask, *geo, 2)
+    np.testing.assert_array_equal(d_off, d_off2)
+    if with_mask:
+        np.testing.assert_array_equal(d_m, d_m2)
+    with pytest.raises(ValueError, match="cols_out must be"):
+        cpu.deform_col2im_coord(d_cols, x, offset, mask, *geo, 2, cols_out=buf[:1])

@@ -256,11 +256,14 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
             d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (m, G_w, Ck, L)
             d_cols = d_cols.reshape(m, c_in, weight_h, weight_w, out_h, out_w)  # (m, C_in, kh, kw, out_h, out_w)
             d_input[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
-            d_off, d_m = be.deform_col2im_coord(d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups)
+            # the offset/mask gradient also recomputes the forward's columns (for d_weight)
+            cols = np.empty((m, c_in, weight_h, weight_w, out_h, out_w), dtype=x.dtype)
+            d_off, d_m = be.deform_col2im_coord(
+                d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups, cols_out=cols
+            )
             d_offset[sl] = d_off  # (m, 2 G_off K, out_h, out_w)
             if d_mask is not None:
                 d_mask[sl] = d_m  # (m, G_off K, out_h, out_w)
-            cols = be.deform_im2col(x[sl], offset[sl], mask_sl, *geometry, cache.out_hw, cache.offset_groups)
             cols = cols.reshape(m, g_w, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
             d_w_g += np.matmul(dy_g, cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G_w, C_out/G_w, Ck)
 

@@ -444,11 +444,14 @@ def _col2im_kernel(d_cols, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw,
 
 
 @njit(cache=True, parallel=True)
-def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask):
+def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask,
+                  want_cols, cols):
     # d_cols (N, C, K, oh, ow); xp (N, C, (H+3)*(W+2)) zero-bordered; d_offset (N, 2*G*K,
     # oh, ow) and, when has_mask, d_mask (N, G*K, oh, ow): every element written.
     # Iteration (n, g, k, oy) owns one row of each and sums over the group's channels in
-    # increasing order (numpy.py's order, so the sums agree bit for bit).
+    # increasing order (numpy.py's order, so the sums agree bit for bit). When want_cols,
+    # it also writes the row's columns cols[n, c, k, oy, :] (N, C, K, oh, ow), with
+    # _im2col_kernel's arithmetic, from the corner values it reads anyway.
     N = xp.shape[0]
     C = xp.shape[1]
     K = kh * kw
@@ -499,15 +502,21 @@ def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, 
                 d = dc[ox]
                 gy = lx * (v11 - v01) + hx * (v10 - v00)  # d bilinear / d p_y on the cell
                 gx = ly * (v11 - v10) + hy * (v01 - v00)  # d bilinear / d p_x on the cell
+                if has_mask or want_cols:
+                    val = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+                    val = val if smp[ox] else zero
                 if has_mask:
                     m = mrow[ox]
                     acc_y[ox] += (m * gy) * d
                     acc_x[ox] += (m * gx) * d
-                    val = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
-                    acc_m[ox] += (val if smp[ox] else zero) * d
+                    acc_m[ox] += val * d
+                    if want_cols:
+                        cols[n, c, k, oy, ox] = m * val
                 else:
                     acc_y[ox] += gy * d
                     acc_x[ox] += gx * d
+                    if want_cols:
+                        cols[n, c, k, oy, ox] = val
         for ox in range(ow):
             d_offset[n, ch, oy, ox] = acc_y[ox]
             d_offset[n, ch + 1, oy, ox] = acc_x[ox]
@@ -665,20 +674,40 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     return np.array(d_x, dtype=d_cols.dtype, order="C")
 
 
-def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups):
-    """Gradients w.r.t. offset and mask: ``(d_offset, d_mask or None)``."""
+def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
+                        cols_out=None):
+    """Gradients w.r.t. offset and mask: ``(d_offset, d_mask or None)``.
+
+    ``cols_out``: an optional C-contiguous array of the columns' shape and dtype, filled
+    with ``deform_im2col``'s result (bit for bit) from the corner values this kernel reads
+    anyway, which saves the backward a second im2col."""
     N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, G = check_deform_args(
         "deform_col2im_coord", None, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
         d_cols=d_cols)
+    _check_cols_out("deform_col2im_coord", cols_out, (N, C, kh, kw, oh, ow), x.dtype)
     d_offset = np.zeros(offset.shape, dtype=x.dtype)
     d_mask = None if mask is None else np.zeros(mask.shape, dtype=x.dtype)
-    if d_offset.size == 0:
+    if d_offset.size == 0 or d_cols.size == 0:
+        if cols_out is not None and cols_out.size:
+            cols_out[...] = deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, (oh, ow), offset_groups)
         return d_offset, d_mask
     m, has_mask = _mask_or_dummy(mask, x.dtype)
     d_mask_arg = d_mask if has_mask else np.zeros((1, 1, 1, 1), dtype=x.dtype)
+    want_cols = cols_out is not None
+    cols_arg = cols_out.reshape(N, C, kh * kw, oh, ow) if want_cols else np.zeros((1, 1, 1, 1, 1), dtype=x.dtype)
     _coord_kernel(_c(d_cols).reshape(N, C, kh * kw, oh, ow), _padded(x), _c(offset), m, has_mask, H, W, kh, kw,
-                  sh, sw, ph, pw, dh, dw, G, d_offset, d_mask_arg)
+                  sh, sw, ph, pw, dh, dw, G, d_offset, d_mask_arg, want_cols, cols_arg)
     return d_offset, d_mask
+
+
+def _check_cols_out(op, cols_out, shape, dtype):
+    """``cols_out`` must be None or a writable C-contiguous ndarray of ``shape``, ``dtype``."""
+    if cols_out is None:
+        return
+    if not isinstance(cols_out, np.ndarray) or cols_out.shape != tuple(shape) or cols_out.dtype != dtype \
+            or not cols_out.flags.c_contiguous or not cols_out.flags.writeable:
+        got = f"{type(cols_out).__name__} {getattr(cols_out, 'shape', '')} {getattr(cols_out, 'dtype', '')}"
+        raise ValueError(f"{op}: cols_out must be a writable C-contiguous ndarray of shape {tuple(shape)} and dtype {dtype}, got {got}")
 
 
 def map_coordinates_clamped(x, coords):

@@ -509,9 +509,15 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     return io.out(_rounded(acc, dtype))
 
 
-def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups):
-    """Gradients w.r.t. offset and mask on the GPU: ``(d_offset, d_mask or None)``."""
+def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
+                        cols_out=None):
+    """Gradients w.r.t. offset and mask on the GPU: ``(d_offset, d_mask or None)``.
+    ``cols_out`` (optional NumPy array) receives :func:`deform_im2col`'s result, as in
+    the other backends."""
     op = "deform_col2im_coord"
+    if cols_out is not None:
+        cols = deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, tuple(d_cols.shape[4:]), offset_groups)
+        cols_out[...] = cols if isinstance(cols, np.ndarray) else cols.copy_to_host()
     N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, G = _cpu.check_deform_args(
         op, None, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups, d_cols=d_cols,
         arrays_ok=_is_array)

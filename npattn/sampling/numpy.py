@@ -254,14 +254,21 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     return d_x.reshape(x_shape)
 
 
-def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups):
+def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
+                        cols_out=None):
     """Gradients of :func:`deform_im2col` with respect to ``offset`` and ``mask``.
+
+    ``cols_out`` (optional, C-contiguous, the columns' shape and dtype) receives
+    :func:`deform_im2col`'s result: the backward needs both, and a backend may compute
+    them together (the "numba" one does, from the corner values read once).
 
     Returns
     -------
     d_offset : shape of offset, dtype of x
     d_mask : shape of mask, or None when mask is None
     """
+    if cols_out is not None:
+        cols_out[...] = deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, d_cols.shape[4:], offset_groups)
     n, c, height, width = x.shape
     weight_h, weight_w, out_h, out_w = d_cols.shape[2:]
     k_taps, length = weight_h * weight_w, out_h * out_w

@@ -178,3 +178,19 @@ def test_backend_reports_available():
 
     assert cu.unavailable_reason() is None
     assert sampling.get_backend("cuda") is cu
+
+
+def test_coord_gradient_fills_cols_out_like_im2col():
+    rng = np.random.default_rng(3)
+    geo = ((2, 2), (1, 1), (0, 0), (1, 1))
+    x = rng.standard_normal((1, 2, 3, 4))
+    offset = rng.uniform(-1.5, 1.5, (1, 8, 2, 3))
+    mask = rng.uniform(0.2, 1.0, (1, 4, 2, 3))
+    cols = ref.deform_im2col(x, offset, mask, *geo, (2, 3), 1)
+    d_cols = rng.standard_normal(cols.shape)
+    buf = np.zeros_like(cols)
+    d_off, d_m = cu.deform_col2im_coord(d_cols, x, offset, mask, *geo, 1, cols_out=buf)
+    np.testing.assert_allclose(buf, cols, rtol=1e-14, atol=1e-15)
+    r_off, r_m = ref.deform_col2im_coord(d_cols, x, offset, mask, *geo, 1)
+    np.testing.assert_allclose(d_off, r_off, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(d_m, r_m, rtol=1e-12, atol=1e-14)
