@@ -6,9 +6,9 @@ Shapes (float32, DCNv2: with mask, 3x3 kernel, stride 1, padding 1, 1 offset gro
     a   N=8, 64 -> 64 channels, 56x56
     b   N=2, 16 -> 16 channels, 32x32
 
-The row "numba, 1-thr BLAS" runs the same op inside
-``npattn.sampling.cpu.single_threaded_blas()`` (OpenBLAS on one thread for the op's matrix
-products, so its spinning workers do not take cores from the kernels).
+npattn's numba backend runs its kernels with NumPy's OpenBLAS on one thread
+(``npattn.sampling.blas_context``), so OpenBLAS's spinning workers do not take cores
+from the parallel kernels; the thread-configuration table below shows the alternatives.
 
 For each shape and implementation: the forward and the forward+backward time (best and
 median of ``--repeat`` interleaved runs after one warm-up, so a slow spell of a shared
@@ -21,8 +21,8 @@ samples the resident set every millisecond). For npattn the peak of NumPy's allo
 Then, for the numba backend on shape (a): where the time goes (each kernel and the
 matrix products alone), the first call of a fresh process (the kernels come from the
 on-disk cache: no JIT compilation), and the thread configurations (each in a process of
-its own: Numba's default OpenMP layer, npattn's choice of the workqueue layer, one Numba
-thread, and the op run inside ``npattn.sampling.cpu.single_threaded_blas()``).
+its own: Numba's OpenMP or workqueue layer or one Numba thread, with OpenBLAS's threads
+left free during the kernels, against npattn's default of one BLAS thread there).
 
     python tools/bench.py [--repeat 5] [--shapes a,b] [--skip-threads] [--skip-cold]
                           [--column-budget-mib M] [--json FILE]
@@ -91,20 +91,6 @@ def npattn_fns(arrays, backend):
         return out, deform_conv2d_backward(a["grad_out"], cache)
 
     return forward, forward_backward
-
-
-def blas1(fns):
-    """The op inside ``npattn.sampling.cpu.single_threaded_blas()`` (see its docstring)."""
-    from npattn.sampling import cpu
-
-    def wrap(fn):
-        def run():
-            with cpu.single_threaded_blas():
-                return fn()
-
-        return run
-
-    return tuple(wrap(fn) for fn in fns)
 
 
 def torchvision_fns(arrays):
@@ -243,8 +229,7 @@ def environment():
 
 def speed_and_memory(shape_name, repeat, have_torch):
     arrays = make_inputs(SHAPES[shape_name])
-    impls = {"npattn numba": npattn_fns(arrays, "numba"), "numba, 1-thr BLAS": blas1(npattn_fns(arrays, "numba")),
-             "npattn numpy": npattn_fns(arrays, "numpy")}
+    impls = {"npattn numba": npattn_fns(arrays, "numba"), "npattn numpy": npattn_fns(arrays, "numpy")}
     if have_torch:
         impls["torchvision"] = torchvision_fns(arrays)
     fwd = timings({k: v[0] for k, v in impls.items()}, repeat)
@@ -277,14 +262,15 @@ def breakdown(repeat):
     w2 = a["weight"].reshape(c_out, c_in * k)
     d_cols = np.matmul(w2.T[None], a["grad_out"].reshape(n, c_out, h * w)).reshape(cols.shape)
     pieces = {
-        "im2col (forward; again in backward for d_weight)": lambda: cpu.deform_im2col(
-            a["x"], a["offset"], a["mask"], *geo, (h, w), 1),
+        "im2col (forward)": lambda: cpu.deform_im2col(a["x"], a["offset"], a["mask"], *geo, (h, w), 1),
         "matmul W @ cols (forward)": lambda: np.matmul(w2[None], cols.reshape(n, c_in * k, h * w)),
         "matmul W^T @ dY (d_cols)": lambda: np.matmul(w2.T[None], a["grad_out"].reshape(n, c_out, h * w)),
         "matmul dY @ cols^T (d_weight)": lambda: np.matmul(
             a["grad_out"].reshape(n, c_out, h * w), cols.reshape(n, c_in * k, h * w).transpose(0, 2, 1)).sum(0),
         "col2im (d_input)": lambda: cpu.deform_col2im(d_cols, a["offset"], a["mask"], a["x"].shape, *geo, 1),
         "coord (d_offset, d_mask)": lambda: cpu.deform_col2im_coord(d_cols, a["x"], a["offset"], a["mask"], *geo, 1),
+        "coord + columns for d_weight (backward)": lambda: cpu.deform_col2im_coord(
+            d_cols, a["x"], a["offset"], a["mask"], *geo, 1, cols_out=np.empty_like(cols)),
     }
     return {name: best * 1e3 for name, (best, _) in timings(pieces, repeat).items()}
 
@@ -316,31 +302,26 @@ def cold_start():
 
 
 THREAD_CONFIGS = {
-    # name: (environment, wrap the op in cpu.single_threaded_blas())
-    "numba's default layer (omp)": ({"NUMBA_THREADING_LAYER": "omp"}, False),
-    "npattn's default (workqueue)": ({}, False),
-    "1 numba thread": ({"NUMBA_NUM_THREADS": "1"}, False),
-    "workqueue + single_threaded_blas": ({}, True),
-    "omp + single_threaded_blas": ({"NUMBA_THREADING_LAYER": "omp"}, True),
+    # name: (environment, keep deform_conv2d's single-threaded BLAS around its kernels)
+    "numba's omp layer, BLAS threads free": ({"NUMBA_THREADING_LAYER": "omp"}, False),
+    "workqueue, BLAS threads free": ({}, False),
+    "1 numba thread, BLAS threads free": ({"NUMBA_NUM_THREADS": "1"}, False),
+    "npattn's default (workqueue + 1-thr BLAS)": ({}, True),
+    "omp + 1-thr BLAS": ({"NUMBA_THREADING_LAYER": "omp"}, True),
 }
 
 _THREADS = r"""
-import json, sys
+import contextlib, json, sys
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tools!r})
 from bench import make_inputs, npattn_fns, timings, SHAPES
+from npattn import sampling
 from npattn.sampling import cpu
+if not {wrap}:  # undo npattn's default: OpenBLAS keeps its threads during the kernels
+    sampling.blas_context = lambda name: contextlib.nullcontext()
 out = {{}}
 for shape in ("a", "b"):
     f, fb = npattn_fns(make_inputs(SHAPES[shape]), "numba")
-    if {wrap}:
-        f0, fb0 = f, fb
-        def f():
-            with cpu.single_threaded_blas():
-                return f0()
-        def fb():
-            with cpu.single_threaded_blas():
-                return fb0()
     t = timings({{"fwd": f, "fwdbwd": fb}}, {repeat})
     out[shape] = {{"fwd": t["fwd"][0], "fwdbwd": t["fwdbwd"][0]}}
 out["threading"] = cpu.threading_info()
