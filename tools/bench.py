@@ -303,11 +303,11 @@ def cold_start():
 
 THREAD_CONFIGS = {
     # name: (environment, keep deform_conv2d's single-threaded BLAS around its kernels)
-    "numba's omp layer, BLAS threads free": ({"NUMBA_THREADING_LAYER": "omp"}, False),
-    "workqueue, BLAS threads free": ({}, False),
+    "omp layer, BLAS threads free": ({"NUMBA_THREADING_LAYER": "omp"}, False),
+    "workqueue, BLAS threads free": ({"NUMBA_THREADING_LAYER": "workqueue"}, False),
     "1 numba thread, BLAS threads free": ({"NUMBA_NUM_THREADS": "1"}, False),
-    "npattn's default (workqueue + 1-thr BLAS)": ({}, True),
-    "omp + 1-thr BLAS": ({"NUMBA_THREADING_LAYER": "omp"}, True),
+    "workqueue + 1-thr BLAS": ({"NUMBA_THREADING_LAYER": "workqueue"}, True),
+    "npattn's default (numba's layer + 1-thr BLAS)": ({}, True),
 }
 
 _THREADS = r"""
@@ -421,12 +421,12 @@ def main(argv=None):
     if not args.skip_threads:
         report["threads"] = thread_configs(args.repeat)
         print("\nthread configurations, npattn numba, best ms (each in a process of its own):")
-        print(f"  {'':34} {'(a) fwd':>8} {'(a) f+b':>8} {'(b) fwd':>8} {'(b) f+b':>8}")
+        print(f"  {'':46} {'(a) fwd':>8} {'(a) f+b':>8} {'(b) fwd':>8} {'(b) f+b':>8}")
         for name, r in report["threads"].items():
             if "error" in r:
-                print(f"  {name:34} error: {r['error']}")
+                print(f"  {name:46} error: {r['error']}")
                 continue
-            print(f"  {name:34} {r['a']['fwd'] * 1e3:8.1f} {r['a']['fwdbwd'] * 1e3:8.1f} "
+            print(f"  {name:46} {r['a']['fwd'] * 1e3:8.1f} {r['a']['fwdbwd'] * 1e3:8.1f} "
                   f"{r['b']['fwd'] * 1e3:8.1f} {r['b']['fwdbwd'] * 1e3:8.1f}   "
                   f"({r['threading']['active_layer']}, {r['threading']['num_threads']} threads)")
 

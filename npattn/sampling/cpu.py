@@ -40,20 +40,20 @@ Threads
 A deformable convolution alternates these kernels with BLAS matrix products (im2col,
 matmul, col2im, ...). Measured with ``tools/bench.py`` on 2 cores:
 
-* Numba's default OpenMP layer keeps its workers busy-waiting after a kernel, which
-  slows the following OpenBLAS product, and its sleeping workers take milliseconds to
-  wake for the next small kernel. The "workqueue" layer's workers sleep on a condition
-  variable instead (about 0.1 ms to start a parallel region). So, when the process has
-  not chosen a layer (no ``NUMBA_THREADING_LAYER``, ``numba.config.THREADING_LAYER``
-  left at "default") and no parallel region has run yet, importing this module selects
-  the workqueue layer.
-* OpenBLAS's own workers busy-wait for about 0.1 s after every product. A kernel that
+* OpenBLAS's workers busy-wait for about 0.1 s after every product. A kernel that
   starts in that window splits its rows statically over one thread per core and runs at
   the speed of its slowest thread, the one sharing a core with a spinning BLAS worker:
-  no faster than one thread. Only a product that does not wake OpenBLAS's workers avoids
-  this; :func:`single_threaded_blas` is a context manager that limits the OpenBLAS which
-  NumPy loaded to one thread for the duration of a block and restores it after (without
-  threadpoolctl, through the library's own ``openblas_set_num_threads``).
+  no faster than one thread. Numba's OpenMP layer makes it worse: its own workers spin
+  after a kernel and slow the next multi-threaded product.
+* So ``npattn.sampling.blas_context("numba")``, which ``deform_conv2d`` wraps around its
+  chunk loops, runs the products on one OpenBLAS thread (:func:`single_threaded_blas`:
+  the OpenBLAS that NumPy loaded, set through its own ``openblas_set_num_threads`` and
+  restored on exit, without threadpoolctl). Then no BLAS worker wakes, and Numba's
+  default layer (OpenMP where available) is the fastest: on 2 cores, forward+backward of
+  the benchmark shape takes about 105 ms with OpenMP and 120 ms with the workqueue
+  layer, against 117-170 ms with OpenBLAS's threads left free (``tools/bench.py``,
+  "thread configurations"). npattn therefore leaves Numba's layer to Numba (or to
+  ``NUMBA_THREADING_LAYER``).
 
 The results never depend on the number of threads (every element is computed by one
 iteration, in a fixed order). :func:`threading_info` says what was chosen.
@@ -83,25 +83,6 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------
 # threads (see "Threads" in the module docstring)
-
-_LAYER_CHOSEN_HERE = False
-
-
-def _prefer_workqueue():
-    """Select Numba's non-spinning "workqueue" layer unless the process chose one already."""
-    global _LAYER_CHOSEN_HERE
-    if os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default":
-        return
-    try:  # once a parallel region has run, the layer is fixed; leave it alone
-        numba.threading_layer()
-        return
-    except ValueError:
-        pass
-    numba.config.THREADING_LAYER = "workqueue"
-    _LAYER_CHOSEN_HERE = True
-
-
-_prefer_workqueue()
 
 _BLAS = {}  # "set"/"get": ctypes functions of NumPy's OpenBLAS, or "reason" why not found
 
@@ -171,8 +152,8 @@ class single_threaded_blas:
 
 
 def threading_info() -> dict:
-    """Which threading layer the kernels use, how many threads, who chose the layer, and
-    whether :func:`single_threaded_blas` can act on NumPy's BLAS."""
+    """Which threading layer the kernels use, how many threads, and whether
+    :func:`single_threaded_blas` can act on NumPy's BLAS."""
     try:
         layer = numba.threading_layer()
     except ValueError:
@@ -182,7 +163,6 @@ def threading_info() -> dict:
         "configured_layer": numba.config.THREADING_LAYER,
         "active_layer": layer,
         "num_threads": numba.get_num_threads(),
-        "chosen_by_npattn": _LAYER_CHOSEN_HERE,
         "blas": blas.get("library") or blas.get("reason"),
         "blas_threads": blas["get"]() if "get" in blas else None,
     }
