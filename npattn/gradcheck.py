@@ -47,6 +47,7 @@ class TensorReport:
     numerical: float  # at the worst index
     analytic: float  # at the worst index
     passed: bool
+    scale: float = 0.0  # max |numerical|
 
 
 @dataclass
@@ -230,6 +231,7 @@ def gradcheck(
                 numerical=float(numerical[worst]) if err.size else 0.0,
                 analytic=float(analytic[worst]) if err.size else 0.0,
                 passed=not bool(np.any(bad)) and bool(np.all(np.isfinite(analytic))),
+                scale=scale,
             )
         )
     if raise_on_failure and not report.ok:
