@@ -159,9 +159,13 @@ def _corner_values(xg, cells, use_sample):
     for idx, ok in zip(cells.idx, cells.valid):
         if use_sample:
             ok = ok & cells.sample
-        v = np.take_along_axis(xg, idx.reshape(n, g, 1, k * l), axis=3)  # (N, G, Cg, K*L)
+        v = np.empty((n, g, xg.shape[2], k * l), dtype=xg.dtype)  # (N, G, Cg, K*L)
+        for b in range(n):  # per image and group: one gather of all its channels' corners
+            for gg in range(g):
+                np.take(xg[b, gg], idx[b, gg].reshape(-1), axis=1, out=v[b, gg])
         v = v.reshape(n, g, xg.shape[2], k, l)
-        yield np.where(ok[:, :, None], v, 0)
+        np.copyto(v, 0, where=~ok[:, :, None])  # invalid corners contribute 0 (whatever the pixel)
+        yield v
 
 
 def _bilinear(xg, cells):
