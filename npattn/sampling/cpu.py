@@ -508,6 +508,20 @@ def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, 
 # kernels: the seed's clamped sampling (th_batch_map_coordinates)
 
 
+@njit(cache=True)
+def _clamped_cell(y, xq, hmax, wmax):
+    """The seed's cell of a (non-NaN) coordinate pair: each coordinate clamped to
+    [0, hmax] / [0, wmax] (+-inf clamp like any other value), corners floor and ceil.
+    Returns (i0, i1, j0, j1, fy, fx), fy / fx the distances from the floor corner."""
+    tp = type(hmax)
+    zero = tp(0)
+    yc = min(max(y, zero), hmax)
+    xc = min(max(xq, zero), wmax)
+    yf = tp(np.floor(yc))
+    xf = tp(np.floor(xc))
+    return int(yf), int(np.ceil(yc)), int(xf), int(np.ceil(xc)), yc - yf, xc - xf
+
+
 @njit(cache=True, parallel=True)
 def _map_kernel(x, coords, out):
     # x (B, H, W); coords (B, P, 2) as (row, col); out (B, P): every element written.
@@ -526,16 +540,7 @@ def _map_kernel(x, coords, out):
             if np.isnan(y) or np.isnan(xq):
                 out[b, p] = zero
                 continue
-            yc = min(max(y, zero), hmax)  # +-inf clamp like any other value
-            xc = min(max(xq, zero), wmax)
-            yf = tp(np.floor(yc))
-            xf = tp(np.floor(xc))
-            i0 = int(yf)
-            i1 = int(np.ceil(yc))
-            j0 = int(xf)
-            j1 = int(np.ceil(xc))
-            fy = yc - yf
-            fx = xc - xf
+            i0, i1, j0, j1, fy, fx = _clamped_cell(y, xq, hmax, wmax)
             v_lt = x[b, i0, j0]
             v_rb = x[b, i1, j1]
             v_lb = x[b, i0, j1]
@@ -567,16 +572,7 @@ def _map_backward_kernel(d_out, x, coords, d_x, d_coords):
                 d_coords[b, p, 0] = zero
                 d_coords[b, p, 1] = zero
                 continue
-            yc = min(max(y, zero), hmax)
-            xc = min(max(xq, zero), wmax)
-            yf = tp(np.floor(yc))
-            xf = tp(np.floor(xc))
-            i0 = int(yf)
-            i1 = int(np.ceil(yc))
-            j0 = int(xf)
-            j1 = int(np.ceil(xc))
-            fy = yc - yf
-            fx = xc - xf
+            i0, i1, j0, j1, fy, fx = _clamped_cell(y, xq, hmax, wmax)
             v_lt = x[b, i0, j0]
             v_rb = x[b, i1, j1]
             v_lb = x[b, i0, j1]
