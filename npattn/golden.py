@@ -216,7 +216,7 @@ def build_block(meta: dict, dtype):
     return cls(**meta["config"], rng=0, dtype=dtype)
 
 
-def run(meta: dict, arrays: dict, dtype=np.float64, backend=None) -> dict:
+def run(meta: dict, arrays: dict, dtype=np.float64) -> dict:
     """Recompute a case with npattn: returns output, gradients and buffers after, under
     the fixture's key names. Inputs and parameters are converted to ``dtype``."""
     def cast(a):
@@ -228,10 +228,7 @@ def run(meta: dict, arrays: dict, dtype=np.float64, backend=None) -> dict:
     out = {}
     if meta["kind"] == "function":
         fwd, bwd = _function_ops()[meta["block"]]
-        kwargs = dict(zip(meta["inputs"], inputs))
-        if backend is not None:
-            kwargs["backend"] = backend
-        y, cache = fwd(**kwargs, **meta["config"])
+        y, cache = fwd(**dict(zip(meta["inputs"], inputs)), **meta["config"])
         grads = bwd(grad_output, cache)
         out["output"] = y
         for n in meta["inputs"]:
@@ -241,10 +238,7 @@ def run(meta: dict, arrays: dict, dtype=np.float64, backend=None) -> dict:
     state = {k[len("param.") :]: v for k, v in arrays.items() if k.startswith("param.")}
     state.update({k[len("buffer.") :]: v for k, v in arrays.items() if k.startswith("buffer.")})
     block.load_state_dict(state)
-    kwargs = {"training": training}
-    if backend is not None and getattr(block, "uses_sampling", False):
-        kwargs["backend"] = backend
-    y, cache = block.forward(*inputs, **kwargs)
+    y, cache = block.forward(*inputs, training=training)
     input_grads, param_grads = block.backward(grad_output, cache)
     out["output"] = y
     for n, g in zip(meta["inputs"], input_grads):

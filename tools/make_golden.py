@@ -70,7 +70,7 @@ def away_from_integers(rng, shape, low=-1.5, high=1.5):
     return whole + rng.uniform(0.15, 0.85, size=shape)
 
 
-def make_inputs(block, shapes, rng):
+def make_inputs(shapes, rng):
     inputs = {}
     for name, shape in shapes.items():
         if name in ("offset",):
@@ -115,25 +115,23 @@ def build_arrays(spec, mode):
         params = set(blk.parameter_names())
         for k, v in blk.state_dict().items():
             arrays[("param." if k in params else "buffer.") + k] = v
-    inputs = make_inputs(None, shapes, rng)
+    inputs = make_inputs(shapes, rng)
     if name == "GCT" and config.get("after_relu"):
         inputs["x"] = np.abs(inputs["x"])  # after_relu: the input is non-negative
     for k, v in inputs.items():
         arrays[f"input.{k}"] = v
     meta["inputs"] = list(shapes)
-    return meta, arrays, rng
+    return meta, arrays
 
 
 def output_shape(meta, arrays):
-    blk_meta = dict(meta)
-    probe = dict(arrays)
+    """Shape of the case's output (one eval-mode forward)."""
     if meta["kind"] == "function":
         fwd, _ = golden._function_ops()[meta["block"]]
         y, _ = fwd(**{n: arrays[f"input.{n}"] for n in meta["inputs"]}, **meta["config"])
         return y.shape
-    blk = golden.build_block(blk_meta, np.float64)
-    state = {k.split(".", 1)[1]: v for k, v in probe.items() if k.startswith(("param.", "buffer."))}
-    blk.load_state_dict(state)
+    blk = golden.build_block(meta, np.float64)
+    blk.load_state_dict({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(("param.", "buffer."))})
     y, _ = blk.forward(*(arrays[f"input.{n}"] for n in meta["inputs"]), training=False)
     return y.shape
 
@@ -194,7 +192,7 @@ def main(argv=None) -> int:
     failed = []
     for spec in CASES:
         for mode in spec[5]:
-            meta0, arrays64, _ = build_arrays(spec, mode)
+            meta0, arrays64 = build_arrays(spec, mode)
             stem = spec[0]
             for dtype in (np.float64, np.float32):
                 dname = np.dtype(dtype).name
