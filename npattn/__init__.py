@@ -9,13 +9,26 @@ from . import functional
 from .gradcheck import gradcheck, gradcheck_block
 
 # Blocks (one module per paper) ------------------------------------------------------
-
-__all__ = ["__version__", "functional", "gradcheck", "gradcheck_block"]
-from .blocks.aff import AFF, DAF, MS_CAM, iAFF
-from .blocks.gct import GCT
 from .blocks.se import SEBlock
 from .blocks.sk import SKConv
-__all__ += ["SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT"]
+from .blocks.aff import AFF, DAF, MS_CAM, iAFF
+from .blocks.gct import GCT
 from .blocks.deform import ConvOffset2D, DeformConv2d, ModulatedDeformConv2dPack
-from .functional.deform import batch_map_offsets, deform_conv2d
-__all__ += ["DeformConv2d", "ModulatedDeformConv2dPack", "ConvOffset2D", "deform_conv2d", "batch_map_offsets"]
+
+# Deformable sampling as functions -----------------------------------------------------
+from .functional.deform import (
+    batch_map_offsets,
+    batch_map_offsets_backward,
+    batch_map_offsets_forward,
+    deform_conv2d,
+    deform_conv2d_backward,
+    deform_conv2d_forward,
+)
+
+__all__ = [
+    "__version__", "functional", "gradcheck", "gradcheck_block",
+    "SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT",
+    "DeformConv2d", "ModulatedDeformConv2dPack", "ConvOffset2D",
+    "deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward",
+    "batch_map_offsets", "batch_map_offsets_forward", "batch_map_offsets_backward",
+]
