@@ -38,3 +38,16 @@ def test_the_package_never_imports_torch_in_source():
             if stripped.startswith(("import torch", "from torch")):
                 offenders.append(f"{path}: {stripped}")
     assert not offenders, offenders
+
+
+def test_public_names_of_the_issues_are_exported():
+    import npattn
+
+    names = {
+        "SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT", "DeformConv2d", "ModulatedDeformConv2dPack",
+        "ConvOffset2D", "deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward", "batch_map_offsets",
+        "gradcheck", "gradcheck_block",
+    }
+    assert names <= set(npattn.__all__)
+    for n in npattn.__all__:
+        assert getattr(npattn, n) is not None, n
