@@ -33,7 +33,8 @@ def randomize_state(block, rng):
             state[key] = rng.uniform(0.5, 2.0, v.shape)
         elif key.endswith("num_batches_tracked"):
             state[key] = np.array(int(rng.integers(0, 50)), dtype=np.int64)
-    for prefix in {k[: -len("running_mean")] for k in state if k.endswith("running_mean")}:
+    # sorted: iterating a set of strings follows PYTHONHASHSEED, and the seeded draws must not
+    for prefix in sorted({k[: -len("running_mean")] for k in state if k.endswith("running_mean")}):
         state[prefix + "weight"] = rng.uniform(0.5, 1.5, state[prefix + "weight"].shape)
         state[prefix + "bias"] = rng.normal(0.0, 0.2, state[prefix + "bias"].shape)
     block.load_state_dict(state)
