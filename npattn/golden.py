@@ -27,19 +27,21 @@ Tolerance policy. An element of ``actual`` matches ``expected`` when::
     scale = max(max|expected|, floor * case_scale)
 
 per tensor, where ``case_scale`` is the largest magnitude over all the case's expected
-tensors. The absolute part scales with magnitudes, never with array sizes. The floor
-exists for gradients that are zero in exact arithmetic and stored as rounding noise (a
-conv or linear bias in front of a training-mode BatchNorm): implementations agree there
-only to the rounding noise of the terms that cancel, which is of the order of the case's
-largest gradient times the unit roundoff::
+tensors. The absolute part scales with magnitudes, never with array sizes::
 
-    float64 implementations: rtol 1e-7, atol 1e-7, floor 0.01   (PyTorch assert_close's
+    float64 implementations: rtol 1e-7, atol 1e-7, floor 1e-4   (PyTorch assert_close's
                                                                   float64 rtol)
     float32 implementations: rtol 1e-4, atol 1e-5, floor 1.0
 
-For float32 the floor is the whole case scale: float32 noise in cancelling sums (and in
-a BatchNorm over a handful of pooled values) reaches 1e-5 of the case's largest value,
-and ``npattn verify`` checks that npattn itself, run in float32, meets these tolerances.
+Where the math proves a gradient zero (a conv or linear bias in front of a training-mode
+BatchNorm, a parameter the forward does not use) the fixtures hold exact zeros, but an
+implementation that computes the cancelling sum gets its rounding noise there, of the
+order of the unit roundoff times the case's largest gradient; the floor admits that noise
+and nothing much larger. Measured with ``tools/tolerance_floor.py`` on the stored cases:
+PyTorch in float64 needs a floor of at most 1.2e-7 (1e-4 leaves a factor of 800), PyTorch
+in float32 up to 0.48 (BatchNorm over a handful of pooled values in float32, on top of
+the cancelling sums), so the float32 floor stays at the whole case scale. ``npattn
+verify`` checks that npattn itself, run in float32, meets the float32 tolerances.
 
 Python use, e.g. inside another project's tests::
 
@@ -63,9 +65,15 @@ import numpy as np
 
 FORMAT = 1
 TOLERANCES = {
-    "float64": {"rtol": 1e-7, "atol": 1e-7, "floor": 0.01},
+    "float64": {"rtol": 1e-7, "atol": 1e-7, "floor": 1e-4},
     "float32": {"rtol": 1e-4, "atol": 1e-5, "floor": 1.0},
 }
+# The figure recorded for a cross-check (manifest "cross_checked.max_rel_err"): per tensor
+# max|theirs - ours| / max(max|ours|, CROSSCHECK_SCALE_FLOOR * case scale), the worst over
+# the case's tensors. A tensor far smaller than the case's largest (an exact-zero gradient,
+# where the other implementation has its rounding noise) is measured against 1% of the
+# case scale, so the figure states the agreement of the computation, not of its noise.
+CROSSCHECK_SCALE_FLOOR = 0.01
 TOLERANCE_RULE = (
     "|actual - expected| <= atol * scale + rtol * |expected|, "
     "scale = max(max|expected|, floor * largest magnitude in the case), per tensor"

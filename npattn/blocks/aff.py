@@ -38,7 +38,12 @@ Backward of M, for dz = dL/d(L + G) (the sigmoid's input) in the order the code 
 
 each step being the backward of the primitive op in ``npattn.functional`` (1x1 conv:
 ``dW = sum dy x^T``, ``dX = W^T dy``; BatchNorm in training also differentiates the batch
-statistics). With d = x - res and ds = sigmoid' = w (1 - w)::
+statistics). Every conv here feeds a BatchNorm, so in training the conv biases
+(``*.0.bias``, ``*.3.bias``, ``*.1.bias``, ``*.4.bias``) have a gradient that is exactly
+zero: the batch normalisation subtracts the batch mean, which absorbs any per-channel
+constant, so the output does not depend on them at all. The backward returns exact zeros
+there (``base.bias_grad_is_zero``) rather than the rounding noise of ``sum dc``; in eval
+mode (running statistics) their gradient is the usual ``sum dc``. With d = x - res and ds = sigmoid' = w (1 - w)::
 
     MS_CAM:  dz  = dy * x * ds;            dx = dy * w + dX(dz)
     AFF:     dz  = 2 dy * d * ds;          dx = 2 dy w + dX(dz);   dres = 2 dy (1 - w) + dX(dz)
@@ -182,16 +187,16 @@ class _AttentionFusion(Block):
         k_p, k_g1, k_g2, k_ga, k_g4, k_g5 = cache.glob
         d_xg = d_z.sum(axis=(2, 3), keepdims=True)  # (N, C, 1, 1)
         d_g4 = self._batch_norm_backward(f"{glob}5.", d_xg, k_g5, grads)  # (N, C, 1, 1)
-        d_ga = self._conv_backward(f"{glob}4.", d_g4, k_g4, grads)  # (N, C', 1, 1)
+        d_ga = self._conv_backward(f"{glob}4.", d_g4, k_g4, grads, next_bn=k_g5)  # (N, C', 1, 1)
         d_g2 = F.relu_backward(d_ga, k_ga)["x"]  # (N, C', 1, 1)
         d_g1 = self._batch_norm_backward(f"{glob}2.", d_g2, k_g2, grads)  # (N, C', 1, 1)
-        d_p = self._conv_backward(f"{glob}1.", d_g1, k_g1, grads)  # (N, C, 1, 1)
+        d_p = self._conv_backward(f"{glob}1.", d_g1, k_g1, grads, next_bn=k_g2)  # (N, C, 1, 1)
 
         d_c3 = self._batch_norm_backward(f"{local}4.", d_z, k_b4, grads)  # (N, C, H, W)
-        d_a = self._conv_backward(f"{local}3.", d_c3, k_c3, grads)  # (N, C', H, W)
+        d_a = self._conv_backward(f"{local}3.", d_c3, k_c3, grads, next_bn=k_b4)  # (N, C', H, W)
         d_b1 = F.relu_backward(d_a, k_a)["x"]  # (N, C', H, W)
         d_c0 = self._batch_norm_backward(f"{local}1.", d_b1, k_b1, grads)  # (N, C', H, W)
-        d_xa = self._conv_backward(f"{local}0.", d_c0, k_c0, grads)  # (N, C, H, W)
+        d_xa = self._conv_backward(f"{local}0.", d_c0, k_c0, grads, next_bn=k_b1)  # (N, C, H, W)
         h, w = d_z.shape[2:]
         d_xa += d_p * d_p.dtype.type(1.0 / (h * w))  # (N, C, H, W) the pool's share, broadcast over (H, W)
         return d_xa

@@ -32,6 +32,22 @@ def kaiming_uniform(rng, shape, fan_in, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
+def bias_grad_is_zero(next_bn) -> bool:
+    """True when a bias feeds a BatchNorm in training mode (``next_bn`` is that
+    BatchNorm's cache), where its gradient is identically zero.
+
+    A per-channel bias b adds the same constant to every value the BatchNorm normalises
+    together: the batch mean moves by b, the deviations ``c - mean(c)`` and hence the batch
+    variance and the output do not change at all. So ``dL/db = 0`` exactly. Computed as
+    ``sum_{n,h,w} dc`` it would be the rounding noise of a sum that cancels (of the order of
+    the unit roundoff times the gradient's scale), which differs from machine to machine;
+    the blocks return exact zeros instead. The conv's weight gradient is not zero: only a
+    constant is removed by the normalisation. In eval mode the running statistics are
+    constants and the bias gradient is the usual ``sum dc``.
+    """
+    return next_bn is not None and bool(next_bn.training)
+
+
 class Block:
     """Base class: an ordered mapping of state_dict key -> ndarray.
 
@@ -156,10 +172,12 @@ class Block:
         bias = s.get(f"{prefix}bias")
         return F.conv2d_forward(x, s[f"{prefix}weight"], bias, **conv_args)
 
-    def _conv_backward(self, prefix, dy, cache, param_grads):
+    def _conv_backward(self, prefix, dy, cache, param_grads, next_bn=None):
+        """Backward of a conv sub-layer. ``next_bn``: the cache of the BatchNorm that
+        consumes this layer's output, if any (see :func:`bias_grad_is_zero`)."""
         g = F.conv2d_backward(dy, cache)
         param_grads[f"{prefix}weight"] += g["weight"]
-        if "bias" in g:
+        if "bias" in g and not bias_grad_is_zero(next_bn):
             param_grads[f"{prefix}bias"] += g["bias"]
         return g["x"]
 
@@ -167,10 +185,11 @@ class Block:
         s = self._state
         return F.linear_forward(x, s[f"{prefix}weight"], s.get(f"{prefix}bias"))
 
-    def _linear_backward(self, prefix, dy, cache, param_grads):
+    def _linear_backward(self, prefix, dy, cache, param_grads, next_bn=None):
+        """Backward of a linear sub-layer; ``next_bn`` as in :meth:`_conv_backward`."""
         g = F.linear_backward(dy, cache)
         param_grads[f"{prefix}weight"] += g["weight"]
-        if "bias" in g:
+        if "bias" in g and not bias_grad_is_zero(next_bn):
             param_grads[f"{prefix}bias"] += g["bias"]
         return g["x"]
 

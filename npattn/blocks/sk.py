@@ -34,7 +34,11 @@ Backward, for dy = dL/dy, in the order the code computes it::
     dc_i   = BN2d_i'(db_i)
     dx     = sum_i conv_i'(dc_i)                          (N, C_in, H, W)
 
-every primed step being the backward of the op in ``npattn.functional``. In training the
+every primed step being the backward of the op in ``npattn.functional``. In training,
+``dbc`` and the path convs' bias gradients ``db_conv_i = sum_{n,h,w} dc_i`` are exactly
+zero: each bias feeds a BatchNorm whose batch mean absorbs any per-channel constant (the
+output does not depend on it), so the backward returns exact zeros there
+(``base.bias_grad_is_zero``) instead of the rounding noise of a cancelling sum. In training the
 squeeze's BatchNorm1d sees N values per feature, so batch size 1 raises PyTorch's error
 "Expected more than 1 value per channel when training" (before any running statistic is
 touched).
@@ -168,7 +172,7 @@ class SKConv(Block):
         k_lin, k_bn1d, k_zrelu = cache.compress
         d_hb = F.relu_backward(d_z.reshape(n, -1), k_zrelu)["x"]  # (N, d)
         d_hc = self._batch_norm_backward("compress.1.", d_hb, k_bn1d, grads)  # (N, d)
-        d_s = self._linear_backward("compress.0.", d_hc, k_lin, grads)  # (N, C)
+        d_s = self._linear_backward("compress.0.", d_hc, k_lin, grads, next_bn=k_bn1d)  # (N, C)
         d_u = (d_s * dy.dtype.type(cache.pool_scale)).reshape(n, c, 1, 1)  # (N, C, 1, 1)
         d_x = None
         for i in range(p):
@@ -177,7 +181,7 @@ class SKConv(Block):
             d_f += d_u
             d_b = F.relu_backward(d_f, k_relu)["x"]  # (N, C, H, W)
             d_c = self._batch_norm_backward(f"convs.{i}.1.", d_b, k_bn, grads)  # (N, C, H, W)
-            d_x_i = self._conv_backward(f"convs.{i}.0.", d_c, k_conv, grads)  # (N, C_in, H, W)
+            d_x_i = self._conv_backward(f"convs.{i}.0.", d_c, k_conv, grads, next_bn=k_bn)  # (N, C_in, H, W)
             if d_x is None:
                 d_x = d_x_i
             else:

@@ -27,7 +27,7 @@ def test_fixture_agrees_with_pytorch(case_id):
     theirs, _ = torch_crosscheck.run_case(case.meta, case.arrays)
     expected = case.expected()
     assert set(theirs) == set(expected)
-    floor = golden.TOLERANCES["float64"]["floor"] * golden.case_scale(expected)
+    floor = golden.CROSSCHECK_SCALE_FLOOR * golden.case_scale(expected)
     limit = 1e-10 if case.meta["dtype"] == "float64" else 2.0**-22
     for key, value in theirs.items():
         e = expected[key]
