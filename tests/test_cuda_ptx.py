@@ -63,3 +63,41 @@ def test_cuda_backend_reports_whether_a_device_is_present():
     x = np.zeros((1, 1, 3, 3))
     with pytest.raises(sampling.BackendUnavailable, match="no CUDA device"):
         cu.deform_im2col(x, np.zeros((1, 2, 3, 3)), None, (1, 1), 1, 0, 1, (3, 3), 1)
+
+
+def test_a_compiler_that_fails_is_reported_as_unavailable_with_its_error(monkeypatch):
+    """An incompatible numba-cuda / NumPy pair fails inside the compiler at the first
+    launch (numba-cuda 0.30.4 under NumPy 2.5: np.row_stack is gone). The backend must
+    say so when asked, not when a kernel is launched."""
+    from npattn import sampling
+
+    calls = []
+
+    def broken_jit(*args, **kwargs):
+        calls.append(args)
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(cu.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cu.cuda, "jit", broken_jit)
+    monkeypatch.setattr(cu, "_PROBE_OUTCOME", None)
+    monkeypatch.setattr(cu.cuda, "to_device", lambda a: np.array(a))
+    reason = cu.unavailable_reason()
+    assert "test kernel failed to compile or launch" in reason
+    assert "AttributeError: module 'numpy' has no attribute 'row_stack'" in reason
+    with pytest.raises(sampling.BackendUnavailable, match="row_stack"):
+        sampling.get_backend("cuda")
+    assert "row_stack" in sampling.available_backends()["cuda"]
+    assert len(calls) == 1  # probed once, the outcome cached
+
+
+def test_a_kernel_that_computes_wrong_numbers_is_reported(monkeypatch):
+    class Launch:
+        def __getitem__(self, cfg):
+            return lambda dev: None  # "runs" and leaves the array as it was
+
+    monkeypatch.setattr(cu.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cu.cuda, "jit", lambda f: Launch())
+    monkeypatch.setattr(cu.cuda, "to_device", lambda a: type("Dev", (), {"copy_to_host": lambda self: np.array(a)})())
+    monkeypatch.setattr(cu, "_PROBE_OUTCOME", None)
+    reason = cu.unavailable_reason()
+    assert reason.startswith("a test kernel ran but computed [0.0, 1.0, 2.0, 3.0] instead of [1.0, 3.0, 5.0, 7.0]")

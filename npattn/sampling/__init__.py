@@ -45,6 +45,10 @@ def _load(name):
         module = importlib.import_module(f".{_MODULES[name]}", __name__)
     except ImportError as exc:
         raise BackendUnavailable(f"sampling backend {name!r} is not available: {exc}") from exc
+    except Exception as exc:  # e.g. a numba / numba-cuda release that breaks on this NumPy at import
+        raise BackendUnavailable(
+            f"sampling backend {name!r} is not available: importing it failed with {type(exc).__name__}: {exc}"
+        ) from exc
     reason = module.unavailable_reason()
     if reason:
         raise BackendUnavailable(f"sampling backend {name!r} is not available: {reason}")

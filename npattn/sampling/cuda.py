@@ -59,7 +59,15 @@ MAX_BLOCKS = 65535  # grid-stride loops cover the rest
 
 
 def unavailable_reason():
-    """None when a CUDA device (or the simulator) is usable, else why not."""
+    """None when a CUDA device (or the simulator) is usable, else why not.
+
+    "Usable" is tested, not assumed: the first time it is asked (per process; the outcome
+    is cached), this compiles and launches one tiny kernel and checks its result. So an
+    incompatible numba-cuda / NumPy pair (numba-cuda 0.30.4 under NumPy 2.5 fails inside
+    its compiler), a missing NVVM or a driver problem is reported here, with the underlying
+    error, and the dispatcher raises ``BackendUnavailable``: never an exception from inside
+    the first real kernel launch.
+    """
     try:
         ok = cuda.is_available()
     except Exception as exc:  # a broken driver install raises instead of answering
@@ -69,7 +77,34 @@ def unavailable_reason():
             "no CUDA device: numba.cuda.is_available() is False (no NVIDIA driver or GPU); "
             "set NUMBA_ENABLE_CUDASIM=1 to run the kernels on Numba's CUDA simulator"
         )
-    return None
+    global _PROBE_OUTCOME
+    if _PROBE_OUTCOME is None:
+        _PROBE_OUTCOME = _probe()
+    return _PROBE_OUTCOME or None
+
+
+_PROBE_OUTCOME = None  # None: not run yet; "": the test kernel ran; else why it did not
+
+
+def _probe_k(v):
+    # v (4,) float64: v = 2 v + 1
+    i = cuda.grid(1)
+    if i < v.shape[0]:
+        v[i] = 2.0 * v[i] + 1.0
+
+
+def _probe() -> str:
+    """Compile and launch one small kernel; "" when it ran and gave the right numbers."""
+    try:
+        host = np.arange(4.0)
+        dev = cuda.to_device(host)
+        cuda.jit(_probe_k)[1, 32](dev)
+        got = dev.copy_to_host()
+    except Exception as exc:  # compiler, NVVM, driver: whatever it is, say it
+        return f"a test kernel failed to compile or launch: {type(exc).__name__}: {exc}"
+    if not np.array_equal(got, 2.0 * host + 1.0):
+        return f"a test kernel ran but computed {got.tolist()} instead of {(2.0 * host + 1.0).tolist()}"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------

@@ -51,6 +51,12 @@ CONFIGS = {
     "H1": (1, 2, 1, 5, (1, 3), (1, 1), (0, 1), (1, 1), 2),
     "W1": (2, 2, 5, 1, (3, 1), (2, 1), (1, 0), (1, 1), 1),
 }
+# Agreement with numpy.py, as max |difference| <= TOL * max |expected| per array. On a real
+# GPU, NVVM fuses a * b + c into one fused multiply-add (one rounding where numpy.py has
+# two), and the scatters add in the order of their atomics, so results agree to rounding,
+# not bit for bit: a bilinear blend of four corners times a mask is a handful of roundings
+# (float32: 1e-6 is about 8 ulps of the largest value), col2im a sum over every column
+# entry that lands on a pixel, accumulated in float64 (1e-12, far above float64 rounding).
 TOL = {np.float64: 1e-12, np.float32: 1e-6}
 
 
@@ -158,7 +164,10 @@ def test_device_arrays_in_device_arrays_out():
     # a mix of host and device inputs also stays on the device
     cols = cu.deform_im2col(x, dev[1], mask, *cfg[4:8], out_hw(cfg), cfg[8])
     assert cu._is_device_array(cols) and not isinstance(cols, np.ndarray)
-    np.testing.assert_array_equal(cols.copy_to_host(), want[0])
+    if SIMULATOR:  # the simulator runs the kernel source as Python: numpy.py's arithmetic, bit for bit
+        np.testing.assert_array_equal(cols.copy_to_host(), want[0])
+    else:  # a real device fuses multiply-adds: agreement to rounding (TOL)
+        assert_matches(cols.copy_to_host(), want[0], np.float32, "cols (mixed host and device inputs)")
 
 
 def test_bad_arguments_raise_before_any_launch():
@@ -194,3 +203,8 @@ def test_coord_gradient_fills_cols_out_like_im2col():
     r_off, r_m = ref.deform_col2im_coord(d_cols, x, offset, mask, *geo, 1)
     np.testing.assert_allclose(d_off, r_off, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(d_m, r_m, rtol=1e-12, atol=1e-14)
+
+
+def test_availability_is_tested_by_launching_a_kernel():
+    assert cu.unavailable_reason() is None
+    assert cu._PROBE_OUTCOME == ""  # the test kernel was compiled, launched and checked
