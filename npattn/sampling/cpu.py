@@ -37,26 +37,31 @@ non-finite or huge offset never reaches an integer conversion or an index.
 
 Threads
 -------
-A deformable convolution alternates these kernels with BLAS matrix products (im2col,
-matmul, col2im, ...). Measured with ``tools/bench.py`` on 2 cores:
+A deformable convolution alternates these kernels with matrix products (im2col, W @
+cols, col2im, ...). Measured with ``tools/bench.py`` on 2 cores, OpenBLAS's own workers
+busy-wait for about 0.1 s after every product: a parallel kernel that starts in that
+window splits its rows statically over one thread per core and runs at the speed of the
+thread that shares its core with a spinning BLAS worker; Numba's OpenMP workers likewise
+spin after a kernel and slow the next multi-threaded product. Pinning BLAS to one thread
+avoids that but leaves the products, most of the work, on one core.
 
-* OpenBLAS's workers busy-wait for about 0.1 s after every product. A kernel that
-  starts in that window splits its rows statically over one thread per core and runs at
-  the speed of its slowest thread, the one sharing a core with a spinning BLAS worker:
-  no faster than one thread. Numba's OpenMP layer makes it worse: its own workers spin
-  after a kernel and slow the next multi-threaded product.
-* So ``npattn.sampling.blas_context("numba")``, which ``deform_conv2d`` wraps around its
-  chunk loops, runs the products on one OpenBLAS thread (:func:`single_threaded_blas`:
-  the OpenBLAS that NumPy loaded, set through its own ``openblas_set_num_threads`` and
-  restored on exit, without threadpoolctl). Then no BLAS worker wakes, and Numba's
-  default layer (OpenMP where available) is the fastest: on 2 cores, forward+backward of
-  the benchmark shape takes about 105 ms with OpenMP and 120 ms with the workqueue
-  layer, against 117-170 ms with OpenBLAS's threads left free (``tools/bench.py``,
-  "thread configurations"). npattn therefore leaves Numba's layer to Numba (or to
-  ``NUMBA_THREADING_LAYER``).
+So Numba's thread pool runs both: ``deform_conv2d`` issues its products through
+:func:`products_forward`, :func:`products_d_cols` and :func:`products_d_weight`,
+parallel kernels whose iterations each compute one tile of a product with one BLAS gemm
+call on their own thread (Numba's ``numba_xxgemm``, the sgemm / dgemm of
+``scipy.linalg.cython_blas``, as Numba's ``np.dot``), while
+``npattn.sampling.blas_context("numba")`` (:func:`single_threaded_blas`) sets every
+OpenBLAS in the process, NumPy's and SciPy's, to one thread and restores them on exit.
+No BLAS worker ever wakes and nothing spins against anything; the kernels and the product
+tiles use the same threads in turn. Numba's threading layer is left to Numba (or to
+``NUMBA_THREADING_LAYER``).
 
-The results never depend on the number of threads (every element is computed by one
-iteration, in a fixed order). :func:`threading_info` says what was chosen.
+The results never depend on the number of threads: every sampling-kernel element is
+computed by one iteration in a fixed order, and the product tiles are fixed by the shapes
+(``PRODUCT_COLUMNS`` output pixels, ``WEIGHT_ROWS`` weight-gradient rows), never by the
+thread count, so each product element comes from the same single-threaded BLAS call
+whatever the thread count; the weight gradient adds the images in increasing order.
+:func:`threading_info` (also ``npattn.sampling.threading_info()``) says what is in use.
 """
 
 from __future__ import annotations
