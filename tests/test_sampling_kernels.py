@@ -602,3 +602,112 @@ def test_coord_gradient_fills_cols_out_exactly_like_im2col(backend, dtype, with_
         np.testing.assert_array_equal(d_m, d_m2)
     with pytest.raises(ValueError, match="cols_out must be"):
         cpu.deform_col2im_coord(d_cols, x, offset, mask, *geo, 2, cols_out=buf[:1])
+
+
+# ---- the matrix products of deform_conv2d on Numba's threads ----------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_products_match_matmul(dtype):
+    """cpu.products_* against np.matmul, with L and Ck not multiples of the tiles (edge
+    tiles) and the weight gradient added to a nonzero start."""
+    rng = np.random.default_rng(41)
+    n, g, m, ck, L = 3, 2, 5, cpu.WEIGHT_ROWS + 7, cpu.PRODUCT_COLUMNS + 45
+    w_g = rng.standard_normal((g, m, ck)).astype(dtype)
+    cols = rng.standard_normal((n, g, ck, L)).astype(dtype)
+    dy = rng.standard_normal((n, g, m, L)).astype(dtype)
+    out = np.full((n, g, m, L), np.nan, dtype=dtype)
+    d_cols = np.full((n, g, ck, L), np.nan, dtype=dtype)
+    start = rng.standard_normal((g, m, ck)).astype(dtype)
+    d_w = start.copy()
+    cpu.products_forward(w_g, cols, out)
+    cpu.products_d_cols(w_g, dy, d_cols)
+    cpu.products_d_weight(dy, cols, d_w)
+    as64 = lambda a: a.astype(np.float64)  # noqa: E731
+    assert_matches(out, np.matmul(as64(w_g)[None], as64(cols)).astype(dtype), dtype, "forward")
+    assert_matches(d_cols, np.matmul(as64(w_g).transpose(0, 2, 1)[None], as64(dy)).astype(dtype), dtype, "d_cols")
+    want = as64(start) + np.matmul(as64(dy), as64(cols).transpose(0, 1, 3, 2)).sum(axis=0)
+    assert_matches(d_w, want.astype(dtype), dtype, "d_weight")
+    with pytest.raises(ValueError, match="products_forward"):
+        cpu.products_forward(w_g, cols[:, :, 1:], out)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpu.products_d_cols(w_g, dy[..., ::2], d_cols[..., ::2])
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu.products_d_weight(dy.astype(np.float32 if dtype == np.float64 else np.float64), cols, d_w)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_deform_conv2d_identical_for_one_and_two_numba_threads(dtype):
+    """Every output and gradient of deform_conv2d (kernels and product tiles) is bit for
+    bit the same run to run and with 1 or 2 Numba threads: the tiles are fixed by the
+    shapes and each element is summed by one single-threaded BLAS call or kernel iteration."""
+    from npattn.functional.deform import deform_conv2d_backward, deform_conv2d_forward
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has a single thread here (NUMBA_NUM_THREADS < 2)")
+    rng = np.random.default_rng(43)
+    n, c_in, c_out, h, w, kh, kw = 5, 8, 6, 13, 23, 3, 3  # L = 299 > PRODUCT_COLUMNS; Ck = 36 > WEIGHT_ROWS
+    args = dict(
+        input=rng.standard_normal((n, c_in, h, w)).astype(dtype),
+        offset=rng.uniform(-2, 2, (n, 2 * 2 * kh * kw, h, w)).astype(dtype),  # 2 offset groups
+        weight=rng.standard_normal((c_out, c_in // 2, kh, kw)).astype(dtype),  # 2 weight groups
+        bias=rng.standard_normal(c_out).astype(dtype),
+        stride=1, padding=1, dilation=1,
+        mask=rng.uniform(0, 1, (n, 2 * kh * kw, h, w)).astype(dtype),
+    )
+    grad_out = rng.standard_normal((n, c_out, h, w)).astype(dtype)
+    per_image = c_in * kh * kw * h * w * np.dtype(dtype).itemsize
+
+    def run():
+        out, cache = deform_conv2d_forward(**args, backend="numba", column_budget_bytes=2 * per_image)  # 3 chunks
+        return {"out": out, **deform_conv2d_backward(grad_out, cache)}
+
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        two, again = run(), run()
+        numba.set_num_threads(1)
+        one = run()
+    finally:
+        numba.set_num_threads(saved)
+    assert set(two) == {"out", "input", "offset", "weight", "bias", "mask"}
+    for key in two:
+        np.testing.assert_array_equal(two[key], again[key], err_msg=f"{key}: run to run")
+        np.testing.assert_array_equal(two[key], one[key], err_msg=f"{key}: 2 threads vs 1")
+    numpy_out, numpy_cache = deform_conv2d_forward(**args, backend="numpy")
+    assert_matches(two["out"], numpy_out, dtype, "out")
+    for key, want in deform_conv2d_backward(grad_out, numpy_cache).items():
+        assert_matches(two[key], want, dtype, key)
+
+
+def test_deform_conv2d_products_run_with_every_openblas_on_one_thread(monkeypatch):
+    seen = []
+
+    def spy(real):
+        def wrapped(*a, **kw):
+            seen.append([lib["threads"] for lib in cpu.threading_info()["blas_libraries"]])
+            return real(*a, **kw)
+        return wrapped
+
+    for name in ("products_forward", "products_d_cols", "products_d_weight"):
+        monkeypatch.setattr(cpu, name, spy(getattr(cpu, name)))
+    before = [lib["threads"] for lib in cpu.threading_info()["blas_libraries"]]
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 2, 5, 4))
+    y, cache = npattn.functional.deform_conv2d_forward(x, rng.standard_normal((2, 18, 5, 4)),
+                                                       rng.standard_normal((3, 2, 3, 3)), padding=1, backend="numba")
+    npattn.functional.deform_conv2d_backward(np.ones_like(y), cache)
+    assert len(seen) == 3  # forward, d_cols, d_weight (one chunk)
+    assert all(t == 1 for threads in seen for t in threads), seen
+    assert [lib["threads"] for lib in cpu.threading_info()["blas_libraries"]] == before
+
+
+def test_threading_info_reports_layer_threads_and_blas():
+    info = sampling.threading_info()
+    assert info["num_threads"] == numba.get_num_threads()
+    assert info["configured_layer"] == numba.config.THREADING_LAYER
+    assert info["product_tiles"] == {"columns": cpu.PRODUCT_COLUMNS, "weight_rows": cpu.WEIGHT_ROWS}
+    for lib in info["blas_libraries"]:
+        assert os.path.exists(lib["library"]) and lib["threads"] >= 1, lib
+    if info["blas_libraries"]:
+        assert info["blas_threads_in_kernels"] == 1

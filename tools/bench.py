@@ -6,9 +6,10 @@ Shapes (float32, DCNv2: with mask, 3x3 kernel, stride 1, padding 1, 1 offset gro
     a   N=8, 64 -> 64 channels, 56x56
     b   N=2, 16 -> 16 channels, 32x32
 
-npattn's numba backend runs its kernels with NumPy's OpenBLAS on one thread
-(``npattn.sampling.blas_context``), so OpenBLAS's spinning workers do not take cores
-from the parallel kernels; the thread-configuration table below shows the alternatives.
+npattn's numba backend runs its kernels and its matrix products on Numba's threads (the
+products as fixed tiles, one single-threaded BLAS call each) with every OpenBLAS set to
+one thread meanwhile (``npattn.sampling.blas_context``), so no BLAS worker spins against
+the kernels; the thread-configuration table below shows the alternatives.
 
 For each shape and implementation: the forward and the forward+backward time (best and
 median of ``--repeat`` interleaved runs after one warm-up, so a slow spell of a shared
@@ -24,8 +25,17 @@ on-disk cache: no JIT compilation), and the thread configurations (each in a pro
 its own: Numba's OpenMP or workqueue layer or one Numba thread, with OpenBLAS's threads
 left free during the kernels, against npattn's default of one BLAS thread there).
 
+With ``--scaling`` the script prints only the scaling table instead: npattn numba
+forward and forward+backward on shape (a) with 1, 2, 4, ... Numba threads up to the
+machine's cores (``numba.set_num_threads``; npattn sets every OpenBLAS to one thread
+while it runs, each product tile on the Numba thread that issues it), beside
+torchvision with the same ``torch.set_num_threads``, all in this process.
+``--quick`` takes 3 rounds instead of ``--repeat`` (a 16-core machine runs
+``--scaling --quick`` in about a minute).
+
     python tools/bench.py [--repeat 5] [--shapes a,b] [--skip-threads] [--skip-cold]
                           [--column-budget-mib M] [--json FILE]
+    python tools/bench.py --scaling [--quick] [--threads 1,2,4] [--skip-torch] [--json FILE]
 """
 
 from __future__ import annotations
@@ -215,7 +225,7 @@ def environment():
         "numpy": np.__version__,
         "numba": numba.__version__,
         "cpus": os.cpu_count(),
-        "numba_threading": cpu.threading_info(),
+        "numba_threading": {k: v for k, v in cpu.threading_info().items() if k != "threadpoolctl"},
     }
     try:
         import torch
@@ -263,16 +273,26 @@ def breakdown(repeat):
     d_cols = np.matmul(w2.T[None], a["grad_out"].reshape(n, c_out, h * w)).reshape(cols.shape)
     pieces = {
         "im2col (forward)": lambda: cpu.deform_im2col(a["x"], a["offset"], a["mask"], *geo, (h, w), 1),
-        "matmul W @ cols (forward)": lambda: np.matmul(w2[None], cols.reshape(n, c_in * k, h * w)),
-        "matmul W^T @ dY (d_cols)": lambda: np.matmul(w2.T[None], a["grad_out"].reshape(n, c_out, h * w)),
-        "matmul dY @ cols^T (d_weight)": lambda: np.matmul(
+        "product tiles W @ cols (forward, npattn)": lambda: cpu.products_forward(
+            w2[None], cols.reshape(n, 1, c_in * k, h * w), np.empty((n, 1, c_out, h * w), np.float32)),
+        "product tiles W^T @ dY (d_cols, npattn)": lambda: cpu.products_d_cols(
+            w2[None], a["grad_out"].reshape(n, 1, c_out, h * w), np.empty((n, 1, c_in * k, h * w), np.float32)),
+        "product tiles dY @ cols^T (d_weight, npattn)": lambda: cpu.products_d_weight(
+            a["grad_out"].reshape(n, 1, c_out, h * w), cols.reshape(n, 1, c_in * k, h * w),
+            np.zeros((1, c_out, c_in * k), np.float32)),
+        "np.matmul W @ cols (forward, before)": lambda: np.matmul(w2[None], cols.reshape(n, c_in * k, h * w)),
+        "np.matmul W^T @ dY (d_cols, before)": lambda: np.matmul(w2.T[None], a["grad_out"].reshape(n, c_out, h * w)),
+        "np.matmul dY @ cols^T (d_weight, before)": lambda: np.matmul(
             a["grad_out"].reshape(n, c_out, h * w), cols.reshape(n, c_in * k, h * w).transpose(0, 2, 1)).sum(0),
         "col2im (d_input)": lambda: cpu.deform_col2im(d_cols, a["offset"], a["mask"], a["x"].shape, *geo, 1),
         "coord (d_offset, d_mask)": lambda: cpu.deform_col2im_coord(d_cols, a["x"], a["offset"], a["mask"], *geo, 1),
         "coord + columns for d_weight (backward)": lambda: cpu.deform_col2im_coord(
             d_cols, a["x"], a["offset"], a["mask"], *geo, 1, cols_out=np.empty_like(cols)),
     }
-    return {name: best * 1e3 for name, (best, _) in timings(pieces, repeat).items()}
+    from npattn import sampling
+
+    with sampling.blas_context("numba"):  # as inside deform_conv2d
+        return {name: best * 1e3 for name, (best, _) in timings(pieces, repeat).items()}
 
 
 _COLD = r"""
@@ -354,6 +374,82 @@ def thread_configs(repeat, rounds=2):
     return best
 
 
+def thread_counts(limit=None):
+    """1, 2, 4, ... up to the cores Numba may use, and that count itself."""
+    import numba
+
+    top = numba.config.NUMBA_NUM_THREADS if limit is None else limit
+    counts, t = [], 1
+    while t < top:
+        counts.append(t)
+        t *= 2
+    return counts + [top]
+
+
+def scaling(repeat, counts, have_torch):
+    """{threads: {impl: {fwd/fwdbwd best/median ms}}} on shape (a), one process."""
+    import numba
+
+    from npattn import sampling
+
+    arrays = make_inputs(SHAPES["a"])
+    impls = {"npattn numba": npattn_fns(arrays, "numba")}
+    if have_torch:
+        import torch
+
+        impls["torchvision"] = torchvision_fns(arrays)
+        torch_saved = torch.get_num_threads()
+    saved = numba.get_num_threads()
+    table = {}
+    try:
+        for t in counts:
+            numba.set_num_threads(t)
+            if have_torch:
+                torch.set_num_threads(t)
+            fwd = timings({k: v[0] for k, v in impls.items()}, repeat)
+            fwdbwd = timings({k: v[1] for k, v in impls.items()}, repeat)
+            info = sampling.threading_info()
+            row = {name: {"forward_best_ms": fwd[name][0] * 1e3, "forward_median_ms": fwd[name][1] * 1e3,
+                          "fwdbwd_best_ms": fwdbwd[name][0] * 1e3, "fwdbwd_median_ms": fwdbwd[name][1] * 1e3}
+                   for name in impls}
+            row["numba_threads"] = info["num_threads"]
+            row["numba_layer"] = info["active_layer"]
+            row["blas_threads_in_kernels"] = info["blas_threads_in_kernels"]
+            if have_torch:
+                row["torch_threads"] = torch.get_num_threads()
+            table[t] = row
+    finally:
+        numba.set_num_threads(saved)
+        if have_torch:
+            torch.set_num_threads(torch_saved)
+    return table
+
+
+def print_scaling(table, repeat):
+    n, c_in, c_out, h, w = SHAPES["a"]
+    print(f"\nscaling, shape (a): N={n}, {c_in}->{c_out}, {h}x{w}, 3x3 DCNv2 float32; best (median) of {repeat}, ms")
+    tv = any("torchvision" in r for r in table.values())
+    head = f"{'threads':>7} {'npattn fwd':>18} {'npattn f+b':>18}"
+    if tv:
+        head += f" {'torchvision fwd':>18} {'torchvision f+b':>20} {'f+b x':>6}"
+    print(head + "   (numba layer, BLAS threads per product tile)")
+    first = None
+    for t, r in table.items():
+        a = r["npattn numba"]
+        first = first or a["fwdbwd_best_ms"]
+        line = (f"{t:7d} {a['forward_best_ms']:8.1f} ({a['forward_median_ms']:7.1f}) "
+                f"{a['fwdbwd_best_ms']:8.1f} ({a['fwdbwd_median_ms']:7.1f})")
+        if tv:
+            b = r["torchvision"]
+            line += (f" {b['forward_best_ms']:8.1f} ({b['forward_median_ms']:7.1f}) "
+                     f"{b['fwdbwd_best_ms']:10.1f} ({b['fwdbwd_median_ms']:7.1f})"
+                     f" {b['fwdbwd_best_ms'] / a['fwdbwd_best_ms']:6.1f}")
+        print(line + f"   ({r['numba_layer']}, {r['blas_threads_in_kernels']}); "
+                     f"npattn f+b speed-up over 1 thread {first / a['fwdbwd_best_ms']:.2f}")
+    if tv:
+        print("  (f+b x: torchvision's best forward+backward / npattn's, same thread count)")
+
+
 # ---- report ---------------------------------------------------------------------------
 
 
@@ -387,7 +483,14 @@ def main(argv=None):
     p.add_argument("--column-budget-mib", type=float,
                    help="npattn's column_budget_bytes (default: deform_conv2d's own default)")
     p.add_argument("--json", help="also write every figure to this file")
+    p.add_argument("--scaling", action="store_true",
+                   help="only the scaling table: 1, 2, 4, ... threads, npattn numba beside torchvision")
+    p.add_argument("--quick", action="store_true", help="3 rounds instead of --repeat")
+    p.add_argument("--threads", help="thread counts of the scaling table, e.g. 1,2,4 (default: 1, 2, 4, ... cores)")
+    p.add_argument("--skip-torch", action="store_true", help="leave torchvision out")
     args = p.parse_args(argv)
+    if args.quick:
+        args.repeat = 3
     if args.column_budget_mib:
         COLUMN_BUDGET["column_budget_bytes"] = int(args.column_budget_mib * 2**20)
 
@@ -395,12 +498,20 @@ def main(argv=None):
         import torch  # noqa: F401
         import torchvision  # noqa: F401
 
-        have_torch = True
+        have_torch = not args.skip_torch
     except ImportError:
         have_torch = False
 
     report = {"environment": environment(), "column_budget": COLUMN_BUDGET or "deform_conv2d's default"}
     print(json.dumps(report["environment"]))
+    if args.scaling:
+        counts = [int(t) for t in args.threads.split(",")] if args.threads else thread_counts()
+        report["scaling"] = scaling(args.repeat, counts, have_torch)
+        print_scaling(report["scaling"], args.repeat)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+        return
     for s in args.shapes.split(","):
         rows = speed_and_memory(s, args.repeat, have_torch)
         report[f"shape_{s}"] = rows

@@ -199,17 +199,18 @@ def deform_conv2d_forward(
     offset = np.ascontiguousarray(offset)
     mask = None if mask is None else np.ascontiguousarray(mask)
     geometry = ((weight_h, weight_w), stride, padding, dilation)
-    w_g = weight.reshape(weight_groups, c_out // weight_groups, c_per_group * k_taps)  # (G_w, C_out/G_w, Ck)
+    w_g = np.ascontiguousarray(weight.reshape(weight_groups, c_out // weight_groups, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
     out = np.empty((n, c_out, out_h, out_w), dtype=input.dtype)
-    with sampling.blas_context(backend_name):  # kernels and BLAS alternate: see blas_context
+    prod = sampling.products(backend_name)  # numba: tiles on the kernels' threads (npattn.sampling.products)
+    with sampling.blas_context(backend_name):  # kernels and BLAS share the cores: see blas_context
         for s in range(0, n, chunk):
             sl = slice(s, min(s + chunk, n))
             m = len(range(*sl.indices(n)))
             cols = be.deform_im2col(
                 input[sl], offset[sl], None if mask is None else mask[sl], *geometry, (out_h, out_w), offset_groups
             )  # (m, C_in, kh, kw, out_h, out_w)
-            cols = cols.reshape(m, weight_groups, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
-            out[sl] = np.matmul(w_g[None], cols).reshape(m, c_out, out_h, out_w)  # (m, C_out, out_h, out_w)
+            cols = np.ascontiguousarray(cols).reshape(m, weight_groups, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
+            prod.forward(w_g, cols, out[sl].reshape(m, weight_groups, c_out // weight_groups, out_h * out_w))  # (m, G_w, C_out/G_w, L)
     if bias is not None:
         out += bias[None, :, None, None]
     cache = DeformConv2dCache(
@@ -241,19 +242,21 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
     be = sampling.get_backend(cache.backend)
     geometry = ((weight_h, weight_w), cache.stride, cache.padding, cache.dilation)
     grad_out = np.ascontiguousarray(grad_out)
-    w_g = weight.reshape(g_w, c_out // g_w, c_per_group * k_taps)  # (G_w, C_out/G_w, Ck)
+    w_g = np.ascontiguousarray(weight.reshape(g_w, c_out // g_w, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
 
     d_input = np.empty_like(x)  # (N, C_in, H, W)
     d_offset = np.empty_like(offset)  # (N, 2 G_off K, out_h, out_w)
     d_mask = None if mask is None else np.empty_like(mask)  # (N, G_off K, out_h, out_w)
     d_w_g = np.zeros_like(w_g)  # (G_w, C_out/G_w, Ck)
-    with sampling.blas_context(cache.backend):  # kernels and BLAS alternate: see blas_context
+    prod = sampling.products(cache.backend)  # numba: tiles on the kernels' threads (npattn.sampling.products)
+    with sampling.blas_context(cache.backend):  # kernels and BLAS share the cores: see blas_context
         for s in range(0, n, cache.images_per_chunk):
             sl = slice(s, min(s + cache.images_per_chunk, n))
             m = len(range(*sl.indices(n)))
             mask_sl = None if mask is None else mask[sl]
             dy_g = grad_out[sl].reshape(m, g_w, c_out // g_w, out_h * out_w)  # (m, G_w, C_out/G_w, L)
-            d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (m, G_w, Ck, L)
+            d_cols = np.empty((m, g_w, c_per_group * k_taps, out_h * out_w), dtype=x.dtype)
+            prod.d_cols(w_g, dy_g, d_cols)  # (m, G_w, Ck, L)
             d_cols = d_cols.reshape(m, c_in, weight_h, weight_w, out_h, out_w)  # (m, C_in, kh, kw, out_h, out_w)
             d_input[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
             # the offset/mask gradient also recomputes the forward's columns (for d_weight)
@@ -265,7 +268,7 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
             if d_mask is not None:
                 d_mask[sl] = d_m  # (m, G_off K, out_h, out_w)
             cols = cols.reshape(m, g_w, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
-            d_w_g += np.matmul(dy_g, cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G_w, C_out/G_w, Ck)
+            prod.d_weight(dy_g, cols, d_w_g)  # d_w_g += sum over the chunk's images: (G_w, C_out/G_w, Ck)
 
     grads = {"input": d_input, "offset": d_offset, "weight": d_w_g.reshape(weight.shape)}
     if cache.has_bias:

@@ -21,6 +21,8 @@ import contextlib
 import importlib
 import os
 
+import numpy as np
+
 BACKENDS = ("numpy", "numba", "cuda")
 _MODULES = {"numpy": "numpy", "numba": "cpu", "cuda": "cuda"}
 
@@ -92,15 +94,75 @@ def available_backends() -> dict:
     return out
 
 
+class _NumpyProducts:
+    """The matrix products of ``deform_conv2d`` through ``np.matmul`` (NumPy's BLAS,
+    threaded as NumPy's BLAS is): the "numpy" and "cuda" backends."""
+
+    @staticmethod
+    def forward(w_g, cols, out):  # out[n, g] = w_g[g] @ cols[n, g]
+        np.matmul(w_g[None], cols, out=out)
+        return out
+
+    @staticmethod
+    def d_cols(w_g, dy, d_cols):  # d_cols[n, g] = w_g[g].T @ dy[n, g]
+        np.matmul(w_g.transpose(0, 2, 1)[None], dy, out=d_cols)
+        return d_cols
+
+    @staticmethod
+    def d_weight(dy, cols, d_w):  # d_w[g] += sum_n dy[n, g] @ cols[n, g].T
+        d_w += np.matmul(dy, cols.transpose(0, 1, 3, 2)).sum(axis=0)
+        return d_w
+
+
+class _NumbaProducts:
+    """The same products as tiles on Numba's threads (``cpu.products_*``)."""
+
+    def __init__(self, module):
+        self.forward = module.products_forward
+        self.d_cols = module.products_d_cols
+        self.d_weight = module.products_d_weight
+
+
+def products(backend_name: str):
+    """The matrix products of ``deform_conv2d`` for this backend: an object with
+    ``forward(w_g, cols, out)``, ``d_cols(w_g, dy, d_cols)`` and ``d_weight(dy, cols, d_w)``
+    (shapes: w_g (G, M, Ck), cols and d_cols (N, G, Ck, L), out and dy (N, G, M, L), d_w
+    (G, M, Ck), all C-contiguous). For "numba" they run as tiles on Numba's threads, the
+    pool that runs the sampling kernels (``npattn/sampling/cpu.py``, "Threads"); for the
+    other backends through ``np.matmul``."""
+    if backend_name == "numba":
+        return _NumbaProducts(_load("numba"))
+    return _NumpyProducts
+
+
+def threading_info() -> dict:
+    """What the numba backend runs on: Numba's threading layer and thread count, the BLAS
+    libraries and their thread counts (now and while ``deform_conv2d`` runs), the product
+    tiles (``cpu.threading_info``). Without numba: ``{"numba": <why not>}`` plus what
+    threadpoolctl reports when it is installed."""
+    try:
+        module = _load("numba")
+    except BackendUnavailable as exc:
+        info = {"numba": str(exc), "threadpoolctl": None}
+        try:
+            from threadpoolctl import threadpool_info
+        except ImportError:
+            return info
+        info["threadpoolctl"] = threadpool_info()
+        return info
+    return module.threading_info()
+
+
 def blas_context(backend_name: str):
     """Context manager for code that alternates this backend's kernels with NumPy matrix
     products (deformable im2col, matmul, col2im, ...).
 
-    For "numba": NumPy's OpenBLAS runs on one thread inside the block, so its workers,
-    which busy-wait after every product, do not take the cores the parallel kernels need
-    (``tools/bench.py`` measures it: on 2 cores, forward+backward of the benchmark's DCNv2
-    shape goes from about 140 ms to about 120 ms). The setting is restored on exit; while
-    it lasts it is process-wide. For the other backends: does nothing.
+    For "numba": every OpenBLAS in the process (NumPy's, and SciPy's, which the product
+    tiles call from Numba's threads) runs on one thread inside the block, so each product
+    tile runs on the Numba thread that issues it and no OpenBLAS worker wakes up to
+    busy-wait against the kernels (see "Threads" in ``npattn/sampling/cpu.py``). The
+    settings are restored on exit; while they last they are process-wide. For the other
+    backends: does nothing.
     """
     if backend_name == "numba":
         return _load("numba").single_threaded_blas()

@@ -37,36 +37,42 @@ non-finite or huge offset never reaches an integer conversion or an index.
 
 Threads
 -------
-A deformable convolution alternates these kernels with BLAS matrix products (im2col,
-matmul, col2im, ...). Measured with ``tools/bench.py`` on 2 cores:
+A deformable convolution alternates these kernels with matrix products (im2col, W @
+cols, col2im, ...). Measured with ``tools/bench.py`` on 2 cores, OpenBLAS's own workers
+busy-wait for about 0.1 s after every product: a parallel kernel that starts in that
+window splits its rows statically over one thread per core and runs at the speed of the
+thread that shares its core with a spinning BLAS worker; Numba's OpenMP workers likewise
+spin after a kernel and slow the next multi-threaded product. Pinning BLAS to one thread
+avoids that but leaves the products, most of the work, on one core.
 
-* OpenBLAS's workers busy-wait for about 0.1 s after every product. A kernel that
-  starts in that window splits its rows statically over one thread per core and runs at
-  the speed of its slowest thread, the one sharing a core with a spinning BLAS worker:
-  no faster than one thread. Numba's OpenMP layer makes it worse: its own workers spin
-  after a kernel and slow the next multi-threaded product.
-* So ``npattn.sampling.blas_context("numba")``, which ``deform_conv2d`` wraps around its
-  chunk loops, runs the products on one OpenBLAS thread (:func:`single_threaded_blas`:
-  the OpenBLAS that NumPy loaded, set through its own ``openblas_set_num_threads`` and
-  restored on exit, without threadpoolctl). Then no BLAS worker wakes, and Numba's
-  default layer (OpenMP where available) is the fastest: on 2 cores, forward+backward of
-  the benchmark shape takes about 105 ms with OpenMP and 120 ms with the workqueue
-  layer, against 117-170 ms with OpenBLAS's threads left free (``tools/bench.py``,
-  "thread configurations"). npattn therefore leaves Numba's layer to Numba (or to
-  ``NUMBA_THREADING_LAYER``).
+So Numba's thread pool runs both: ``deform_conv2d`` issues its products through
+:func:`products_forward`, :func:`products_d_cols` and :func:`products_d_weight`,
+parallel kernels whose iterations each compute one tile of a product with one BLAS gemm
+call on their own thread (Numba's ``numba_xxgemm``, the sgemm / dgemm of
+``scipy.linalg.cython_blas``, as Numba's ``np.dot``), while
+``npattn.sampling.blas_context("numba")`` (:func:`single_threaded_blas`) sets every
+OpenBLAS in the process, NumPy's and SciPy's, to one thread and restores them on exit.
+No BLAS worker ever wakes and nothing spins against anything; the kernels and the product
+tiles use the same threads in turn. Numba's threading layer is left to Numba (or to
+``NUMBA_THREADING_LAYER``).
 
-The results never depend on the number of threads (every element is computed by one
-iteration, in a fixed order). :func:`threading_info` says what was chosen.
+The results never depend on the number of threads: every sampling-kernel element is
+computed by one iteration in a fixed order, and the product tiles are fixed by the shapes
+(``PRODUCT_COLUMNS`` output pixels, ``WEIGHT_ROWS`` weight-gradient rows), never by the
+thread count, so each product element comes from the same single-threaded BLAS call
+whatever the thread count; the weight gradient adds the images in increasing order.
+:func:`threading_info` (also ``npattn.sampling.threading_info()``) says what is in use.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import numpy as np
 
 import numba
-from numba import njit, prange
+from numba import njit, prange, types
 
 from .._checks import float_array, pair, positive_int
 
@@ -77,6 +83,9 @@ __all__ = [
     "deform_col2im_coord",
     "map_coordinates_clamped",
     "map_coordinates_clamped_backward",
+    "products_forward",
+    "products_d_cols",
+    "products_d_weight",
     "single_threaded_blas",
     "threading_info",
 ]
@@ -84,15 +93,27 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 # threads (see "Threads" in the module docstring)
 
-_BLAS = {}  # "set"/"get": ctypes functions of NumPy's OpenBLAS, or "reason" why not found
+_BLAS = {}  # "libs": [(path, set, get)] of the loaded OpenBLAS copies; "numpy": NumPy's entry or None
 
 
-def _numpy_openblas():
-    """ctypes handles on the OpenBLAS that NumPy loaded (set/get number of threads)."""
+def _openblas_handle(lib):
+    for prefix in ("scipy_openblas", "openblas"):
+        for suffix in ("64_", ""):
+            setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            if setter is not None and getter is not None:
+                getter.restype = ctypes.c_int
+                setter.argtypes = [ctypes.c_int]
+                return setter, getter
+    return None
+
+
+def _loaded_openblas():
+    """ctypes handles on every OpenBLAS in the process: NumPy's (its matrix products) and
+    SciPy's (the ``sgemm`` / ``dgemm`` that the product kernels call, through Numba's
+    ``numba_xxgemm``). Found once, after ``scipy.linalg.cython_blas`` has loaded its copy."""
     if _BLAS:
         return _BLAS
-    import ctypes
-
     paths = []
     try:
         with open("/proc/self/maps") as maps:
@@ -102,74 +123,106 @@ def _numpy_openblas():
                     paths.append(path)
     except OSError:
         pass
-    # NumPy's own copy (wheels bundle one in numpy.libs); another package's copy (SciPy
-    # bundles its own) only when it is the one OpenBLAS in the process
-    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
-    own = [p for p in paths if p.startswith(os.path.join(numpy_dir, "numpy"))]
-    paths = own or (paths if len(paths) == 1 else [])
+    libs = []
     for path in paths:
         try:
-            lib = ctypes.CDLL(path)
+            handle = _openblas_handle(ctypes.CDLL(path))
         except OSError:
             continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                if setter is not None and getter is not None:
-                    getter.restype = ctypes.c_int
-                    setter.argtypes = [ctypes.c_int]
-                    _BLAS.update(set=setter, get=getter, library=path)
-                    return _BLAS
-    _BLAS["reason"] = "NumPy's BLAS is not an OpenBLAS found among the loaded libraries"
+        if handle is not None:
+            libs.append((path, *handle))
+    numpy_dir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy")
+    own = [lib for lib in libs if lib[0].startswith(numpy_dir)]  # wheels bundle it in numpy.libs
+    _BLAS["libs"] = libs
+    _BLAS["numpy"] = own[0] if own else (libs[0] if len(libs) == 1 else None)
     return _BLAS
 
 
 class single_threaded_blas:
-    """Context manager: NumPy's OpenBLAS runs on one thread inside the block.
+    """Context manager: every OpenBLAS in the process runs on one thread inside the block.
 
-    Matrix products inside the block then never wake OpenBLAS's worker threads, whose
-    busy-waiting would otherwise take a core from the parallel kernels that follow (see
-    "Threads" in the module docstring). The previous thread count is restored on exit.
-    Process-wide while it lasts (OpenBLAS has one setting): a product that another
-    Python thread runs meanwhile is single-threaded too. A no-op when NumPy's BLAS is
-    not an OpenBLAS found among the loaded libraries (``threading_info()["blas"]`` says).
+    The product kernels call BLAS from Numba's threads, one call per tile; each call must
+    then run on its caller's thread alone, never wake OpenBLAS's own workers (which would
+    busy-wait against the kernels, see "Threads" in the module docstring). The previous
+    thread counts are restored on exit. Process-wide while it lasts (OpenBLAS has one
+    setting): a product that another Python thread runs meanwhile is single-threaded too.
+    Where no OpenBLAS is found, threadpoolctl (when installed) limits the BLAS it knows;
+    else the block does nothing (``threading_info()`` says what was found).
     """
 
     def __enter__(self):
-        blas = _numpy_openblas()
-        self._previous = None
-        if "set" in blas:
-            self._previous = blas["get"]()
-            if self._previous != 1:
-                blas["set"](1)
+        self._previous = []
+        self._limiter = None
+        libs = _loaded_openblas()["libs"]
+        for _path, setter, getter in libs:
+            before = getter()
+            if before != 1:
+                setter(1)
+            self._previous.append((setter, before))
+        if not libs:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:
+                return self
+            self._limiter = threadpool_limits(limits=1, user_api="blas")
         return self
 
     def __exit__(self, *exc):
-        if self._previous not in (None, 1):
-            _BLAS["set"](self._previous)
+        for setter, before in reversed(self._previous):
+            if before != 1:
+                setter(before)
+        if self._limiter is not None:
+            self._limiter.restore_original_limits()
         return False
 
 
 def threading_info() -> dict:
-    """Which threading layer the kernels use, how many threads, and whether
-    :func:`single_threaded_blas` can act on NumPy's BLAS."""
+    """What the kernels and products run on.
+
+    ``configured_layer`` / ``active_layer``: Numba's threading layer (``active_layer`` is
+    None until a parallel kernel has run); ``num_threads``: Numba's thread count, the
+    threads that run both the kernels and the products; ``blas``: NumPy's OpenBLAS (or
+    why none was found) and ``blas_threads`` its current thread count; ``blas_libraries``:
+    every OpenBLAS loaded, with its current thread count; ``blas_threads_in_kernels``: the
+    thread count npattn gives each of them while ``deform_conv2d`` runs (1: each product
+    tile runs on the Numba thread that calls it), None where none was found;
+    ``product_tiles``: the fixed tile sizes of the products; ``threadpoolctl``: what
+    threadpoolctl reports, when it is installed (else None).
+    """
+    _ensure_gemm()
     try:
         layer = numba.threading_layer()
     except ValueError:
         layer = None  # no parallel region has run yet
-    blas = _numpy_openblas()
+    blas = _loaded_openblas()
+    own = blas["numpy"]
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        pools = None
+    else:
+        pools = [{k: d.get(k) for k in ("user_api", "internal_api", "filepath", "version", "num_threads",
+                                        "threading_layer")} for d in threadpool_info()]
     return {
         "configured_layer": numba.config.THREADING_LAYER,
         "active_layer": layer,
         "num_threads": numba.get_num_threads(),
-        "blas": blas.get("library") or blas.get("reason"),
-        "blas_threads": blas["get"]() if "get" in blas else None,
+        "blas": own[0] if own else "NumPy's BLAS is not an OpenBLAS found among the loaded libraries",
+        "blas_threads": own[2]() if own else None,
+        "blas_libraries": [{"library": path, "threads": getter()} for path, _s, getter in blas["libs"]],
+        "blas_threads_in_kernels": 1 if blas["libs"] or pools else None,
+        "product_tiles": {"columns": PRODUCT_COLUMNS, "weight_rows": WEIGHT_ROWS},
+        "threadpoolctl": pools,
     }
 
 
 def unavailable_reason():
-    """None: this backend only needs numba, which imported (else the import failed)."""
+    """None when numba imported (else the import failed) and SciPy's BLAS, which the
+    product kernels call, imports; else why not."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    except ImportError as exc:
+        return f"the product kernels need scipy.linalg.cython_blas ({exc})"
     return None
 
 
@@ -505,6 +558,121 @@ def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, 
 
 
 # ---------------------------------------------------------------------------------------
+# kernels: the matrix products of deform_conv2d, on Numba's threads
+#
+# Each product is cut into tiles fixed by the shapes alone (PRODUCT_COLUMNS columns of
+# the L = out_h * out_w axis; WEIGHT_ROWS rows of the weight gradient), never by the
+# number of threads. One prange iteration computes one tile with one BLAS gemm call on its
+# own thread (every OpenBLAS is set to one thread meanwhile: single_threaded_blas), so
+# every output element is the result of the same call with the same operands whatever the
+# thread count: bit-identical results for 1 or 64 threads. The weight gradient sums over
+# images in increasing order (a gemm with beta = 1 per image), inside the iteration that
+# owns its tile. The calls go through Numba's own ``numba_xxgemm`` (the sgemm / dgemm of
+# scipy.linalg.cython_blas, as Numba's np.dot), which takes leading dimensions: a tile is
+# a strided block of the arrays, no copy. All matrices are C-contiguous row-major; BLAS
+# sees them as column-major transposes.
+
+PRODUCT_COLUMNS = 256  # columns (output pixels) per tile of the forward and d_cols products
+WEIGHT_ROWS = 32  # rows of W_g^T (channel-taps) per tile of the weight gradient
+
+_XXGEMM = types.ExternalFunction("numba_xxgemm", types.intc(
+    types.char, types.char, types.char, types.intp, types.intp, types.intp,  # kind, transa, transb, m, n, k
+    types.voidptr, types.voidptr, types.intp, types.voidptr, types.intp,  # alpha, a, lda, b, ldb
+    types.voidptr, types.voidptr, types.intp))  # beta, c, ldc
+_NOTRANS = 78  # ord("N")
+_TRANS = 84  # ord("T")
+
+
+@njit(cache=True)
+def _gemm(transa, transb, m, n, k, a, lda, b, ldb, beta, c, ldc):
+    """Column-major ``C (m x n) = op(A) op(B) + beta C`` on the calling thread; ``a``,
+    ``b``, ``c`` are 1-D contiguous views starting at each matrix's first element."""
+    scal = np.empty(2, c.dtype)
+    scal[0] = 1
+    scal[1] = beta
+    kind = 115 if c.itemsize == 4 else 100  # "s" / "d"
+    _XXGEMM(kind, transa, transb, m, n, k, scal[0:1].ctypes, a.ctypes, lda, b.ctypes, ldb, scal[1:2].ctypes,
+            c.ctypes, ldc)
+
+
+@njit(cache=True)
+def _tile_forward(w_g, cols, out, n, g, lo, hi):
+    # out[n, g][:, lo:hi] = w_g[g] @ cols[n, g][:, lo:hi]; (m, n, k) = (hi - lo, M, Ck)
+    N, G, Ck, L = cols.shape
+    M = w_g.shape[1]
+    _gemm(_NOTRANS, _NOTRANS, hi - lo, M, Ck, cols.reshape(N, G, Ck * L)[n, g, lo:], L,
+          w_g.reshape(G, M * Ck)[g], Ck, 0.0, out.reshape(N, G, M * L)[n, g, lo:], L)
+
+
+@njit(cache=True)
+def _tile_d_cols(w_g, dy, d_cols, n, g, lo, hi):
+    # d_cols[n, g][:, lo:hi] = w_g[g].T @ dy[n, g][:, lo:hi]; (m, n, k) = (hi - lo, Ck, M)
+    N, G, M, L = dy.shape
+    Ck = w_g.shape[2]
+    _gemm(_NOTRANS, _TRANS, hi - lo, Ck, M, dy.reshape(N, G, M * L)[n, g, lo:], L,
+          w_g.reshape(G, M * Ck)[g], Ck, 0.0, d_cols.reshape(N, G, Ck * L)[n, g, lo:], L)
+
+
+@njit(cache=True)
+def _tile_d_weight(dy, cols, d_w, n, g, lo, hi):
+    # d_w[g][:, lo:hi] += dy[n, g] @ cols[n, g][lo:hi, :].T; (m, n, k) = (hi - lo, M, L)
+    N, G, Ck, L = cols.shape
+    M = dy.shape[2]
+    _gemm(_TRANS, _NOTRANS, hi - lo, M, L, cols.reshape(N, G, Ck * L)[n, g, lo * L:], L,
+          dy.reshape(N, G, M * L)[n, g], L, 1.0, d_w.reshape(G, M * Ck)[g, lo:], Ck)
+
+
+if numba.config.DISABLE_JIT:  # plain Python (NUMBA_DISABLE_JIT=1): the same tiles through NumPy
+    def _tile_forward(w_g, cols, out, n, g, lo, hi):  # noqa: F811
+        out[n, g, :, lo:hi] = w_g[g] @ cols[n, g, :, lo:hi]
+
+    def _tile_d_cols(w_g, dy, d_cols, n, g, lo, hi):  # noqa: F811
+        d_cols[n, g, :, lo:hi] = w_g[g].T @ dy[n, g, :, lo:hi]
+
+    def _tile_d_weight(dy, cols, d_w, n, g, lo, hi):  # noqa: F811
+        d_w[g, :, lo:hi] += dy[n, g] @ cols[n, g, lo:hi, :].T
+
+
+@njit(cache=True, parallel=True)
+def _forward_products(w_g, cols, out, tile):
+    # w_g (G, M, Ck); cols (N, G, Ck, L); out (N, G, M, L): every element written.
+    N, G, Ck, L = cols.shape
+    nt = (L + tile - 1) // tile
+    for t in prange(N * G * nt):
+        q = t % nt
+        u = t // nt
+        g = u % G
+        n = u // G
+        _tile_forward(w_g, cols, out, n, g, q * tile, min(q * tile + tile, L))
+
+
+@njit(cache=True, parallel=True)
+def _d_cols_products(w_g, dy, d_cols, tile):
+    # w_g (G, M, Ck); dy (N, G, M, L); d_cols (N, G, Ck, L): every element written.
+    N, G, M, L = dy.shape
+    nt = (L + tile - 1) // tile
+    for t in prange(N * G * nt):
+        q = t % nt
+        u = t // nt
+        g = u % G
+        n = u // G
+        _tile_d_cols(w_g, dy, d_cols, n, g, q * tile, min(q * tile + tile, L))
+
+
+@njit(cache=True, parallel=True)
+def _d_weight_products(dy, cols, d_w, tile):
+    # dy (N, G, M, L); cols (N, G, Ck, L); d_w (G, M, Ck), added to. Iteration (g, tile)
+    # owns d_w[g][:, tile] and adds the images in increasing n.
+    N, G, Ck, L = cols.shape
+    nt = (Ck + tile - 1) // tile
+    for t in prange(G * nt):
+        q = t % nt
+        g = t // nt
+        for n in range(N):
+            _tile_d_weight(dy, cols, d_w, n, g, q * tile, min(q * tile + tile, Ck))
+
+
+# ---------------------------------------------------------------------------------------
 # kernels: the seed's clamped sampling (th_batch_map_coordinates)
 
 
@@ -684,6 +852,82 @@ def _check_cols_out(op, cols_out, shape, dtype):
             or not cols_out.flags.c_contiguous or not cols_out.flags.writeable:
         got = f"{type(cols_out).__name__} {getattr(cols_out, 'shape', '')} {getattr(cols_out, 'dtype', '')}"
         raise ValueError(f"{op}: cols_out must be a writable C-contiguous ndarray of shape {tuple(shape)} and dtype {dtype}, got {got}")
+
+
+def _ensure_gemm():
+    """Load SciPy's BLAS before any parallel kernel calls it: ``numba_xxgemm`` looks its
+    function up under the GIL on first use, which a worker thread must never need."""
+    if _GEMM_READY:
+        return
+    import scipy.linalg.cython_blas  # noqa: F401  (also brings SciPy's OpenBLAS into the process)
+
+    for dt in (np.float32, np.float64):
+        one = np.ones((1, 1, 1, 1), dtype=dt)
+        out = np.zeros((1, 1, 1, 1), dtype=dt)
+        if not numba.config.DISABLE_JIT:
+            _tile_forward(one[0], one, out, 0, 0, 0, 1)  # serial, on this thread
+    _GEMM_READY.append(True)
+
+
+_GEMM_READY = []
+
+
+def _check_products(op, w_g, cols_like, other):
+    for name, a in (("w_g", w_g), ("first operand", cols_like), ("second operand", other)):
+        if not isinstance(a, np.ndarray) or not a.flags.c_contiguous or a.dtype not in _FLOATS:
+            raise ValueError(f"{op}: {name} must be a C-contiguous float32/float64 ndarray, got "
+                             f"{type(a).__name__} {getattr(a, 'dtype', '')}")
+    if len({w_g.dtype, cols_like.dtype, other.dtype}) != 1:
+        raise TypeError(f"{op}: all operands must have one dtype, got {w_g.dtype}, {cols_like.dtype}, {other.dtype}")
+
+
+def products_forward(w_g, cols, out):
+    """``out[n, g] = w_g[g] @ cols[n, g]`` for w_g (G, M, Ck), cols (N, G, Ck, L) into
+    ``out`` (N, G, M, L), all C-contiguous, one dtype; tiles on Numba's threads (see
+    "the matrix products" above: the result does not depend on the thread count)."""
+    _check_products("products_forward", w_g, cols, out)
+    N, G, Ck, L = cols.shape
+    if w_g.shape[0] != G or w_g.shape[2] != Ck or out.shape != (N, G, w_g.shape[1], L):
+        raise ValueError(f"products_forward: shapes w_g {w_g.shape}, cols {cols.shape}, out {out.shape} do not fit")
+    if out.size == 0:
+        return out
+    if Ck == 0:
+        out[...] = 0
+        return out
+    _ensure_gemm()
+    _forward_products(w_g, cols, out, PRODUCT_COLUMNS)
+    return out
+
+
+def products_d_cols(w_g, dy, d_cols):
+    """``d_cols[n, g] = w_g[g].T @ dy[n, g]`` for w_g (G, M, Ck), dy (N, G, M, L) into
+    ``d_cols`` (N, G, Ck, L); tiles on Numba's threads."""
+    _check_products("products_d_cols", w_g, dy, d_cols)
+    N, G, M, L = dy.shape
+    if w_g.shape[:2] != (G, M) or d_cols.shape != (N, G, w_g.shape[2], L):
+        raise ValueError(f"products_d_cols: shapes w_g {w_g.shape}, dy {dy.shape}, d_cols {d_cols.shape} do not fit")
+    if d_cols.size == 0:
+        return d_cols
+    if M == 0:
+        d_cols[...] = 0
+        return d_cols
+    _ensure_gemm()
+    _d_cols_products(w_g, dy, d_cols, PRODUCT_COLUMNS)
+    return d_cols
+
+
+def products_d_weight(dy, cols, d_w):
+    """``d_w[g] += sum_n dy[n, g] @ cols[n, g].T`` (images added in increasing n) for
+    dy (N, G, M, L), cols (N, G, Ck, L), d_w (G, M, Ck); tiles on Numba's threads."""
+    _check_products("products_d_weight", d_w, dy, cols)
+    N, G, Ck, L = cols.shape
+    if dy.shape[:2] != (N, G) or dy.shape[3] != L or d_w.shape != (G, dy.shape[2], Ck):
+        raise ValueError(f"products_d_weight: shapes dy {dy.shape}, cols {cols.shape}, d_w {d_w.shape} do not fit")
+    if d_w.size == 0 or N == 0 or L == 0:
+        return d_w
+    _ensure_gemm()
+    _d_weight_products(dy, cols, d_w, WEIGHT_ROWS)
+    return d_w
 
 
 def map_coordinates_clamped(x, coords):
