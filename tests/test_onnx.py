@@ -135,3 +135,17 @@ def test_without_onnx_the_export_says_how_to_install_and_npattn_never_imports_it
                         "assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules\nprint('ok')"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_onnxruntime_check_tool_agrees_on_every_configuration():
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'npattn[onnx]'): skipped")
+    import io
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import onnxruntime_check
+
+    out = io.StringIO()
+    rows = onnxruntime_check.run(0, stream=out)
+    assert len(rows) == 2 * len(onnxruntime_check.CONFIGS)
+    assert all(ok for *_, ok in rows), out.getvalue()
+    assert {dtype for _, dtype, *_ in rows} == {"float32", "float64"}
