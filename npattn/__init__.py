@@ -13,7 +13,7 @@ from .blocks.se import SEBlock
 from .blocks.sk import SKConv
 from .blocks.aff import AFF, DAF, MS_CAM, iAFF
 from .blocks.gct import GCT
-from .blocks.deform import ConvOffset2D, DeformConv2d, ModulatedDeformConv2dPack
+from .blocks.deform import ConvOffset2D, DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 
 # Deformable sampling as functions -----------------------------------------------------
 from .functional.deform import (
@@ -28,7 +28,7 @@ from .functional.deform import (
 __all__ = [
     "__version__", "functional", "gradcheck", "gradcheck_block",
     "SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT",
-    "DeformConv2d", "ModulatedDeformConv2dPack", "ConvOffset2D",
+    "DeformConv2d", "ModulatedDeformConv2dPack", "ConvOffset2D", "DeformConv2dPack",
     "deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward",
     "batch_map_offsets", "batch_map_offsets_forward", "batch_map_offsets_backward",
 ]

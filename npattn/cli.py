@@ -132,7 +132,12 @@ def cmd_export(args) -> int:
     from . import golden
 
     try:
-        paths = golden.export(args.case, args.dir, args.golden)
+        if args.format == "onnx":
+            from .onnx_export import export_onnx
+
+            paths = export_onnx(args.case, args.dir, args.golden)
+        else:
+            paths = golden.export(args.case, args.dir, args.golden)
     except golden.GoldenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -168,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     golden_arg(p)
     p.add_argument("case")
     p.add_argument("dir")
+    p.add_argument("--format", choices=("npz", "onnx"), default="npz",
+                   help="npz (default): inputs.npz, state_dict.npz, grad_output.npy, case.json; onnx: an ONNX node "
+                        "test (model.onnx with one DeformConv node, test_data_set_0/*.pb) for deform_conv2d and "
+                        "DeformConv2d cases (needs the onnx package)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="run every primitive op forward and backward; print finite-difference errors")

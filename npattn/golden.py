@@ -14,8 +14,11 @@ A fixture is ``<golden>/<block>/<case>.npz`` (plain arrays, never pickles) with 
 
 ``<golden>/manifest.json`` is ``{"format": 1, "cases": {"<case id>": {...}}}`` with, per
 case: file, block, kind ("block" or "function"), config (constructor or keyword
-arguments), inputs (names in call order), mode, dtype, seed, shapes, sha256,
-tolerances, npattn version, and the cross-check record.
+arguments; for the deformable convolutions ``border_grad``, the offset-gradient convention
+at p = -1), inputs (names in call order), mode, dtype, seed, shapes, sha256,
+tolerances, npattn version, the cross-check record and, where a case sits on a point
+where the forward is not differentiable, ``fd_skip`` (tensor name -> reason) for the
+finite-difference spot check.
 
 Float32 twins hold the float32-rounded inputs and parameters of their float64 case; their
 expected outputs and gradients are computed in float64 from exactly those values and
@@ -267,6 +270,9 @@ def spot_check_gradients(meta: dict, arrays: dict, *, n_directions=2, seed=0):
 
     arrays64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in arrays.items()}
     names = [f"input.{n}" for n in meta["inputs"]] + sorted(k for k in arrays64 if k.startswith("param."))
+    # a case may name tensors at a point where the forward is not differentiable (zero
+    # offsets: every sample on an integer position), with the reason, in "fd_skip"
+    names = [n for n in names if n not in (meta.get("fd_skip") or {})]
     base = dict(arrays64)
 
     def forward(**perturbed):

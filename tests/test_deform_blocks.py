@@ -153,3 +153,89 @@ def test_dcnv2_pack_checks():
     assert y.dtype == np.float32
     (d_x,), params = blk.backward(np.ones_like(y), cache)
     assert d_x.dtype == np.float32 and all(v.dtype == np.float32 for v in params.values())
+
+
+# ---- DeformConv2dPack (mmcv's DCNv1 layer) --------------------------------------------
+
+
+def test_dcnv1_pack_state_and_init():
+    blk = npattn.DeformConv2dPack(6, 4, (3, 2), groups=2, deform_groups=3, rng=0)
+    assert list(blk.state_dict()) == ["weight", "conv_offset.weight", "conv_offset.bias"]
+    assert blk["weight"].shape == (4, 3, 3, 2)
+    assert blk["conv_offset.weight"].shape == (2 * 3 * 6, 6, 3, 2) and blk["conv_offset.bias"].shape == (36,)
+    bound = np.sqrt(6 / (3 * 3 * 2))  # kaiming_uniform(nonlinearity="relu"), fan_in = in / groups * kh * kw
+    assert np.all(np.abs(blk["weight"]) <= bound) and np.abs(blk["weight"]).max() > 0.8 * bound
+    np.testing.assert_array_equal(blk["conv_offset.weight"], 0)
+    np.testing.assert_array_equal(blk["conv_offset.bias"], 0)
+    assert blk.border_grad == "mmcv" and blk.dtype == np.float32
+
+
+def test_dcnv1_pack_is_conv_offset_then_deform_conv2d(rng):
+    blk = npattn.DeformConv2dPack(4, 6, 3, stride=(1, 2), padding=(1, 2), dilation=(2, 1), groups=2, deform_groups=2,
+                                  rng=7, dtype=np.float64, backend=BACKEND)
+    state = blk.state_dict()
+    state["conv_offset.weight"] = rng.normal(0, 0.3, state["conv_offset.weight"].shape)
+    state["conv_offset.bias"] = rng.normal(0, 0.5, state["conv_offset.bias"].shape)
+    blk.load_state_dict(state)
+    x = rng.standard_normal((2, 4, 7, 6))
+    offset, _ = F.conv2d_forward(x, state["conv_offset.weight"], state["conv_offset.bias"], (1, 2), (1, 2), (2, 1))
+    ref = F.deform_conv2d(x, offset, state["weight"], None, (1, 2), (1, 2), (2, 1), backend=BACKEND)
+    y, cache = blk.forward(x)
+    np.testing.assert_array_equal(y, ref)
+    # at initialisation (zero offset conv): a plain grouped convolution
+    blk.load_state_dict({**state, "conv_offset.weight": np.zeros(state["conv_offset.weight"].shape),
+                         "conv_offset.bias": np.zeros(state["conv_offset.bias"].shape)})
+    conv, _ = F.conv2d_forward(x, state["weight"], None, (1, 2), (1, 2), (2, 1), groups=2)
+    np.testing.assert_allclose(blk.forward(x)[0], conv, rtol=1e-14, atol=1e-14)
+
+
+def test_dcnv1_pack_gradcheck(rng):
+    """Every input element and every parameter; conv_offset's bias keeps every sample
+    0.3 .. 0.7 from the grid and its weight is small, so none is near an integer (checked)."""
+    blk = npattn.DeformConv2dPack(6, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,
+                                  deform_groups=3, rng=8, dtype=np.float64, backend=BACKEND)
+    state = blk.state_dict()
+    state["conv_offset.weight"] = rng.normal(0, 0.01, state["conv_offset.weight"].shape)
+    state["conv_offset.bias"] = rng.uniform(0.3, 0.7, state["conv_offset.bias"].shape)
+    blk.load_state_dict(state)
+    x = rng.standard_normal((2, 6, 7, 5))
+    t, _ = F.conv2d_forward(x, state["conv_offset.weight"], state["conv_offset.bias"], (2, 1), (1, 0), (2, 1))
+    frac = t - np.floor(t)
+    assert 0.05 < frac.min() and frac.max() < 0.95  # the test's premise
+    report = gradcheck_block(blk, (x,))
+    assert {t.name for t in report.tensors} == {"input.0", "param.weight", "param.conv_offset.weight", "param.conv_offset.bias"}
+    assert report.ok and report.max_rel_err < 5e-8, str(report)
+
+
+def test_dcnv1_pack_state_dict_round_trip(rng):
+    a = npattn.DeformConv2dPack(4, 2, 3, padding=1, deform_groups=2, rng=9, dtype=np.float64)
+    state = a.state_dict()
+    state["conv_offset.weight"] = rng.normal(0, 0.1, state["conv_offset.weight"].shape)
+    a.load_state_dict(state)
+    b = npattn.DeformConv2dPack(4, 2, 3, padding=1, deform_groups=2, rng=10, dtype=np.float64)
+    b.load_state_dict(a.state_dict())
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[k], v)
+    x = rng.standard_normal((1, 4, 5, 5))
+    np.testing.assert_array_equal(a.forward(x)[0], b.forward(x)[0])
+    with pytest.raises(KeyError, match=r"missing keys \['conv_offset.bias'\], unexpected keys \['bias'\]"):
+        b.load_state_dict({**{k: v for k, v in state.items() if k != "conv_offset.bias"}, "bias": np.zeros(2)})
+    with pytest.raises(ValueError, match=r"'conv_offset.weight' must have shape \(36, 4, 3, 3\), got \(18, 4, 3, 3\)"):
+        b.load_state_dict({**state, "conv_offset.weight": np.zeros((18, 4, 3, 3))})
+
+
+def test_dcnv1_pack_checks():
+    with pytest.raises(ValueError, match=r"DeformConv2dPack: bias must be False \(mmcv's DeformConv2dPack has no bias\), got True"):
+        npattn.DeformConv2dPack(2, 2, 3, bias=True)
+    with pytest.raises(ValueError, match="in_channels must be divisible by deform_groups, got in_channels=6, deform_groups=4"):
+        npattn.DeformConv2dPack(6, 4, 3, deform_groups=4)
+    with pytest.raises(ValueError, match="DeformConv2dPack: border_grad must be one of"):
+        npattn.DeformConv2dPack(2, 2, 3, border_grad="tv")
+    blk = npattn.DeformConv2dPack(2, 2, 3)
+    with pytest.raises(ValueError, match=r"DeformConv2dPack: x must have 2 channels, got shape \(1, 3, 5, 5\)"):
+        blk.forward(np.zeros((1, 3, 5, 5), dtype=np.float32))
+    y, cache = blk.forward(np.ones((1, 2, 5, 5), dtype=np.float32))
+    assert y.dtype == np.float32 and y.shape == (1, 2, 3, 3)
+    (d_x,), params = blk.backward(np.ones_like(y), cache)
+    assert d_x.dtype == np.float32 and set(params) == {"weight", "conv_offset.weight", "conv_offset.bias"}
+    assert all(v.dtype == np.float32 for v in params.values())

@@ -45,7 +45,7 @@ def some_case(manifest, block="AFF", mode="train", dtype="float64"):
 
 EXPECTED_BLOCKS = {
     "SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT", "ConvOffset2D", "batch_map_offsets",
-    "deform_conv2d", "DeformConv2d", "ModulatedDeformConv2dPack",
+    "deform_conv2d", "DeformConv2d", "ModulatedDeformConv2dPack", "DeformConv2dPack",
 }
 
 
@@ -67,6 +67,12 @@ def test_manifest_covers_every_block_in_both_dtypes_and_modes(manifest):
     assert gct == {("l2", False), ("l1", False), ("l1", True)}
     dcn = [m for m in cases.values() if m["block"] == "deform_conv2d"]
     assert any("mask" in m["inputs"] for m in dcn) and any("mask" not in m["inputs"] for m in dcn)
+    # the offset-gradient convention is recorded for every deformable convolution, and
+    # both conventions have an initial-state case (zero offsets, taps on p = -1)
+    deform = [m for m in cases.values() if m["block"] in ("deform_conv2d", "DeformConv2d", "ModulatedDeformConv2dPack", "DeformConv2dPack")]
+    assert all(m["config"]["border_grad"] in ("torchvision", "mmcv") for m in deform)
+    for block in ("deform_conv2d", "ModulatedDeformConv2dPack", "DeformConv2dPack"):
+        assert {m["config"]["border_grad"] for m in deform if m["block"] == block and m.get("fd_skip")} == {"torchvision", "mmcv"}
 
 
 def test_every_case_was_cross_checked_against_pytorch(manifest):

@@ -711,3 +711,27 @@ def test_threading_info_reports_layer_threads_and_blas():
         assert os.path.exists(lib["library"]) and lib["threads"] >= 1, lib
     if info["blas_libraries"]:
         assert info["blas_threads_in_kernels"] == 1
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_offset_gradient_mmcv_border_matches_numpy_backend(name, dtype, with_mask):
+    """border_grad="mmcv": the offset/mask gradient (and the columns it fills) bit for bit
+    as numpy.py; it differs from torchvision's only at p = -1 (make_inputs puts one there)."""
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng([8, list(CONFIGS).index(name)])
+    x, offset, mask, d_cols = make_inputs(rng, cfg, dtype, with_mask)
+    geo, g = geometry(cfg), cfg[8]
+    cols = np.empty(d_cols.shape, dtype=dtype)
+    got = cpu.deform_col2im_coord(d_cols, x, offset, mask, *geo, g, cols_out=cols, border_grad="mmcv")
+    want = ref.deform_col2im_coord(d_cols, x, offset, mask, *geo, g, border_grad="mmcv")
+    np.testing.assert_array_equal(cols, ref.deform_im2col(x, offset, mask, *geo, out_hw(cfg), g))
+    np.testing.assert_array_equal(got[0], want[0])
+    if with_mask:
+        np.testing.assert_array_equal(got[1], want[1])
+    tv = cpu.deform_col2im_coord(d_cols, x, offset, mask, *geo, g, border_grad="torchvision")[0]
+    differ = got[0] != tv
+    assert np.all(got[0][differ] == 0.0)  # where they differ, mmcv's is the 0 at p = -1
+    if x.shape[0]:  # the sample on p_y = -1 (tap (0, 0), oy = 0, p_x = 0.3 - pw)
+        assert got[0][0, 0, 0, 0] == 0.0 and differ[0, 0, 0, 0]

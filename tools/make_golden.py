@@ -49,18 +49,54 @@ CASES = [
     ("conv_offset2d/filters3", "ConvOffset2D", "block", {"filters": 3}, {"x": (2, 3, 6, 5)}, ["eval"], 501),
     ("batch_map_offsets/b3", "batch_map_offsets", "function", {}, {"input": (3, 5, 4), "offsets": (3, 5, 4, 2)}, ["eval"], 502),
     ("deform_conv2d/v1_groups2_offgroups2", "deform_conv2d", "function",
-     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1)},
+     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1), "border_grad": "torchvision"},
      {"input": (2, 4, 7, 6), "offset": (2, 2 * 2 * 3 * 2, 3, 5), "weight": (6, 2, 3, 2), "bias": (6,)}, ["eval"], 601),
     ("deform_conv2d/v2_groups2_offgroups2", "deform_conv2d", "function",
-     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1)},
+     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1), "border_grad": "torchvision"},
      {"input": (2, 4, 7, 6), "offset": (2, 2 * 2 * 3 * 2, 3, 5), "weight": (6, 2, 3, 2), "bias": (6,), "mask": (2, 2 * 3 * 2, 3, 5)}, ["eval"], 602),
     ("deform_conv2d_block/k3_groups2", "DeformConv2d", "block",
-     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "groups": 2},
+     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "groups": 2, "border_grad": "torchvision"},
      {"x": (2, 4, 5, 6), "offset": (2, 18, 5, 6), "mask": (2, 9, 5, 6)}, ["eval"], 603),
     ("modulated_deform_conv2d_pack/k3_dg2", "ModulatedDeformConv2dPack", "block",
-     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "deform_groups": 2},
+     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "deform_groups": 2, "border_grad": "mmcv"},
      {"x": (2, 4, 5, 6)}, ["eval"], 604),
 ]
+
+# ---- the two border_grad conventions (torchvision / mmcv) and mmcv's DCNv1 layer ----------
+_ZERO_OFFSET_SHAPES = {"input": (2, 4, 5, 6), "offset": (2, 2 * 2 * 9, 5, 8), "weight": (6, 2, 3, 3), "bias": (6,), "mask": (2, 2 * 9, 5, 8)}
+_PACK = {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "deform_groups": 2}
+CASES += [
+    ("deform_conv2d/zero_offsets_pad1_torchvision", "deform_conv2d", "function",
+     {"padding": (1, 2), "border_grad": "torchvision"}, _ZERO_OFFSET_SHAPES, ["eval"], 605),
+    ("deform_conv2d/zero_offsets_pad1_mmcv", "deform_conv2d", "function",
+     {"padding": (1, 2), "border_grad": "mmcv"}, _ZERO_OFFSET_SHAPES, ["eval"], 605),
+    ("modulated_deform_conv2d_pack/init_torchvision", "ModulatedDeformConv2dPack", "block",
+     dict(_PACK, border_grad="torchvision"), {"x": (2, 4, 5, 6)}, ["eval"], 606),
+    ("modulated_deform_conv2d_pack/init_mmcv", "ModulatedDeformConv2dPack", "block",
+     dict(_PACK, border_grad="mmcv"), {"x": (2, 4, 5, 6)}, ["eval"], 606),
+    ("deform_conv2d_pack/k3_groups2_dg2", "DeformConv2dPack", "block",
+     dict(_PACK, groups=2, border_grad="mmcv"), {"x": (2, 4, 5, 6)}, ["eval"], 607),
+    ("deform_conv2d_pack/init_torchvision", "DeformConv2dPack", "block",
+     dict(_PACK, groups=2, border_grad="torchvision"), {"x": (2, 4, 5, 6)}, ["eval"], 608),
+    ("deform_conv2d_pack/init_mmcv", "DeformConv2dPack", "block",
+     dict(_PACK, groups=2, border_grad="mmcv"), {"x": (2, 4, 5, 6)}, ["eval"], 608),
+]
+
+# Cases in a layer's initial state: zero offsets (and, for the layers, a zero offset conv),
+# so every sample sits on an integer position and, with padding, the border taps exactly
+# on p = -1, where the border_grad conventions differ. The forward is not differentiable
+# in the offsets there (the offset gradient is one-sided by convention), so the
+# finite-difference spot check skips the tensors that move the offsets; the cross-check
+# (torchvision, or the transcription of mmcv's kernels) covers them.
+_ON_GRID = "zero offsets: every sample on an integer position, where the offset gradient is one-sided by convention"
+INITIAL_STATE = {
+    "deform_conv2d/zero_offsets_pad1_torchvision": {"input.offset": _ON_GRID},
+    "deform_conv2d/zero_offsets_pad1_mmcv": {"input.offset": _ON_GRID},
+    "modulated_deform_conv2d_pack/init_torchvision": {"param.conv_offset.weight": _ON_GRID, "param.conv_offset.bias": _ON_GRID},
+    "modulated_deform_conv2d_pack/init_mmcv": {"param.conv_offset.weight": _ON_GRID, "param.conv_offset.bias": _ON_GRID},
+    "deform_conv2d_pack/init_torchvision": {"param.conv_offset.weight": _ON_GRID, "param.conv_offset.bias": _ON_GRID},
+    "deform_conv2d_pack/init_mmcv": {"param.conv_offset.weight": _ON_GRID, "param.conv_offset.bias": _ON_GRID},
+}
 
 
 def away_from_integers(rng, shape, low=-1.5, high=1.5):
@@ -112,12 +148,19 @@ def build_arrays(spec, mode):
     if kind == "block":
         blk = getattr(npattn, name)(**config, rng=seed, dtype=np.float64)
         randomise_state(blk, rng)
+        if stem in INITIAL_STATE:  # the offset conv stays zero-initialised
+            blk.load_state_dict({k: (np.zeros_like(v) if k.startswith("conv_offset.") else v)
+                                 for k, v in blk.state_dict().items()})
         params = set(blk.parameter_names())
         for k, v in blk.state_dict().items():
             arrays[("param." if k in params else "buffer.") + k] = v
     inputs = make_inputs(shapes, rng)
     if name == "GCT" and config.get("after_relu"):
         inputs["x"] = np.abs(inputs["x"])  # after_relu: the input is non-negative
+    if stem in INITIAL_STATE:
+        meta["fd_skip"] = INITIAL_STATE[stem]
+        if "offset" in inputs:
+            inputs["offset"] = np.zeros_like(inputs["offset"])
     for k, v in inputs.items():
         arrays[f"input.{k}"] = v
     meta["inputs"] = list(shapes)
@@ -245,6 +288,8 @@ def main(argv=None) -> int:
                     "cross_checked": record,
                     "fd_spot_check_rel_err": float(f"{report.max_rel_err:.2e}"),
                 }
+                if meta.get("fd_skip"):
+                    cases[case_id]["fd_skip"] = meta["fd_skip"]
                 print(f"{case_id:<48} written  fd {report.max_rel_err:.1e}  cross-check {record['max_rel_err'] if record else '-'}")
     manifest = {"format": golden.FORMAT, "cases": dict(sorted(cases.items()))}
     manifest_path.parent.mkdir(parents=True, exist_ok=True)

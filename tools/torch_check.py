@@ -33,10 +33,13 @@ def build_module(info, dtype):
     import torch_ref_blocks
     import torch_ref_deform
 
+    # border_grad is npattn's name for the offset-gradient convention at p = -1; these
+    # modules run torchvision's kernel (its convention), which agrees elsewhere
+    config = {k: v for k, v in info["config"].items() if k != "border_grad"}
     for mod in (torch_ref_blocks, torch_ref_deform):
         cls = getattr(mod, "TORCH_CLASSES", {}).get(info["block"])
         if cls is not None:
-            return cls(**info["config"]).to(dtype)
+            return cls(**config).to(dtype)
     raise SystemExit(f"no PyTorch module for {info['block']} in this example")
 
 

@@ -18,6 +18,11 @@ def _t(a, grad=True):
 
 
 def _torch_module(np_block):
+    if type(np_block).__name__ == "DeformConv2dPack" or getattr(np_block, "border_grad", "torchvision") == "mmcv":
+        import mmcv_ref_deform  # mmcv's layers: torch composition around mmcv's kernel logic or torchvision's op
+
+        kernel = "mmcv's kernel logic" if np_block.border_grad == "mmcv" else "torchvision.ops.deform_conv2d"
+        return mmcv_ref_deform.make_torch_block(np_block), f"tools/mmcv_ref_deform.py (torch composition, {kernel})"
     import torch_ref_blocks
 
     try:
@@ -37,6 +42,16 @@ def run_case(meta: dict, arrays: dict):
     if meta["kind"] == "function":
         tin = {n: _t(arrays[f"input.{n}"]) for n in names}
         cfg = meta["config"]
+        if meta["block"] == "deform_conv2d" and cfg.get("border_grad") == "mmcv":
+            import mmcv_ref_deform
+
+            a = {n: arrays[f"input.{n}"] for n in names}
+            geo = (cfg.get("stride", 1), cfg.get("padding", 0), cfg.get("dilation", 1))
+            out["output"] = mmcv_ref_deform.deform_conv2d(a["input"], a["offset"], a["weight"], a.get("bias"), *geo, a.get("mask"))
+            g = mmcv_ref_deform.deform_conv2d_backward(arrays["grad_output"], a["input"], a["offset"], a["weight"],
+                                                       a.get("bias"), *geo, a.get("mask"))
+            out.update({f"grad.input.{n}": g[n] for n in names})
+            return out, "tools/mmcv_ref_deform.py (mmcv's kernel logic, float64 loops)"
         if meta["block"] == "deform_conv2d":
             import torchvision
 

@@ -1,11 +1,23 @@
 """Deformable convolution blocks: Dai et al., "Deformable Convolutional Networks" (ICCV
 2017) and Zhu et al., "Deformable ConvNets v2" (CVPR 2019).
 
-Three blocks:
+Four blocks:
 
 ``DeformConv2d``
     torchvision.ops.DeformConv2d: ``forward(x, offset, mask=None)`` is
     :func:`npattn.functional.deform_conv2d` with the block's ``weight`` and ``bias``.
+
+``DeformConv2dPack``
+    mmcv's DCNv1 layer, which predicts its own offsets (no mask, no bias)::
+
+        offset = conv_offset(x)                              (N, 2 G K, out_h, out_w)
+        y = deform_conv2d(x, offset, weight, None, stride, padding, dilation)
+
+    Backward::
+
+        d_x(1), d_offset, d_weight = deform_conv2d_backward(dy)
+        d_x(2), d_conv_offset.weight, d_conv_offset.bias = conv2d_backward(d_offset)
+        d_x = d_x(1) + d_x(2)
 
 ``ModulatedDeformConv2dPack``
     mmcv's DCNv2 layer, which predicts its own offsets and mask::
@@ -49,6 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import functional as F
+from .. import sampling
 from .._checks import pair, positive_int
 from ..functional.deform import (
     batch_map_offsets_backward,
@@ -58,7 +71,7 @@ from ..functional.deform import (
 )
 from .base import Block, make_rng
 
-__all__ = ["ConvOffset2D", "DeformConv2d", "ModulatedDeformConv2dPack"]
+__all__ = ["ConvOffset2D", "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack"]
 
 
 def _conv_config(op, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
@@ -92,6 +105,9 @@ class DeformConv2d(Block):
     rng : None, int or numpy Generator (initialisation)
     dtype : float32 (default, as PyTorch) or float64
     backend : sampling backend for the op (see :mod:`npattn.sampling`)
+    border_grad : "torchvision" (default, this layer's framework) or "mmcv": the offset
+        gradient at positions exactly at -1 on either axis (right-hand derivative, or 0);
+        see :func:`npattn.functional.deform_conv2d_forward`
 
     State: ``weight`` (out_channels, in_channels / groups, kh, kw) and ``bias``
     (out_channels,), initialised as torchvision (kaiming_uniform(a=sqrt(5)), i.e.
@@ -106,13 +122,14 @@ class DeformConv2d(Block):
 
     def __init__(
         self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-        *, rng=None, dtype=np.float32, backend=None,
+        *, rng=None, dtype=np.float32, backend=None, border_grad="torchvision",
     ):
         super().__init__(dtype)
         op = type(self).__name__
         (self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
          self.groups) = _conv_config(op, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.backend = backend
+        self.border_grad = sampling.check_border_grad(op, border_grad)
         self._add_conv("", make_rng(rng), self.in_channels, self.out_channels, self.kernel_size, self.groups, bias)
 
     def forward(self, x, offset, mask=None, *, training=False):
@@ -120,7 +137,7 @@ class DeformConv2d(Block):
         s = self._state
         return deform_conv2d_forward(
             x, offset, s["weight"], s.get("bias"), self.stride, self.padding, self.dilation, mask,
-            backend=self.backend,
+            backend=self.backend, border_grad=self.border_grad,
         )
 
     def backward(self, grad_out, cache):
@@ -130,6 +147,84 @@ class DeformConv2d(Block):
             params["bias"] = g["bias"]
         inputs = (g["input"], g["offset"]) + ((g["mask"],) if "mask" in g else ())
         return inputs, params
+
+
+@dataclass(frozen=True)
+class DeformConv2dPackCache:
+    conv_offset: object  # Conv2dCache of conv_offset: x -> offset (N, 2 G K, out_h, out_w)
+    deform: object  # DeformConv2dCache of the main deformable convolution
+
+
+class DeformConv2dPack(Block):
+    """DCNv1 layer that predicts its own offsets, as mmcv's ``DeformConv2dPack``
+    (registered there as "DCN").
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, padding, dilation : int or pair (h, w)
+    groups : int, weight groups
+    deform_groups : int, offset groups (divides in_channels)
+    bias : False. mmcv's layer has no bias (it asserts ``bias=False``); True raises.
+    rng, dtype, backend : as :class:`DeformConv2d`
+    border_grad : "mmcv" (default, this layer's framework) or "torchvision", as
+        :class:`ModulatedDeformConv2dPack`.
+
+    State (mmcv's keys and order): ``weight`` (out, in / groups, kh, kw) ~ U(-b, b) with
+    ``b = sqrt(6 / fan_in)``, ``fan_in = in / groups * kh * kw`` (mmcv's
+    ``kaiming_uniform_(nonlinearity="relu")``); ``conv_offset.weight`` (2 deform_groups
+    kh kw, in, kh, kw) and ``conv_offset.bias`` zeros (a full convolution with the layer's
+    kernel, stride, padding and dilation): at initialisation the layer is a plain
+    convolution.
+
+    ``forward(x, training=False)``; the module docstring gives the equations.
+    ``backward`` returns ``((d_x,), params)``.
+    """
+
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, deform_groups=1,
+        bias=False, *, rng=None, dtype=np.float32, backend=None, border_grad="mmcv",
+    ):
+        super().__init__(dtype)
+        op = type(self).__name__
+        (self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+         self.groups) = _conv_config(op, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        if bias is not False:
+            raise ValueError(f"{op}: bias must be False (mmcv's DeformConv2dPack has no bias), got {bias!r}")
+        self.border_grad = sampling.check_border_grad(op, border_grad)
+        self.deform_groups = positive_int(op, "deform_groups", deform_groups)
+        if self.in_channels % self.deform_groups:
+            raise ValueError(
+                f"{op}: in_channels must be divisible by deform_groups, got in_channels={self.in_channels}, "
+                f"deform_groups={self.deform_groups}"
+            )
+        self.backend = backend
+        rng = make_rng(rng)
+        kh, kw = self.kernel_size
+        bound = math.sqrt(6.0 / (self.in_channels // self.groups * kh * kw))
+        self._add_param("weight", rng.uniform(-bound, bound, (self.out_channels, self.in_channels // self.groups, kh, kw)))
+        n_offset = 2 * self.deform_groups * kh * kw
+        self._add_param("conv_offset.weight", np.zeros((n_offset, self.in_channels, kh, kw)))
+        self._add_param("conv_offset.bias", np.zeros(n_offset))
+
+    def forward(self, x, *, training=False):
+        x = self._check_input("x", x, 4, self.in_channels)
+        offset, conv_cache = self._conv(
+            "conv_offset.", x, stride=self.stride, padding=self.padding, dilation=self.dilation
+        )  # (N, 2 G K, out_h, out_w)
+        y, deform_cache = deform_conv2d_forward(
+            x, offset, self._state["weight"], None, self.stride, self.padding, self.dilation, None,
+            backend=self.backend, border_grad=self.border_grad,
+        )  # (N, C_out, out_h, out_w)
+        return y, DeformConv2dPackCache(conv_cache, deform_cache)
+
+    def backward(self, grad_out, cache):
+        params = self.zero_grads()
+        g = deform_conv2d_backward(grad_out, cache.deform)
+        params["weight"] += g["weight"]
+        d_x_offset = self._conv_backward("conv_offset.", g["offset"], cache.conv_offset, params)  # (N, C_in, H, W)
+        d_x = g["input"] + d_x_offset  # (N, C_in, H, W)
+        return (d_x,), params
 
 
 @dataclass(frozen=True)
@@ -151,6 +246,10 @@ class ModulatedDeformConv2dPack(Block):
     deform_groups : int, offset groups (divides in_channels)
     bias : bool
     rng, dtype, backend : as :class:`DeformConv2d`
+    border_grad : "mmcv" (default, this layer's framework) or "torchvision", as
+        :class:`DeformConv2d`. At initialisation (zero offsets) with ``padding >= 1`` the
+        border taps sit exactly on ``p = -1``, where the conventions differ: mmcv's
+        ``conv_offset`` gradients are those of ``border_grad="mmcv"``.
 
     State (mmcv's keys and order): ``weight`` (out, in / groups, kh, kw) ~
     U(-1/sqrt(in kh kw), 1/sqrt(in kh kw)) (mmcv's fan counts all input channels),
@@ -164,12 +263,13 @@ class ModulatedDeformConv2dPack(Block):
 
     def __init__(
         self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, deform_groups=1,
-        bias=True, *, rng=None, dtype=np.float32, backend=None,
+        bias=True, *, rng=None, dtype=np.float32, backend=None, border_grad="mmcv",
     ):
         super().__init__(dtype)
         op = type(self).__name__
         (self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
          self.groups) = _conv_config(op, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        self.border_grad = sampling.check_border_grad(op, border_grad)
         self.deform_groups = positive_int(op, "deform_groups", deform_groups)
         if self.in_channels % self.deform_groups:
             raise ValueError(
@@ -198,7 +298,7 @@ class ModulatedDeformConv2dPack(Block):
         mask, sig_cache = F.sigmoid_forward(t[:, 2 * gk :])  # (N, G K, out_h, out_w)
         y, deform_cache = deform_conv2d_forward(
             x, offset, s["weight"], s.get("bias"), self.stride, self.padding, self.dilation, mask,
-            backend=self.backend,
+            backend=self.backend, border_grad=self.border_grad,
         )
         return y, ModulatedDeformConv2dPackCache(conv_cache, sig_cache, deform_cache)
 

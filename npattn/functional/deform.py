@@ -44,6 +44,7 @@ class DeformConv2dCache:
     offset_groups: int  # G_off = offset.shape[1] / (2 kh kw)
     backend: str  # sampling backend name ("numpy", "numba", "cuda")
     images_per_chunk: int  # images per im2col chunk (column budget)
+    border_grad: str = "torchvision"  # offset-gradient convention at p = -1: "torchvision" or "mmcv"
 
 
 def _images_per_chunk(op, column_budget_bytes, c_in, k_taps, out_hw, itemsize):
@@ -67,6 +68,7 @@ def deform_conv2d_forward(
     *,
     backend=None,
     column_budget_bytes=DEFAULT_COLUMN_BUDGET_BYTES,
+    border_grad="torchvision",
 ):
     """Deformable 2-D convolution, exactly as ``torchvision.ops.deform_conv2d``.
 
@@ -91,6 +93,9 @@ def deform_conv2d_forward(
         per chunk), like torchvision's ``n_parallel_imgs``. The result does not depend
         on it. The NumPy backend's temporaries are a few times this buffer (measured:
         about 4x in the forward and 10x in the backward, float32).
+    border_grad : "torchvision" (default) or "mmcv"
+        The offset gradient's convention at the image border, used by the backward
+        (stored in the cache); the forward does not depend on it. See Notes.
 
     Returns
     -------
@@ -123,10 +128,17 @@ def deform_conv2d_forward(
         d_mask   = sum over the group's channels of d_cols * bilinear
         d_weight = sum_n dY[n, g] @ X_col[n, g]^T           (C_out/G_w, C_in/G_w * kh * kw)
 
-    At exactly ``p_y = -1`` (or ``p_x = -1``) the forward is 0 but ``d_offset`` is the
-    right-hand derivative, which is nonzero: npattn follows torchvision here; mmcv
-    returns 0 at exactly ``p = -1`` and agrees everywhere else (pytorch/vision #6885).
-    At integer positions (zero offsets too) ``d_offset`` is likewise one-sided.
+    Border convention (``border_grad``). At exactly ``p_y = -1`` or ``p_x = -1`` the
+    sample is 0 whatever the offset on the left, and frameworks disagree on ``d_offset``:
+
+    - ``"torchvision"`` (torchvision, ONNX's reference): the right-hand derivative, which
+      is nonzero where a corner of the cell ``[-1, 0]`` is in the image;
+    - ``"mmcv"`` (mmcv's DCNv1 and DCNv2 kernels, which test ``p <= -1`` first): 0.
+
+    Everywhere else, ``p >= H`` and ``p >= W`` included (both give 0 there), the two are
+    identical (pytorch/vision #6885). Zero offsets with ``padding >= 1`` put the border
+    taps exactly on ``p = -1``: the initial state of a layer with a zero-initialised offset
+    conv. At integer positions (zero offsets too) ``d_offset`` is likewise one-sided.
 
     Non-finite offsets: a position with a NaN or infinite component samples 0 and gets
     zero input, offset and mask gradients; no memory outside the input is ever read.
@@ -191,6 +203,7 @@ def deform_conv2d_forward(
                 f"{op}: mask must have shape {expected} (batch, offset_groups * kh * kw, out_h, out_w), "
                 f"got {tuple(mask.shape)}"
             )
+    border_grad = sampling.check_border_grad(op, border_grad)
     backend_name = sampling.resolve_backend(backend)
     be = sampling.get_backend(backend_name)
     chunk = _images_per_chunk(op, column_budget_bytes, c_in, k_taps, (out_h, out_w), input.dtype.itemsize)
@@ -215,13 +228,14 @@ def deform_conv2d_forward(
         out += bias[None, :, None, None]
     cache = DeformConv2dCache(
         input, offset, mask, weight, bias is not None, stride, padding, dilation, (out_h, out_w),
-        weight_groups, offset_groups, backend_name, chunk,
+        weight_groups, offset_groups, backend_name, chunk, border_grad,
     )
     return out, cache
 
 
 def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
-    """Gradients of :func:`deform_conv2d_forward` (its Notes give the derivation).
+    """Gradients of :func:`deform_conv2d_forward` (its Notes give the derivation), with
+    the forward's ``border_grad`` convention (``cache.border_grad``).
 
     Returns
     -------
@@ -262,7 +276,8 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
             # the offset/mask gradient also recomputes the forward's columns (for d_weight)
             cols = np.empty((m, c_in, weight_h, weight_w, out_h, out_w), dtype=x.dtype)
             d_off, d_m = be.deform_col2im_coord(
-                d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups, cols_out=cols
+                d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups, cols_out=cols,
+                border_grad=cache.border_grad,
             )
             d_offset[sl] = d_off  # (m, 2 G_off K, out_h, out_w)
             if d_mask is not None:
@@ -290,11 +305,13 @@ def deform_conv2d(
     *,
     backend=None,
     column_budget_bytes=DEFAULT_COLUMN_BUDGET_BYTES,
+    border_grad="torchvision",
 ):
-    """Deformable convolution, forward only; see :func:`deform_conv2d_forward`."""
+    """Deformable convolution, forward only; see :func:`deform_conv2d_forward`
+    (``border_grad`` is checked and, the forward not depending on it, otherwise unused)."""
     out, _ = deform_conv2d_forward(
         input, offset, weight, bias, stride, padding, dilation, mask,
-        backend=backend, column_budget_bytes=column_budget_bytes,
+        backend=backend, column_budget_bytes=column_budget_bytes, border_grad=border_grad,
     )
     return out
 

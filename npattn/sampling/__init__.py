@@ -13,6 +13,19 @@ Asking for a backend that cannot run (numba not installed, no CUDA device) raise
 Every backend module (``numpy.py``, ``cpu.py`` for "numba", ``cuda.py``) defines the same
 functions with the same signatures; ``numpy.py`` is the definition the others are
 checked against. See ``numpy.py`` for the semantics of each function.
+
+Border convention of the offset gradient. ``deform_col2im_coord`` of every backend takes
+``border_grad``, one of :data:`BORDER_GRADS`:
+
+* ``"torchvision"`` (the default): the offset gradient is the derivative of the bilinear
+  formula on the cell ``[floor p, floor p + 1]`` wherever a corner of that cell is in the
+  image, including at exactly ``p_y = -1`` or ``p_x = -1``, where the sample itself is 0
+  (torchvision's ``deform_conv2d`` and ONNX DeformConv's reference);
+* ``"mmcv"``: the offset gradient is 0 unless ``-1 < p_y < H`` and ``-1 < p_x < W``
+  (mmcv's DCNv1 and DCNv2 kernels test ``p <= -1 || p >= size`` first).
+
+The two agree everywhere except at positions exactly at -1 on either axis. Sampling,
+the input gradient and the mask gradient do not depend on the convention.
 """
 
 from __future__ import annotations
@@ -34,6 +47,17 @@ FUNCTIONS = (
     "map_coordinates_clamped",
     "map_coordinates_clamped_backward",
 )
+
+
+# Offset-gradient conventions at the image border (see the module docstring).
+BORDER_GRADS = ("torchvision", "mmcv")
+
+
+def check_border_grad(op: str, border_grad) -> str:
+    """``border_grad`` if it is one of :data:`BORDER_GRADS`, else a ValueError naming ``op``."""
+    if not isinstance(border_grad, str) or border_grad not in BORDER_GRADS:
+        raise ValueError(f"{op}: border_grad must be one of {BORDER_GRADS}, got {border_grad!r}")
+    return border_grad
 
 
 class BackendUnavailable(RuntimeError):

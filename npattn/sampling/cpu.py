@@ -75,6 +75,7 @@ import numba
 from numba import njit, prange, types
 
 from .._checks import float_array, pair, positive_int
+from . import check_border_grad
 
 __all__ = [
     "unavailable_reason",
@@ -478,13 +479,15 @@ def _col2im_kernel(d_cols, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw,
 
 @njit(cache=True, parallel=True)
 def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask,
-                  want_cols, cols):
+                  want_cols, cols, border_mmcv):
     # d_cols (N, C, K, oh, ow); xp (N, C, (H+3)*(W+2)) zero-bordered; d_offset (N, 2*G*K,
     # oh, ow) and, when has_mask, d_mask (N, G*K, oh, ow): every element written.
     # Iteration (n, g, k, oy) owns one row of each and sums over the group's channels in
     # increasing order (numpy.py's order, so the sums agree bit for bit). When want_cols,
     # it also writes the row's columns cols[n, c, k, oy, :] (N, C, K, oh, ow), with
-    # _im2col_kernel's arithmetic, from the corner values it reads anyway.
+    # _im2col_kernel's arithmetic, from the corner values it reads anyway. border_mmcv
+    # (bool): the offset gradient's support is the sample's, (-1, H) x (-1, W) (mmcv);
+    # else [-1, H) x [-1, W) (torchvision).
     N = xp.shape[0]
     C = xp.shape[1]
     K = kh * kw
@@ -507,10 +510,12 @@ def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, 
         ch = 2 * (g * K + k)
         # torchvision's get_coordinate_weight has no range test of its own: the offset
         # gradient lives on the support [-1, H) x [-1, W) (outside it all four corners
-        # are outside the image); the sample itself only on (-1, H) x (-1, W).
+        # are outside the image); the sample itself only on (-1, H) x (-1, W). mmcv's
+        # tests p <= -1 first, so with border_mmcv the cells are the sample's: at p = -1
+        # the corners read the zero block and the weights are 0, the gradient exactly 0.
         base = np.empty(ow, np.int64)
         frac = np.empty((4, ow), xp.dtype)
-        _row_cells(offset, n, ch, oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, True, base, frac)
+        _row_cells(offset, n, ch, oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, not border_mmcv, base, frac)
         smp = np.empty(ow, np.bool_)
         mrow = np.empty(ow, xp.dtype)
         by = tp(oy * sh - ph + i * dh)
@@ -819,12 +824,14 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
 
 
 def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
-                        cols_out=None):
+                        cols_out=None, border_grad="torchvision"):
     """Gradients w.r.t. offset and mask: ``(d_offset, d_mask or None)``.
 
     ``cols_out``: an optional C-contiguous array of the columns' shape and dtype, filled
     with ``deform_im2col``'s result (bit for bit) from the corner values this kernel reads
-    anyway, which saves the backward a second im2col."""
+    anyway, which saves the backward a second im2col. ``border_grad``: "torchvision" or
+    "mmcv", the offset gradient's convention at exactly p = -1 (see numpy.py)."""
+    border_mmcv = check_border_grad("deform_col2im_coord", border_grad) == "mmcv"
     N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, G = check_deform_args(
         "deform_col2im_coord", None, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
         d_cols=d_cols)
@@ -840,7 +847,7 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
     want_cols = cols_out is not None
     cols_arg = cols_out.reshape(N, C, kh * kw, oh, ow) if want_cols else np.zeros((1, 1, 1, 1, 1), dtype=x.dtype)
     _coord_kernel(_c(d_cols).reshape(N, C, kh * kw, oh, ow), _padded(x), _c(offset), m, has_mask, H, W, kh, kw,
-                  sh, sw, ph, pw, dh, dw, G, d_offset, d_mask_arg, want_cols, cols_arg)
+                  sh, sw, ph, pw, dh, dw, G, d_offset, d_mask_arg, want_cols, cols_arg, border_mmcv)
     return d_offset, d_mask
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from numba import cuda, float32, float64, int64, boolean
 
+from . import check_border_grad
 from . import cpu as _cpu  # argument checks shared with the CPU backend
 
 __all__ = [
@@ -219,8 +220,10 @@ def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G,
                 cuda.atomic.add(d_x, (n, c, y0 + 1, x0 + 1), float64((ly * lx) * d))
 
 
-def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask):
-    # one thread per position (n, g, k, oy, ox); sums over the group's channels in order
+def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask, border_mmcv):
+    # one thread per position (n, g, k, oy, ox); sums over the group's channels in order.
+    # border_mmcv: the offset gradient's support is (-1, H) x (-1, W) (mmcv), else
+    # [-1, H) x [-1, W) (torchvision); they differ only at p exactly -1.
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
@@ -253,8 +256,13 @@ def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, 
         acc_y = zero
         acc_x = zero
         acc_m = zero
-        # the gradient support [-1, H) x [-1, W); false for NaN and inf
-        if py >= -1 and py < H and px >= -1 and px < W:
+        # the gradient support [-1, H) x [-1, W), or (-1, H) x (-1, W) for mmcv; false for
+        # NaN and inf
+        if border_mmcv:
+            low_ok = py > -1 and px > -1
+        else:
+            low_ok = py >= -1 and px >= -1
+        if low_ok and py < H and px < W:
             y0 = int(math.floor(py))
             x0 = int(math.floor(px))
             ly = py - tp(y0)
@@ -426,7 +434,7 @@ def ptx_kernels(dtype):
     return {
         "im2col": (_im2col_k, (a4, a4, a4, boolean, *geo, a5)),
         "col2im": (_col2im_k, (a5, a4, a4, boolean, *geo, acc4)),
-        "coord": (_coord_k, (a5, a4, a4, a4, boolean, *geo, a4, a4)),
+        "coord": (_coord_k, (a5, a4, a4, a4, boolean, *geo, a4, a4, boolean)),
         "map": (_map_k, (a3, a3, a2)),
         "map_backward": (_map_backward_k, (a2, a3, a3, acc3, a3)),
         "cast": (_cast_k, (float64[::1], ft[::1])),
@@ -545,11 +553,12 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
 
 
 def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
-                        cols_out=None):
+                        cols_out=None, border_grad="torchvision"):
     """Gradients w.r.t. offset and mask on the GPU: ``(d_offset, d_mask or None)``.
     ``cols_out`` (optional NumPy array) receives :func:`deform_im2col`'s result, as in
-    the other backends."""
+    the other backends; ``border_grad`` ("torchvision" or "mmcv") as in numpy.py."""
     op = "deform_col2im_coord"
+    border_mmcv = check_border_grad(op, border_grad) == "mmcv"
     if cols_out is not None:
         cols = deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, tuple(d_cols.shape[4:]), offset_groups)
         cols_out[...] = cols if isinstance(cols, np.ndarray) else cols.copy_to_host()
@@ -566,7 +575,7 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
         m_d = io.dev(mask) if mask is not None else _dummy(dtype)
         dm_d = d_mask if d_mask is not None else _dummy(dtype)
         _launch("coord", N * G * kh * kw * oh * ow, dc_d.reshape(N, C, kh * kw, oh, ow), x_d, off_d, m_d,
-                mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, dm_d)
+                mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, dm_d, border_mmcv)
     return io.out(d_offset), io.out(d_mask)
 
 

@@ -33,11 +33,18 @@ Gradients (``D = d_cols[n, c, i, j, oy, ox]``, sums over the channels ``c`` of g
 The offset gradient is the derivative of the bilinear formula on the cell
 ``[y0, y0 + 1] x [x0, x0 + 1]`` with ``y0 = floor(p_y)``: the one-sided derivative from
 the right. At an integer position (zero offsets included) a central finite difference
-therefore disagrees with it; elsewhere it is the exact derivative. It has no range test of
-its own: it is nonzero wherever a corner of the cell is inside the image, which includes
-``p_y = -1`` exactly (the forward is 0 there, and its right-hand derivative is not). This
-is torchvision's behaviour; mmcv returns 0 at exactly ``p = -1`` and agrees everywhere
-else (pytorch/vision issue #6885).
+therefore disagrees with it; elsewhere it is the exact derivative. Its support at the
+border is a convention, the ``border_grad`` argument of :func:`deform_col2im_coord`:
+
+* ``"torchvision"`` (default): no range test of its own; it is nonzero wherever a corner
+  of the cell is inside the image, i.e. on ``[-1, H) x [-1, W)``, which includes
+  ``p_y = -1`` or ``p_x = -1`` exactly (the forward is 0 there, its right-hand
+  derivative is not). torchvision's behaviour (pytorch/vision issue #6885).
+* ``"mmcv"``: 0 unless ``-1 < p_y < H`` and ``-1 < p_x < W``, the support of the sample
+  itself (mmcv's ``get_coordinate_weight`` tests ``p <= -1 || p >= size`` first).
+
+The two differ only at positions exactly at -1 on either axis (at ``p >= H`` or
+``p >= W`` both are 0: every corner of the cell is outside the image).
 
 **The seed's clamped sampling** (oeway/pytorch-deform-conv ``th_batch_map_coordinates``)::
 
@@ -70,6 +77,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from . import check_border_grad
 
 __all__ = [
     "unavailable_reason",
@@ -259,18 +268,23 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
 
 
 def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
-                        cols_out=None):
+                        cols_out=None, border_grad="torchvision"):
     """Gradients of :func:`deform_im2col` with respect to ``offset`` and ``mask``.
 
     ``cols_out`` (optional, C-contiguous, the columns' shape and dtype) receives
     :func:`deform_im2col`'s result: the backward needs both, and a backend may compute
     them together (the "numba" one does, from the corner values read once).
 
+    ``border_grad``: "torchvision" (the offset gradient lives on ``[-1, H) x [-1, W)``)
+    or "mmcv" (on ``(-1, H) x (-1, W)``); see the module docstring. The mask gradient
+    does not depend on it.
+
     Returns
     -------
     d_offset : shape of offset, dtype of x
     d_mask : shape of mask, or None when mask is None
     """
+    border_grad = check_border_grad("deform_col2im_coord", border_grad)
     if cols_out is not None:
         cols_out[...] = deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, d_cols.shape[4:], offset_groups)
     n, c, height, width = x.shape
@@ -280,7 +294,9 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
     xg = x.reshape(n, offset_groups, c // offset_groups, height * width)  # (N, G, Cg, H*W)
     d = d_cols.reshape(n, offset_groups, c // offset_groups, k_taps, length)  # (N, G, Cg, K, L)
 
-    v00, v01, v10, v11 = _corner_values(xg, cells, use_sample=False)  # 4 x (N, G, Cg, K, L)
+    # torchvision: corners read on the gradient support [-1, H) x [-1, W); mmcv: only where
+    # the position samples, (-1, H) x (-1, W), so the derivative is exactly 0 at p = -1
+    v00, v01, v10, v11 = _corner_values(xg, cells, use_sample=border_grad == "mmcv")  # 4 x (N, G, Cg, K, L)
     ly, lx = cells.ly[:, :, None], cells.lx[:, :, None]  # (N, G, 1, K, L)
     hy, hx = cells.hy[:, :, None], cells.hx[:, :, None]
     d_sample_dy = lx * (v11 - v01) + hx * (v10 - v00)  # (N, G, Cg, K, L) d bilinear / d p_y on the cell

@@ -208,3 +208,29 @@ def test_coord_gradient_fills_cols_out_like_im2col():
 def test_availability_is_tested_by_launching_a_kernel():
     assert cu.unavailable_reason() is None
     assert cu._PROBE_OUTCOME == ""  # the test kernel was compiled, launched and checked
+
+
+@pytest.mark.parametrize("border_grad", ["torchvision", "mmcv"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", ["uneven", "square", "H1"])
+def test_coord_kernel_border_grad_matches_numpy_backend(name, dtype, border_grad):
+    """The offset gradient in both border conventions (make_inputs puts a sample on p_y = -1
+    and rounds a third of the offsets to integers); mmcv's differs from torchvision's only
+    by zeros there."""
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng([53, list(CONFIGS).index(name)])
+    x, offset, mask, d_cols = make_inputs(rng, cfg, dtype, True)
+    offset[0, 1, 0, 0] = cfg[6][1] + 0.3  # that sample at p = (-1, 0.3)
+    geo, g = cfg[4:8], cfg[8]
+    got = cu.deform_col2im_coord(d_cols, x, offset, mask, *geo, g, border_grad=border_grad)
+    want = ref.deform_col2im_coord(d_cols, x, offset, mask, *geo, g, border_grad=border_grad)
+    assert_matches(got[0], want[0], dtype, "d_offset")
+    assert_matches(got[1], want[1], dtype, "d_mask")
+    if border_grad == "mmcv":
+        assert got[0][0, 0, 0, 0] == 0.0  # p_y = -1 exactly
+        tv = ref.deform_col2im_coord(d_cols, x, offset, mask, *geo, g)[0]
+        assert tv[0, 0, 0, 0] != 0.0
+        differ = tv != want[0]
+        assert np.all(got[0][differ] == 0.0)
+    with pytest.raises(ValueError, match="border_grad must be one of"):
+        cu.deform_col2im_coord(d_cols, x, offset, mask, *geo, g, border_grad="torch")
