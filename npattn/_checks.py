@@ -15,14 +15,15 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def float_array(op: str, name: str, a, ndim=None, layout: str = "") -> np.ndarray:
+def float_array(op: str, name: str, a, ndim=None, layout: str = "", *, xp=np) -> np.ndarray:
     """Return ``a`` as an ndarray after checking it is float32/float64 with ``ndim`` dims.
 
     ``ndim`` may be an int or a tuple of allowed ints. ``layout`` (e.g. "(N, C, H, W)") is
-    quoted in the message.
+    quoted in the message. ``xp``: the array module whose arrays are accepted (NumPy, or
+    CuPy for the functions that run on CUDA arrays).
     """
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{op}: {name} must be a numpy.ndarray, got {type(a).__name__}")
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{op}: {name} must be a {xp.__name__}.ndarray, got {type(a).__name__}")
     if a.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must have dtype float32 or float64, got {a.dtype}")
     if ndim is not None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import sampling
 from .._checks import conv_out_size, float_array, pair, same_dtype
+from .._xp import cupy_or_reason, device_namespace, is_cuda_array
 
 __all__ = [
     "DEFAULT_COLUMN_BUDGET_BYTES",
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 DEFAULT_COLUMN_BUDGET_BYTES = 16 * 2**20  # 16 MiB of deformable columns per chunk of images
+DEVICE_COLUMN_BUDGET_BYTES = 256 * 2**20  # on the GPU (column_budget_bytes=None): 256 MiB per chunk
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class DeformConv2dCache:
     backend: str  # sampling backend name ("numpy", "numba", "cuda")
     images_per_chunk: int  # images per im2col chunk (column budget)
     border_grad: str = "torchvision"  # offset-gradient convention at p = -1: "torchvision" or "mmcv"
+    on_device: bool = False  # the arrays above are CuPy arrays (the forward ran on the GPU)
+    to_host: bool = False  # the caller gave NumPy arrays: results go back to the host
 
 
 def _images_per_chunk(op, column_budget_bytes, c_in, k_taps, out_hw, itemsize):
@@ -54,6 +58,37 @@ def _images_per_chunk(op, column_budget_bytes, c_in, k_taps, out_hw, itemsize):
         raise ValueError(f"{op}: column_budget_bytes must be >= 1, got {column_budget_bytes}")
     per_image = c_in * k_taps * out_hw[0] * out_hw[1] * itemsize  # bytes of one image's columns
     return max(1, int(column_budget_bytes) // max(per_image, 1))
+
+
+def _placement(op, backend, arrays):
+    """Where a deformable op runs: ``(xp, backend_name, upload, arrays)``.
+
+    * CUDA arrays in (CuPy, PyTorch CUDA, Numba device arrays: ``__cuda_array_interface__``):
+      viewed as CuPy arrays (no copy), the "cuda" backend (``backend=None`` means it; any
+      other raises), results stay on the device as CuPy arrays;
+    * NumPy arrays with the "cuda" backend and CuPy usable: ``upload`` is True, the caller
+      uploads once after the checks and downloads the results once;
+    * NumPy arrays otherwise: NumPy, the chosen backend (without CuPy the "cuda" kernels
+      copy their arguments to and from the device at every call and the products run in
+      NumPy on the host).
+    """
+    if any(is_cuda_array(a) for a in arrays.values()):
+        if backend is not None and backend != "cuda":
+            raise ValueError(f"{op}: CUDA arrays run on backend='cuda'; got backend={backend!r}")
+        xp, arrays = device_namespace(op, arrays)
+        sampling.get_backend("cuda")  # raises BackendUnavailable saying why
+        return xp, "cuda", False, arrays
+    name = sampling.resolve_backend(backend)
+    if name == "cuda":
+        sampling.get_backend("cuda")
+        cupy, _ = cupy_or_reason()
+        if cupy is not None:
+            return cupy, name, True, arrays
+    return np, name, False, arrays
+
+
+def _to_host(a):
+    return None if a is None else a.get()
 
 
 def deform_conv2d_forward(
@@ -67,7 +102,7 @@ def deform_conv2d_forward(
     mask=None,
     *,
     backend=None,
-    column_budget_bytes=DEFAULT_COLUMN_BUDGET_BYTES,
+    column_budget_bytes=None,
     border_grad="torchvision",
 ):
     """Deformable 2-D convolution, exactly as ``torchvision.ops.deform_conv2d``.
@@ -87,12 +122,22 @@ def deform_conv2d_forward(
     mask : ndarray (N, G_off * kh * kw, out_h, out_w) or None
         DCNv2 modulation, a raw multiplier of every sample (apply any sigmoid outside).
     backend : "numpy", "numba", "cuda" or None (see :mod:`npattn.sampling`)
-    column_budget_bytes : int
+    column_budget_bytes : int or None
         Images are processed in chunks whose deformable columns (C_in * kh * kw *
         out_h * out_w values per image) stay under this many bytes (at least one image
         per chunk), like torchvision's ``n_parallel_imgs``. The result does not depend
-        on it. The NumPy backend's temporaries are a few times this buffer (measured:
-        about 4x in the forward and 10x in the backward, float32).
+        on it. None: 16 MiB on the CPU (``DEFAULT_COLUMN_BUDGET_BYTES``), 256 MiB on the
+        GPU (``DEVICE_COLUMN_BUDGET_BYTES``). The NumPy backend's temporaries are a few
+        times this buffer (measured: about 4x in the forward and 10x in the backward,
+        float32).
+
+    Arrays may be NumPy arrays or, all of them, CUDA arrays (CuPy arrays, PyTorch CUDA
+    tensors, Numba device arrays: anything with ``__cuda_array_interface__``; needs CuPy).
+    CUDA arrays run on the "cuda" backend and never leave the device: the sampling in
+    npattn's numba.cuda kernels, the products in CuPy (cuBLAS); the results are CuPy
+    arrays (``torch.from_dlpack(out)`` gives a tensor without a copy). NumPy arrays with
+    ``backend="cuda"`` are uploaded once and the results downloaded once when CuPy is
+    installed.
     border_grad : "torchvision" (default) or "mmcv"
         The offset gradient's convention at the image border, used by the backward
         (stored in the cache); the forward does not depend on it. See Notes.
@@ -146,13 +191,18 @@ def deform_conv2d_forward(
     A batch of 0 images gives an empty output and empty gradients (``d_weight`` 0).
     """
     op = "deform_conv2d"
-    input = float_array(op, "input", input, 4, "(N, C_in, H, W)")
-    offset = float_array(op, "offset", offset, 4, "(N, 2 * offset_groups * kh * kw, out_h, out_w)")
-    weight = float_array(op, "weight", weight, 4, "(C_out, C_in / groups, kh, kw)")
+    xp, backend_name, upload, a = _placement(
+        op, backend, {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    )
+    host_xp = np if upload else xp  # the module of the arrays as given, for the checks
+    input = float_array(op, "input", a["input"], 4, "(N, C_in, H, W)", xp=host_xp)
+    offset = float_array(op, "offset", a["offset"], 4, "(N, 2 * offset_groups * kh * kw, out_h, out_w)", xp=host_xp)
+    weight = float_array(op, "weight", a["weight"], 4, "(C_out, C_in / groups, kh, kw)", xp=host_xp)
+    bias, mask = a["bias"], a["mask"]
     if bias is not None:
-        bias = float_array(op, "bias", bias, 1, "(C_out,)")
+        bias = float_array(op, "bias", bias, 1, "(C_out,)", xp=host_xp)
     if mask is not None:
-        mask = float_array(op, "mask", mask, 4, "(N, offset_groups * kh * kw, out_h, out_w)")
+        mask = float_array(op, "mask", mask, 4, "(N, offset_groups * kh * kw, out_h, out_w)", xp=host_xp)
     same_dtype(op, "input", input, offset=offset, weight=weight, bias=bias, mask=mask)
     stride = pair(op, "stride", stride, 1)
     padding = pair(op, "padding", padding, 0)
@@ -204,17 +254,22 @@ def deform_conv2d_forward(
                 f"got {tuple(mask.shape)}"
             )
     border_grad = sampling.check_border_grad(op, border_grad)
-    backend_name = sampling.resolve_backend(backend)
     be = sampling.get_backend(backend_name)
+    if column_budget_bytes is None:
+        column_budget_bytes = DEVICE_COLUMN_BUDGET_BYTES if xp is not np else DEFAULT_COLUMN_BUDGET_BYTES
     chunk = _images_per_chunk(op, column_budget_bytes, c_in, k_taps, (out_h, out_w), input.dtype.itemsize)
 
-    input = np.ascontiguousarray(input)  # the kernels read flat memory; no copy when already contiguous
-    offset = np.ascontiguousarray(offset)
-    mask = None if mask is None else np.ascontiguousarray(mask)
+    if upload:  # NumPy arrays on the GPU: one copy to the device now, one back at the end
+        input, offset, weight = (xp.asarray(v) for v in (input, offset, weight))
+        bias = None if bias is None else xp.asarray(bias)
+        mask = None if mask is None else xp.asarray(mask)
+    input = xp.ascontiguousarray(input)  # the kernels read flat memory; no copy when already contiguous
+    offset = xp.ascontiguousarray(offset)
+    mask = None if mask is None else xp.ascontiguousarray(mask)
     geometry = ((weight_h, weight_w), stride, padding, dilation)
-    w_g = np.ascontiguousarray(weight.reshape(weight_groups, c_out // weight_groups, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
-    out = np.empty((n, c_out, out_h, out_w), dtype=input.dtype)
-    prod = sampling.products(backend_name)  # numba: tiles on the kernels' threads (npattn.sampling.products)
+    w_g = xp.ascontiguousarray(weight.reshape(weight_groups, c_out // weight_groups, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
+    out = xp.empty((n, c_out, out_h, out_w), dtype=input.dtype)
+    prod = sampling.products(backend_name, xp)  # numba: tiles on the kernels' threads (npattn.sampling.products)
     with sampling.blas_context(backend_name):  # kernels and BLAS share the cores: see blas_context
         for s in range(0, n, chunk):
             sl = slice(s, min(s + chunk, n))
@@ -222,15 +277,15 @@ def deform_conv2d_forward(
             cols = be.deform_im2col(
                 input[sl], offset[sl], None if mask is None else mask[sl], *geometry, (out_h, out_w), offset_groups
             )  # (m, C_in, kh, kw, out_h, out_w)
-            cols = np.ascontiguousarray(cols).reshape(m, weight_groups, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
+            cols = xp.ascontiguousarray(cols).reshape(m, weight_groups, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
             prod.forward(w_g, cols, out[sl].reshape(m, weight_groups, c_out // weight_groups, out_h * out_w))  # (m, G_w, C_out/G_w, L)
     if bias is not None:
         out += bias[None, :, None, None]
     cache = DeformConv2dCache(
         input, offset, mask, weight, bias is not None, stride, padding, dilation, (out_h, out_w),
-        weight_groups, offset_groups, backend_name, chunk, border_grad,
+        weight_groups, offset_groups, backend_name, chunk, border_grad, xp is not np, upload,
     )
-    return out, cache
+    return (_to_host(out) if upload else out), cache
 
 
 def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
@@ -249,32 +304,41 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
     out_h, out_w = cache.out_hw
     k_taps = weight_h * weight_w
     g_w = cache.weight_groups
-    grad_out = float_array(op, "grad_out", grad_out, 4, "(N, C_out, out_h, out_w)")
+    xp = np
+    if cache.on_device:
+        xp, _ = cupy_or_reason()
+        if cache.to_host:  # the forward took NumPy arrays: so does the backward
+            grad_out = xp.asarray(float_array(op, "grad_out", grad_out, 4, "(N, C_out, out_h, out_w)"))
+        elif not is_cuda_array(grad_out):
+            raise TypeError(f"{op}: grad_out must be a CUDA array like the forward's input, got {type(grad_out).__name__}")
+        else:
+            grad_out = xp.asarray(grad_out)
+    grad_out = float_array(op, "grad_out", grad_out, 4, "(N, C_out, out_h, out_w)", xp=xp)
     if grad_out.shape != (n, c_out, out_h, out_w):
         raise ValueError(f"{op}: grad_out must have shape {(n, c_out, out_h, out_w)}, got {tuple(grad_out.shape)}")
     same_dtype(op, "the forward's input", x, grad_out=grad_out)
     be = sampling.get_backend(cache.backend)
     geometry = ((weight_h, weight_w), cache.stride, cache.padding, cache.dilation)
-    grad_out = np.ascontiguousarray(grad_out)
-    w_g = np.ascontiguousarray(weight.reshape(g_w, c_out // g_w, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
+    grad_out = xp.ascontiguousarray(grad_out)
+    w_g = xp.ascontiguousarray(weight.reshape(g_w, c_out // g_w, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
 
-    d_input = np.empty_like(x)  # (N, C_in, H, W)
-    d_offset = np.empty_like(offset)  # (N, 2 G_off K, out_h, out_w)
-    d_mask = None if mask is None else np.empty_like(mask)  # (N, G_off K, out_h, out_w)
-    d_w_g = np.zeros_like(w_g)  # (G_w, C_out/G_w, Ck)
-    prod = sampling.products(cache.backend)  # numba: tiles on the kernels' threads (npattn.sampling.products)
+    d_input = xp.empty_like(x)  # (N, C_in, H, W)
+    d_offset = xp.empty_like(offset)  # (N, 2 G_off K, out_h, out_w)
+    d_mask = None if mask is None else xp.empty_like(mask)  # (N, G_off K, out_h, out_w)
+    d_w_g = xp.zeros_like(w_g)  # (G_w, C_out/G_w, Ck)
+    prod = sampling.products(cache.backend, xp)  # numba: tiles on the kernels' threads (npattn.sampling.products)
     with sampling.blas_context(cache.backend):  # kernels and BLAS share the cores: see blas_context
         for s in range(0, n, cache.images_per_chunk):
             sl = slice(s, min(s + cache.images_per_chunk, n))
             m = len(range(*sl.indices(n)))
             mask_sl = None if mask is None else mask[sl]
             dy_g = grad_out[sl].reshape(m, g_w, c_out // g_w, out_h * out_w)  # (m, G_w, C_out/G_w, L)
-            d_cols = np.empty((m, g_w, c_per_group * k_taps, out_h * out_w), dtype=x.dtype)
+            d_cols = xp.empty((m, g_w, c_per_group * k_taps, out_h * out_w), dtype=x.dtype)
             prod.d_cols(w_g, dy_g, d_cols)  # (m, G_w, Ck, L)
             d_cols = d_cols.reshape(m, c_in, weight_h, weight_w, out_h, out_w)  # (m, C_in, kh, kw, out_h, out_w)
             d_input[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
             # the offset/mask gradient also recomputes the forward's columns (for d_weight)
-            cols = np.empty((m, c_in, weight_h, weight_w, out_h, out_w), dtype=x.dtype)
+            cols = xp.empty((m, c_in, weight_h, weight_w, out_h, out_w), dtype=x.dtype)
             d_off, d_m = be.deform_col2im_coord(
                 d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups, cols_out=cols,
                 border_grad=cache.border_grad,
@@ -290,6 +354,8 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
         grads["bias"] = grad_out.sum(axis=(0, 2, 3))  # (C_out,)
     if d_mask is not None:
         grads["mask"] = d_mask
+    if cache.to_host:
+        grads = {k: _to_host(v) for k, v in grads.items()}
     return grads
 
 
@@ -304,7 +370,7 @@ def deform_conv2d(
     mask=None,
     *,
     backend=None,
-    column_budget_bytes=DEFAULT_COLUMN_BUDGET_BYTES,
+    column_budget_bytes=None,
     border_grad="torchvision",
 ):
     """Deformable convolution, forward only; see :func:`deform_conv2d_forward`
@@ -324,6 +390,8 @@ class BatchMapOffsetsCache:
     input: np.ndarray  # (B, H, W), C-contiguous
     coords: np.ndarray  # (B, H*W, 2): grid + offsets, (row, col), before the clamp
     backend: str  # sampling backend name
+    on_device: bool = False  # the arrays above are CuPy arrays (the forward ran on the GPU)
+    to_host: bool = False  # the caller gave NumPy arrays: results go back to the host
 
 
 def batch_map_offsets_forward(input, offsets, *, backend=None):
@@ -369,37 +437,53 @@ def batch_map_offsets_forward(input, offsets, *, backend=None):
     samples 0 and gets zero gradients; +-inf clamp to the border.
     """
     op = "batch_map_offsets"
-    input = float_array(op, "input", input, 3, "(B, H, W)")
-    offsets = float_array(op, "offsets", offsets, 4, "(B, H, W, 2)")
+    xp, backend_name, upload, a = _placement(op, backend, {"input": input, "offsets": offsets})
+    host_xp = np if upload else xp
+    input = float_array(op, "input", a["input"], 3, "(B, H, W)", xp=host_xp)
+    offsets = float_array(op, "offsets", a["offsets"], 4, "(B, H, W, 2)", xp=host_xp)
     same_dtype(op, "input", input, offsets=offsets)
     b, height, width = input.shape
     if offsets.shape != (b, height, width, 2):
         raise ValueError(f"{op}: offsets must have shape {(b, height, width, 2)} (B, H, W, 2), got {tuple(offsets.shape)}")
-    backend_name = sampling.resolve_backend(backend)
     be = sampling.get_backend(backend_name)
-    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    grid = np.stack([rows, cols], axis=-1).reshape(height * width, 2).astype(input.dtype)  # (H*W, 2) (row, col)
+    if upload:  # NumPy arrays on the GPU: one copy to the device now, one back at the end
+        input, offsets = xp.asarray(input), xp.asarray(offsets)
+    rows, cols = xp.meshgrid(xp.arange(height), xp.arange(width), indexing="ij")
+    grid = xp.stack([rows, cols], axis=-1).reshape(height * width, 2).astype(input.dtype)  # (H*W, 2) (row, col)
     coords = offsets.reshape(b, height * width, 2) + grid  # (B, H*W, 2)
-    input = np.ascontiguousarray(input)
+    input = xp.ascontiguousarray(input)
     out = be.map_coordinates_clamped(input, coords).reshape(b, height, width)  # (B, H, W)
-    return out, BatchMapOffsetsCache(input, coords, backend_name)
+    cache = BatchMapOffsetsCache(input, coords, backend_name, xp is not np, upload)
+    return (_to_host(out) if upload else out), cache
 
 
 def batch_map_offsets_backward(grad_out, cache: BatchMapOffsetsCache):
     """Gradients of :func:`batch_map_offsets_forward`: dict with ``input`` and ``offsets``."""
     op = "batch_map_offsets_backward"
     b, height, width = cache.input.shape
-    grad_out = float_array(op, "grad_out", grad_out, 3, "(B, H, W)")
+    xp = np
+    if cache.on_device:
+        xp, _ = cupy_or_reason()
+        if cache.to_host:  # the forward took NumPy arrays: so does the backward
+            grad_out = xp.asarray(float_array(op, "grad_out", grad_out, 3, "(B, H, W)"))
+        elif not is_cuda_array(grad_out):
+            raise TypeError(f"{op}: grad_out must be a CUDA array like the forward's input, got {type(grad_out).__name__}")
+        else:
+            grad_out = xp.asarray(grad_out)
+    grad_out = float_array(op, "grad_out", grad_out, 3, "(B, H, W)", xp=xp)
     if grad_out.shape != (b, height, width):
         raise ValueError(f"{op}: grad_out must have shape {(b, height, width)}, got {tuple(grad_out.shape)}")
     same_dtype(op, "the forward's input", cache.input, grad_out=grad_out)
     be = sampling.get_backend(cache.backend)
-    d_out = np.ascontiguousarray(grad_out).reshape(b, height * width)  # (B, H*W)
+    d_out = xp.ascontiguousarray(grad_out).reshape(b, height * width)  # (B, H*W)
     d_input, d_coords = be.map_coordinates_clamped_backward(d_out, cache.input, cache.coords)
-    return {
+    grads = {
         "input": d_input,  # (B, H, W)
         "offsets": d_coords.reshape(b, height, width, 2),  # (B, H, W, 2); d coords / d offsets = 1
     }
+    if cache.to_host:
+        grads = {k: _to_host(v) for k, v in grads.items()}
+    return grads
 
 
 def batch_map_offsets(input, offsets, *, backend=None):

@@ -118,24 +118,28 @@ def available_backends() -> dict:
     return out
 
 
-class _NumpyProducts:
-    """The matrix products of ``deform_conv2d`` through ``np.matmul`` (NumPy's BLAS,
-    threaded as NumPy's BLAS is): the "numpy" and "cuda" backends."""
+class _ArrayProducts:
+    """The matrix products of ``deform_conv2d`` through ``xp.matmul``: NumPy's BLAS
+    (threaded as NumPy's BLAS is) for the "numpy" backend and the "cuda" backend's host
+    path, cuBLAS through CuPy for CUDA arrays."""
 
-    @staticmethod
-    def forward(w_g, cols, out):  # out[n, g] = w_g[g] @ cols[n, g]
-        np.matmul(w_g[None], cols, out=out)
+    def __init__(self, xp):
+        self.xp = xp
+
+    def forward(self, w_g, cols, out):  # out[n, g] = w_g[g] @ cols[n, g]
+        self.xp.matmul(w_g[None], cols, out=out)
         return out
 
-    @staticmethod
-    def d_cols(w_g, dy, d_cols):  # d_cols[n, g] = w_g[g].T @ dy[n, g]
-        np.matmul(w_g.transpose(0, 2, 1)[None], dy, out=d_cols)
+    def d_cols(self, w_g, dy, d_cols):  # d_cols[n, g] = w_g[g].T @ dy[n, g]
+        self.xp.matmul(w_g.transpose(0, 2, 1)[None], dy, out=d_cols)
         return d_cols
 
-    @staticmethod
-    def d_weight(dy, cols, d_w):  # d_w[g] += sum_n dy[n, g] @ cols[n, g].T
-        d_w += np.matmul(dy, cols.transpose(0, 1, 3, 2)).sum(axis=0)
+    def d_weight(self, dy, cols, d_w):  # d_w[g] += sum_n dy[n, g] @ cols[n, g].T
+        d_w += self.xp.matmul(dy, cols.transpose(0, 1, 3, 2)).sum(axis=0)
         return d_w
+
+
+_NumpyProducts = _ArrayProducts(np)
 
 
 class _NumbaProducts:
@@ -147,7 +151,7 @@ class _NumbaProducts:
         self.d_weight = module.products_d_weight
 
 
-def products(backend_name: str):
+def products(backend_name: str, xp=None):
     """The matrix products of ``deform_conv2d`` for this backend: an object with
     ``forward(w_g, cols, out)``, ``d_cols(w_g, dy, d_cols)`` and ``d_weight(dy, cols, d_w)``
     (shapes: w_g (G, M, Ck), cols and d_cols (N, G, Ck, L), out and dy (N, G, M, L), d_w
@@ -156,6 +160,8 @@ def products(backend_name: str):
     other backends through ``np.matmul``."""
     if backend_name == "numba":
         return _NumbaProducts(_load("numba"))
+    if xp is not None and xp is not np:
+        return _ArrayProducts(xp)
     return _NumpyProducts
 
 

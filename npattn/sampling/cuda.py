@@ -113,8 +113,11 @@ def _probe() -> str:
 
 
 def _im2col_k(x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, cols):
-    # x (N, C, H, W); offset (N, 2*G*K, oh, ow); mask (N, G*K, oh, ow) (read only if
-    # has_mask); cols (N, C, K, oh, ow)
+    # One thread per sampling position (n, g, k, oy, ox): the position, its corners and
+    # bilinear weights are computed once, then the group's channels are sampled in turn.
+    # Neighbouring threads differ in ox, so every read of offset / mask and every write of
+    # cols is coalesced. x (N, C, H, W); offset (N, 2*G*K, oh, ow); mask (N, G*K, oh, ow)
+    # (read only if has_mask); cols (N, C, K, oh, ow)
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
@@ -126,7 +129,7 @@ def _im2col_k(x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, cols
     tp = x.dtype.type
     zero = tp(0)
     one = tp(1)
-    total = N * C * K * oh * ow
+    total = N * G * K * oh * ow
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for t in range(start, total, step):
@@ -136,15 +139,14 @@ def _im2col_k(x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, cols
         u = u // oh
         k = u % K
         u = u // K
-        c = u % C
-        n = u // C
-        g = c // cpg
+        g = u % G
+        n = u // G
         i = k // kw
         j = k - i * kw
         ch = 2 * (g * K + k)
         py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
         px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
-        v = zero
+        m = mask[n, g * K + k, oy, ox] if has_mask else one
         if py > -1 and py < H and px > -1 and px < W:  # false for NaN and inf
             y0 = int(math.floor(py))  # in [-1, H-1]
             x0 = int(math.floor(px))  # in [-1, W-1]
@@ -156,17 +158,21 @@ def _im2col_k(x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, cols
             down = y0 + 1 <= H - 1
             left = x0 >= 0
             right = x0 + 1 <= W - 1
-            v00 = x[n, c, y0, x0] if (up and left) else zero  # corners outside read nothing
-            v01 = x[n, c, y0, x0 + 1] if (up and right) else zero
-            v10 = x[n, c, y0 + 1, x0] if (down and left) else zero
-            v11 = x[n, c, y0 + 1, x0 + 1] if (down and right) else zero
-            v = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
-        if has_mask:
-            v = mask[n, g * K + k, oy, ox] * v
-        cols[n, c, k, oy, ox] = v
+            for c in range(g * cpg, (g + 1) * cpg):
+                v00 = x[n, c, y0, x0] if (up and left) else zero  # corners outside read nothing
+                v01 = x[n, c, y0, x0 + 1] if (up and right) else zero
+                v10 = x[n, c, y0 + 1, x0] if (down and left) else zero
+                v11 = x[n, c, y0 + 1, x0 + 1] if (down and right) else zero
+                v = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+                cols[n, c, k, oy, ox] = m * v if has_mask else v
+        else:
+            for c in range(g * cpg, (g + 1) * cpg):
+                cols[n, c, k, oy, ox] = m * zero if has_mask else zero
 
 
 def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, d_x):
+    # One thread per sampling position (n, g, k, oy, ox), looping over the group's
+    # channels: each adds w * (m * D) to the in-image corners with float64 atomics.
     # d_cols (N, C, K, oh, ow); d_x (N, C, H, W) float64, zero on entry
     N = d_cols.shape[0]
     C = d_cols.shape[1]
@@ -178,7 +184,7 @@ def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G,
     cpg = C // G
     tp = d_cols.dtype.type
     one = tp(1)
-    total = N * C * K * oh * ow
+    total = N * G * K * oh * ow
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for t in range(start, total, step):
@@ -188,18 +194,15 @@ def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G,
         u = u // oh
         k = u % K
         u = u // K
-        c = u % C
-        n = u // C
-        g = c // cpg
+        g = u % G
+        n = u // G
         i = k // kw
         j = k - i * kw
         ch = 2 * (g * K + k)
         py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
         px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
         if py > -1 and py < H and px > -1 and px < W:
-            d = d_cols[n, c, k, oy, ox]
-            if has_mask:
-                d = mask[n, g * K + k, oy, ox] * d
+            m = mask[n, g * K + k, oy, ox] if has_mask else one
             y0 = int(math.floor(py))
             x0 = int(math.floor(px))
             ly = py - tp(y0)
@@ -210,20 +213,27 @@ def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G,
             down = y0 + 1 <= H - 1
             left = x0 >= 0
             right = x0 + 1 <= W - 1
-            if up and left:
-                cuda.atomic.add(d_x, (n, c, y0, x0), float64((hy * hx) * d))
-            if up and right:
-                cuda.atomic.add(d_x, (n, c, y0, x0 + 1), float64((hy * lx) * d))
-            if down and left:
-                cuda.atomic.add(d_x, (n, c, y0 + 1, x0), float64((ly * hx) * d))
-            if down and right:
-                cuda.atomic.add(d_x, (n, c, y0 + 1, x0 + 1), float64((ly * lx) * d))
+            for c in range(g * cpg, (g + 1) * cpg):
+                d = d_cols[n, c, k, oy, ox]
+                if has_mask:
+                    d = m * d
+                if up and left:
+                    cuda.atomic.add(d_x, (n, c, y0, x0), float64((hy * hx) * d))
+                if up and right:
+                    cuda.atomic.add(d_x, (n, c, y0, x0 + 1), float64((hy * lx) * d))
+                if down and left:
+                    cuda.atomic.add(d_x, (n, c, y0 + 1, x0), float64((ly * hx) * d))
+                if down and right:
+                    cuda.atomic.add(d_x, (n, c, y0 + 1, x0 + 1), float64((ly * lx) * d))
 
 
-def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask, border_mmcv):
-    # one thread per position (n, g, k, oy, ox); sums over the group's channels in order.
+def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask, border_mmcv,
+            write_cols, cols):
+    # One thread per position (n, g, k, oy, ox); sums over the group's channels in order.
     # border_mmcv: the offset gradient's support is (-1, H) x (-1, W) (mmcv), else
-    # [-1, H) x [-1, W) (torchvision); they differ only at p exactly -1.
+    # [-1, H) x [-1, W) (torchvision); they differ only at p exactly -1. write_cols: also
+    # write the forward's columns (N, C, K, oh, ow) into cols, the same numbers as
+    # _im2col_k (the backward needs them for the weight gradient).
     N = x.shape[0]
     C = x.shape[1]
     H = x.shape[2]
@@ -262,6 +272,7 @@ def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, 
             low_ok = py > -1 and px > -1
         else:
             low_ok = py >= -1 and px >= -1
+        sample = py > -1 and px > -1 and py < H and px < W
         if low_ok and py < H and px < W:
             y0 = int(math.floor(py))
             x0 = int(math.floor(px))
@@ -269,7 +280,6 @@ def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, 
             lx = px - tp(x0)
             hy = one - ly
             hx = one - lx
-            sample = py > -1 and px > -1
             up = y0 >= 0
             down = y0 + 1 <= H - 1
             left = x0 >= 0
@@ -282,14 +292,22 @@ def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, 
                 d = d_cols[n, c, k, oy, ox]
                 gy = lx * (v11 - v01) + hx * (v10 - v00)
                 gx = ly * (v11 - v10) + hy * (v01 - v00)
+                v = zero
+                if sample:
+                    v = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
                 if has_mask:
                     acc_y += (m * gy) * d
                     acc_x += (m * gx) * d
                     if sample:
-                        acc_m += (hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11) * d
+                        acc_m += v * d
                 else:
                     acc_y += gy * d
                     acc_x += gx * d
+                if write_cols:
+                    cols[n, c, k, oy, ox] = m * v if has_mask else v
+        elif write_cols:
+            for c in range(g * cpg, (g + 1) * cpg):
+                cols[n, c, k, oy, ox] = m * zero if has_mask else zero
         d_offset[n, ch, oy, ox] = acc_y
         d_offset[n, ch + 1, oy, ox] = acc_x
         if has_mask:
@@ -434,7 +452,7 @@ def ptx_kernels(dtype):
     return {
         "im2col": (_im2col_k, (a4, a4, a4, boolean, *geo, a5)),
         "col2im": (_col2im_k, (a5, a4, a4, boolean, *geo, acc4)),
-        "coord": (_coord_k, (a5, a4, a4, a4, boolean, *geo, a4, a4, boolean)),
+        "coord": (_coord_k, (a5, a4, a4, a4, boolean, *geo, a4, a4, boolean, boolean, a5)),
         "map": (_map_k, (a3, a3, a2)),
         "map_backward": (_map_backward_k, (a2, a3, a3, acc3, a3)),
         "cast": (_cast_k, (float64[::1], ft[::1])),
@@ -442,11 +460,20 @@ def ptx_kernels(dtype):
     }
 
 
+_CONFIGURED = {}  # (name, blocks) -> the kernel configured for that launch grid
+
+
 def _launch(name, total, *args):
+    """Launch kernel ``name`` with enough threads for ``total`` work items (grid-stride
+    loops cover the rest). The configured kernels are cached: a launch costs one
+    dispatch on the arguments' types, nothing more."""
     if total <= 0:
         return
     blocks = min(MAX_BLOCKS, (total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
-    _kernel(name)[blocks, THREADS_PER_BLOCK](*args)
+    launcher = _CONFIGURED.get((name, blocks))
+    if launcher is None:
+        launcher = _CONFIGURED[(name, blocks)] = _kernel(name)[blocks, THREADS_PER_BLOCK]
+    launcher(*args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -457,6 +484,10 @@ def _is_device_array(a):
     if hasattr(cuda, "is_cuda_array"):
         return cuda.is_cuda_array(a)  # anything with __cuda_array_interface__
     return cuda.devicearray.is_cuda_ndarray(a)  # Numba's CUDA simulator
+
+
+def _is_cupy(a):
+    return type(a).__module__.split(".")[0] == "cupy"
 
 
 def _is_array(a):
@@ -472,11 +503,26 @@ def _require_device(op):
 
 
 class _Io:
-    """Moves NumPy inputs to the device; results go back to the host only when every
-    array input was a NumPy array."""
+    """Where a call's arrays live and where its results go.
+
+    * every array input a NumPy array: inputs are copied to the device, results come back
+      as NumPy arrays (one copy each way per call of this module);
+    * any input a CuPy array: results are CuPy arrays (allocated from CuPy's memory pool),
+      nothing is copied;
+    * otherwise (Numba device arrays, PyTorch CUDA tensors, anything with
+      ``__cuda_array_interface__``): results are Numba device arrays, nothing is copied.
+    """
 
     def __init__(self, *arrays):
-        self.host = all(a is None or isinstance(a, np.ndarray) for a in arrays)
+        arrays = [a for a in arrays if a is not None]
+        self.host = all(isinstance(a, np.ndarray) for a in arrays)
+        self.cupy = None
+        for a in arrays:
+            if _is_cupy(a):
+                import cupy
+
+                self.cupy = cupy
+                break
 
     @staticmethod
     def dev(a):
@@ -484,36 +530,43 @@ class _Io:
             return None
         if isinstance(a, np.ndarray):
             return cuda.to_device(np.ascontiguousarray(a))
-        if hasattr(a, "copy_to_host"):  # a Numba device array already
+        if hasattr(a, "copy_to_host") or _is_cupy(a):  # a Numba or CuPy device array already
             return a
-        return cuda.as_cuda_array(a)  # e.g. CuPy or PyTorch CUDA tensors
+        return cuda.as_cuda_array(a)  # e.g. PyTorch CUDA tensors
+
+    def empty(self, shape, dtype):
+        if self.cupy is not None:
+            return self.cupy.empty(shape, dtype=dtype)
+        return cuda.device_array(shape, dtype=dtype)
+
+    def zeros64(self, shape):
+        """A float64 device accumulator of ``shape``, set to 0 on the device."""
+        if self.cupy is not None:
+            return self.cupy.zeros(shape, dtype=np.float64)
+        acc = cuda.device_array(shape, dtype=np.float64)
+        if acc.size:
+            _launch("zero", acc.size, acc.reshape(acc.size))
+        return acc
+
+    def rounded(self, acc, dtype):
+        """float64 device accumulator -> device array of ``dtype`` (same shape)."""
+        if np.dtype(dtype) == np.float64:
+            return acc
+        if self.cupy is not None:
+            return acc.astype(dtype)
+        out = cuda.device_array(acc.shape, dtype=dtype)
+        if acc.size:
+            _launch("cast", acc.size, acc.reshape(acc.size), out.reshape(out.size))
+        return out
+
+    def dummy(self, dtype, ndim=4):
+        """Stands in for an absent mask / d_mask / cols (never read or written)."""
+        return self.empty((1,) * ndim, dtype)
 
     def out(self, d):
         if d is None:
             return None
         return d.copy_to_host() if self.host else d
-
-
-def _dummy(dtype):
-    return cuda.device_array((1, 1, 1, 1), dtype=dtype)
-
-
-def _zeros64(shape):
-    """A float64 device accumulator of ``shape``, set to 0 on the device."""
-    acc = cuda.device_array(shape, dtype=np.float64)
-    if acc.size:
-        _launch("zero", acc.size, acc.reshape(acc.size))
-    return acc
-
-
-def _rounded(acc, dtype):
-    """float64 device accumulator -> device array of ``dtype`` (same shape)."""
-    if np.dtype(dtype) == np.float64:
-        return acc
-    out = cuda.device_array(acc.shape, dtype=dtype)
-    if acc.size:
-        _launch("cast", acc.size, acc.reshape(acc.size), out.reshape(out.size))
-    return out
 
 
 def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw, offset_groups):
@@ -525,12 +578,12 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     _require_device(op)
     io = _Io(x, offset, mask)
     dtype = np.dtype(x.dtype)
-    cols = cuda.device_array((N, C, kh, kw, oh, ow), dtype=dtype)
+    cols = io.empty((N, C, kh, kw, oh, ow), dtype)
     if cols.size:
         x_d, off_d = io.dev(x), io.dev(offset)
-        m_d = io.dev(mask) if mask is not None else _dummy(dtype)
-        _launch("im2col", cols.size, x_d, off_d, m_d, mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G,
-                cols.reshape(N, C, kh * kw, oh, ow))
+        m_d = io.dev(mask) if mask is not None else io.dummy(dtype)
+        _launch("im2col", N * G * kh * kw * oh * ow, x_d, off_d, m_d, mask is not None, kh, kw, sh, sw, ph, pw,
+                dh, dw, G, cols.reshape(N, C, kh * kw, oh, ow))
     return io.out(cols)
 
 
@@ -543,39 +596,48 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     _require_device(op)
     io = _Io(d_cols, offset, mask)
     dtype = np.dtype(d_cols.dtype)
-    acc = _zeros64((N, C, H, W))
+    acc = io.zeros64((N, C, H, W))
     if acc.size and d_cols.size:
         dc_d, off_d = io.dev(d_cols), io.dev(offset)
-        m_d = io.dev(mask) if mask is not None else _dummy(dtype)
-        _launch("col2im", d_cols.size, dc_d.reshape(N, C, kh * kw, oh, ow), off_d, m_d, mask is not None,
-                kh, kw, sh, sw, ph, pw, dh, dw, G, acc)
-    return io.out(_rounded(acc, dtype))
+        m_d = io.dev(mask) if mask is not None else io.dummy(dtype)
+        _launch("col2im", N * G * kh * kw * oh * ow, dc_d.reshape(N, C, kh * kw, oh, ow), off_d, m_d,
+                mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G, acc)
+    return io.out(io.rounded(acc, dtype))
 
 
 def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
                         cols_out=None, border_grad="torchvision"):
     """Gradients w.r.t. offset and mask on the GPU: ``(d_offset, d_mask or None)``.
-    ``cols_out`` (optional NumPy array) receives :func:`deform_im2col`'s result, as in
-    the other backends; ``border_grad`` ("torchvision" or "mmcv") as in numpy.py."""
+
+    ``cols_out`` (optional, shape of d_cols): receives :func:`deform_im2col`'s result,
+    written by the same kernel (a NumPy array when the inputs are NumPy arrays, else a
+    device array); ``border_grad`` ("torchvision" or "mmcv") as in numpy.py."""
     op = "deform_col2im_coord"
     border_mmcv = check_border_grad(op, border_grad) == "mmcv"
-    if cols_out is not None:
-        cols = deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, tuple(d_cols.shape[4:]), offset_groups)
-        cols_out[...] = cols if isinstance(cols, np.ndarray) else cols.copy_to_host()
     N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, G = _cpu.check_deform_args(
         op, None, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups, d_cols=d_cols,
         arrays_ok=_is_array)
     _require_device(op)
     io = _Io(d_cols, x, offset, mask)
     dtype = np.dtype(x.dtype)
-    d_offset = cuda.device_array(tuple(offset.shape), dtype=dtype)
-    d_mask = None if mask is None else cuda.device_array(tuple(mask.shape), dtype=dtype)
+    if cols_out is not None and tuple(cols_out.shape) != tuple(d_cols.shape):
+        raise ValueError(f"{op}: cols_out must have shape {tuple(d_cols.shape)}, got {tuple(cols_out.shape)}")
+    d_offset = io.empty(tuple(offset.shape), dtype)
+    d_mask = None if mask is None else io.empty(tuple(mask.shape), dtype)
+    cols_host = cols_out is not None and isinstance(cols_out, np.ndarray)
+    cols_d = None
+    if cols_out is not None:
+        cols_d = io.empty(tuple(d_cols.shape), dtype) if cols_host else cols_out
     if d_offset.size:
         dc_d, x_d, off_d = io.dev(d_cols), io.dev(x), io.dev(offset)
-        m_d = io.dev(mask) if mask is not None else _dummy(dtype)
-        dm_d = d_mask if d_mask is not None else _dummy(dtype)
+        m_d = io.dev(mask) if mask is not None else io.dummy(dtype)
+        dm_d = d_mask if d_mask is not None else io.dummy(dtype)
+        c_d = cols_d.reshape(N, C, kh * kw, oh, ow) if cols_d is not None else io.dummy(dtype, 5)
         _launch("coord", N * G * kh * kw * oh * ow, dc_d.reshape(N, C, kh * kw, oh, ow), x_d, off_d, m_d,
-                mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, dm_d, border_mmcv)
+                mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, dm_d, border_mmcv,
+                cols_d is not None, c_d)
+    if cols_host and cols_d.size:
+        cols_out[...] = cols_d.copy_to_host() if hasattr(cols_d, "copy_to_host") else cols_d.get()
     return io.out(d_offset), io.out(d_mask)
 
 
@@ -585,7 +647,7 @@ def map_coordinates_clamped(x, coords):
     B, H, W, P = _cpu.check_map_args(op, x, coords, arrays_ok=_is_array)
     _require_device(op)
     io = _Io(x, coords)
-    out = cuda.device_array((B, P), dtype=np.dtype(x.dtype))
+    out = io.empty((B, P), np.dtype(x.dtype))
     if out.size:
         _launch("map", out.size, io.dev(x), io.dev(coords), out)
     return io.out(out)
@@ -598,8 +660,8 @@ def map_coordinates_clamped_backward(d_out, x, coords):
     _require_device(op)
     io = _Io(d_out, x, coords)
     dtype = np.dtype(x.dtype)
-    acc = _zeros64((B, H, W))
-    d_coords = cuda.device_array((B, P, 2), dtype=dtype)
+    acc = io.zeros64((B, H, W))
+    d_coords = io.empty((B, P, 2), dtype)
     if d_coords.size:
         _launch("map_backward", B * P, io.dev(d_out), io.dev(x), io.dev(coords), acc, d_coords)
-    return io.out(_rounded(acc, dtype)), io.out(d_coords)
+    return io.out(io.rounded(acc, dtype)), io.out(d_coords)
