@@ -19,7 +19,10 @@ def _t(a, grad=True):
 
 def _torch_module(np_block):
     import torch_ref_blocks
+    import torch_ref_timm
 
+    if type(np_block).__name__ in torch_ref_timm.TIMM_BLOCKS:  # timm's own modules (SimAM: the paper's formula)
+        return torch_ref_timm.make_torch_block(np_block), torch_ref_timm.reference_name(np_block)
     try:
         return torch_ref_blocks.make_torch_block(np_block), "tools/torch_ref_blocks.py (seed transcription)"
     except (TypeError, KeyError):
