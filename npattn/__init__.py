@@ -14,6 +14,12 @@ from .blocks.sk import SKConv
 from .blocks.aff import AFF, DAF, MS_CAM, iAFF
 from .blocks.gct import GCT
 from .blocks.deform import ConvOffset2D, DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
+from .blocks.se import SEModule
+from .blocks.cbam import CBAM
+from .blocks.eca import ECA
+from .blocks.coord_attn import CoordAttn
+from .blocks.global_context import GlobalContext
+from .blocks.simam import SimAM
 
 # Deformable sampling as functions -----------------------------------------------------
 from .functional.deform import (
@@ -32,3 +38,4 @@ __all__ = [
     "deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward",
     "batch_map_offsets", "batch_map_offsets_forward", "batch_map_offsets_backward",
 ]
+__all__ += ["SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM"]

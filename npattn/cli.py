@@ -39,6 +39,13 @@ def _demo_cases():
         ("softmax(axis=1)", lambda x: F.softmax_forward(x, 1), F.softmax_backward, {"x": x}),
         ("global_avg_pool2d", F.global_avg_pool2d_forward, F.global_avg_pool2d_backward, {"x": x}),
         ("spatial_sum", F.spatial_sum_forward, F.spatial_sum_backward, {"x": x}),
+        ("conv1d", lambda x, weight: F.conv1d_forward(x, weight, padding=1), F.conv1d_backward,
+         {"x": r.standard_normal((3, 1, 7)), "weight": r.standard_normal((1, 1, 3))}),
+        ("mean(axis=(2, 3))", lambda x: F.mean_forward(x, (2, 3)), F.mean_backward, {"x": x}),
+        ("amax(axis=(2, 3))", lambda x: F.amax_forward(x, (2, 3)), F.amax_backward, {"x": x}),
+        ("layer_norm2d", F.layer_norm2d_forward, F.layer_norm2d_backward,
+         {"x": x, "weight": r.uniform(0.5, 1.5, x.shape[1]), "bias": r.standard_normal(x.shape[1])}),
+        ("hardswish", F.hardswish_forward, F.hardswish_backward, {"x": 2 * away}),
     ]
 
 

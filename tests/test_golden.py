@@ -47,6 +47,7 @@ EXPECTED_BLOCKS = {
     "SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT", "ConvOffset2D", "batch_map_offsets",
     "deform_conv2d", "DeformConv2d", "ModulatedDeformConv2dPack", "DeformConv2dPack",
 }
+EXPECTED_BLOCKS |= {"SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM"}
 
 
 def test_manifest_covers_every_block_in_both_dtypes_and_modes(manifest):
@@ -59,7 +60,7 @@ def test_manifest_covers_every_block_in_both_dtypes_and_modes(manifest):
         for field in ("file", "block", "config", "mode", "dtype", "seed", "shapes", "sha256", "tolerances", "npattn_version", "cross_checked"):
             assert field in meta, (cid, field)
         assert set(meta["tolerances"]) == {"float32", "float64"}
-    for block in ("SKConv", "AFF", "iAFF", "MS_CAM"):
+    for block in ("SKConv", "AFF", "iAFF", "MS_CAM", "CBAM", "CoordAttn"):
         assert {m["mode"] for m in cases.values() if m["block"] == block} == {"train", "eval"}
     iaff = [m["config"]["share_global_att"] for m in cases.values() if m["block"] == "iAFF"]
     assert set(iaff) == {True, False}

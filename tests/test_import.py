@@ -47,6 +47,7 @@ def test_public_names_of_the_issues_are_exported():
         "SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT", "DeformConv2d", "ModulatedDeformConv2dPack",
         "ConvOffset2D", "deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward", "batch_map_offsets",
         "gradcheck", "gradcheck_block", "DeformConv2dPack",
+        "SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM",
     }
     assert names <= set(npattn.__all__)
     for n in npattn.__all__:

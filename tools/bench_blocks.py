@@ -6,8 +6,10 @@ on the shapes of issue 3:
     SE, GCT             8x256x28x28   (SE r=16)
     MS_CAM, AFF, iAFF   8x64x56x56    (r=4)
     SK                  8x64x56x56    64 -> 64, groups 32
+    SEModule, CBAM, ECA, CoordAttn, GC (attention pooling, scale and add), SimAM
+                        8x256x28x28   timm's default widths, against timm 1.0.31's modules
 
-PyTorch runs the transcriptions of tools/torch_ref_blocks.py (eager mode, autograd on,
+PyTorch runs the transcriptions of tools/torch_ref_blocks.py or timm's modules (eager mode, autograd on,
 its default thread count) with the same parameters and inputs. The four timings of a
 block run interleaved; the table gives the best of ``--repeat`` runs after one warm-up,
 and the ratio npattn / PyTorch (below 1: npattn is faster). Without torch only npattn's columns are printed.
@@ -45,6 +47,13 @@ CASES = {
     "AFF": (lambda rng: npattn.AFF(64, 4, rng=rng), 2, (8, 64, 56, 56)),
     "iAFF": (lambda rng: npattn.iAFF(64, 4, rng=rng), 2, (8, 64, 56, 56)),
     "SK": (lambda rng: npattn.SKConv(64, 64, groups=32, rng=rng), 1, (8, 64, 56, 56)),
+    # timm's layout, against timm's own modules (SimAM: the transcription in tools/torch_ref_timm.py)
+    "SEModule": (lambda rng: npattn.SEModule(256, rng=rng), 1, (8, 256, 28, 28)),
+    "CBAM": (lambda rng: npattn.CBAM(256, rng=rng), 1, (8, 256, 28, 28)),
+    "ECA": (lambda rng: npattn.ECA(256, rng=rng), 1, (8, 256, 28, 28)),
+    "CoordAttn": (lambda rng: npattn.CoordAttn(256, rng=rng), 1, (8, 256, 28, 28)),
+    "GC": (lambda rng: npattn.GlobalContext(256, fuse_add=True, rng=rng), 1, (8, 256, 28, 28)),
+    "SimAM": (lambda rng: npattn.SimAM(), 1, (8, 256, 28, 28)),
 }
 
 
@@ -74,8 +83,11 @@ def npattn_fns(block, xs, dy):
 
 
 def torch_fns(block, xs, dy):
+    import torch_ref_timm
     from torch_ref_blocks import make_torch_block
 
+    if type(block).__name__ in torch_ref_timm.TIMM_BLOCKS:
+        make_torch_block = torch_ref_timm.make_torch_block  # noqa: F811 (timm's own module)
     module = make_torch_block(block, dtype=torch.float32).train()
     txs = [torch.from_numpy(x).requires_grad_(True) for x in xs]
     tdy = torch.from_numpy(dy)
@@ -106,7 +118,7 @@ def main(argv=None):
     print(f"npattn {npattn.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs" + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ""))
     print("float32, training mode, best of %d runs, milliseconds" % args.repeat)
-    head = f"{'block':<8} {'shape':<16} {'npattn fwd':>11} {'npattn f+b':>11}"
+    head = f"{'block':<10} {'shape':<16} {'npattn fwd':>11} {'npattn f+b':>11}"
     if torch is not None:
         head += f" {'torch fwd':>10} {'torch f+b':>10} {'ratio fwd':>10} {'ratio f+b':>10}"
     print(head)
@@ -122,7 +134,7 @@ def main(argv=None):
         if torch is not None:
             fns += torch_fns(block, xs, dy)
         times = best_times(fns, args.repeat)
-        line = f"{name:<8} {'x'.join(map(str, shape)):<16} {times[0] * 1e3:11.1f} {times[1] * 1e3:11.1f}"
+        line = f"{name:<10} {'x'.join(map(str, shape)):<16} {times[0] * 1e3:11.1f} {times[1] * 1e3:11.1f}"
         if torch is not None:
             f, fb, tf, tfb = times
             line += f" {tf * 1e3:10.1f} {tfb * 1e3:10.1f} {f / tf:10.2f} {fb / tfb:10.2f}"

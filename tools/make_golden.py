@@ -60,6 +60,26 @@ CASES = [
     ("modulated_deform_conv2d_pack/k3_dg2", "ModulatedDeformConv2dPack", "block",
      {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "deform_groups": 2, "border_grad": "mmcv"},
      {"x": (2, 4, 5, 6)}, ["eval"], 604),
+    # channel and spatial attention in timm's layout (cross-checked against timm's modules)
+    ("se_module/default", "SEModule", "block", {"channels": 16}, {"x": (3, 16, 4, 5)}, ["eval"], 701),
+    ("se_module/rd4_nobias", "SEModule", "block", {"channels": 16, "rd_channels": 4, "bias": False}, {"x": (1, 16, 5, 3)}, ["eval"], 702),
+    ("se_module/ratio_divisor", "SEModule", "block", {"channels": 12, "rd_ratio": 0.25, "rd_divisor": 2}, {"x": (2, 12, 3, 4)}, ["eval"], 703),
+    ("cbam/c16_r4_k7", "CBAM", "block", {"channels": 16, "rd_ratio": 0.25, "spatial_kernel_size": 7}, {"x": (3, 16, 5, 4)}, ["train", "eval"], 711),
+    ("cbam/rd3_k3", "CBAM", "block", {"channels": 12, "rd_channels": 3, "spatial_kernel_size": 3}, {"x": (1, 12, 4, 6)}, ["train", "eval"], 712),
+    ("cbam/divisor4_k5", "CBAM", "block", {"channels": 20, "rd_ratio": 0.25, "rd_divisor": 4, "spatial_kernel_size": 5}, {"x": (2, 20, 3, 5)}, ["train", "eval"], 713),
+    ("eca/k3", "ECA", "block", {}, {"x": (3, 10, 4, 5)}, ["eval"], 721),
+    ("eca/k5", "ECA", "block", {"kernel_size": 5}, {"x": (1, 7, 3, 2)}, ["eval"], 722),
+    ("eca/adaptive_c256", "ECA", "block", {"channels": 256}, {"x": (2, 256, 2, 3)}, ["eval"], 723),
+    ("eca/adaptive_c16_gamma1_beta2", "ECA", "block", {"channels": 16, "gamma": 1, "beta": 2}, {"x": (2, 16, 3, 3)}, ["eval"], 724),
+    ("coord_attn/default", "CoordAttn", "block", {"channels": 16}, {"x": (3, 16, 5, 4)}, ["train", "eval"], 731),
+    ("coord_attn/rd4_bias", "CoordAttn", "block", {"channels": 16, "rd_channels": 4, "bias": True}, {"x": (1, 16, 4, 6)}, ["train", "eval"], 732),
+    ("coord_attn/ratio_divisor_factor", "CoordAttn", "block", {"channels": 24, "rd_ratio": 0.25, "rd_divisor": 2, "se_factor": 0.5, "bias": True}, {"x": (2, 24, 3, 5)}, ["train", "eval"], 733),
+    ("global_context/attn_scale", "GlobalContext", "block", {"channels": 16, "rd_channels": 4}, {"x": (3, 16, 4, 5)}, ["eval"], 741),
+    ("global_context/attn_add", "GlobalContext", "block", {"channels": 16, "fuse_add": True, "fuse_scale": False, "rd_ratio": 0.25}, {"x": (2, 16, 3, 4)}, ["eval"], 742),
+    ("global_context/mean_add_scale", "GlobalContext", "block", {"channels": 16, "use_attn": False, "fuse_add": True, "rd_channels": 5}, {"x": (1, 16, 5, 3)}, ["eval"], 743),
+    ("global_context/attn_add_scale_divisor", "GlobalContext", "block", {"channels": 12, "fuse_add": True, "init_last_zero": True, "rd_ratio": 0.5, "rd_divisor": 2}, {"x": (3, 12, 3, 3)}, ["eval"], 744),
+    ("simam/default", "SimAM", "block", {}, {"x": (3, 8, 4, 5)}, ["eval"], 751),
+    ("simam/lambda0.25", "SimAM", "block", {"e_lambda": 0.25}, {"x": (1, 5, 2, 7)}, ["eval"], 752),
 ]
 
 # ---- the two border_grad conventions (torchvision / mmcv) and mmcv's DCNv1 layer ----------

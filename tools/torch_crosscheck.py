@@ -24,7 +24,10 @@ def _torch_module(np_block):
         kernel = "mmcv's kernel logic" if np_block.border_grad == "mmcv" else "torchvision.ops.deform_conv2d"
         return mmcv_ref_deform.make_torch_block(np_block), f"tools/mmcv_ref_deform.py (torch composition, {kernel})"
     import torch_ref_blocks
+    import torch_ref_timm
 
+    if type(np_block).__name__ in torch_ref_timm.TIMM_BLOCKS:  # timm's own modules (SimAM: the paper's formula)
+        return torch_ref_timm.make_torch_block(np_block), torch_ref_timm.reference_name(np_block)
     try:
         return torch_ref_blocks.make_torch_block(np_block), "tools/torch_ref_blocks.py (seed transcription)"
     except (TypeError, KeyError):

@@ -45,3 +45,14 @@ __all__ += [
     "batch_map_offsets", "batch_map_offsets_backward", "batch_map_offsets_forward",
     "deform_conv2d", "deform_conv2d_backward", "deform_conv2d_forward",
 ]
+
+# channel and spatial attention (CBAM, ECA, CoordAttn, GlobalContext) -------------------
+from .conv1d import conv1d_backward, conv1d_forward
+from .hardswish import hardswish_backward, hardswish_forward
+from .layer_norm import layer_norm2d_backward, layer_norm2d_forward
+from .reduce import amax_backward, amax_forward, mean_backward, mean_forward
+
+__all__ += [
+    "amax_backward", "amax_forward", "conv1d_backward", "conv1d_forward", "hardswish_backward",
+    "hardswish_forward", "layer_norm2d_backward", "layer_norm2d_forward", "mean_backward", "mean_forward",
+]

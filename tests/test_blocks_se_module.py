@@ -1,0 +1,104 @@
+"""SEModule (timm's layout): channel arithmetic, forward against a loop oracle, gradients
+of every input and parameter (training and eval), state_dict, errors."""
+
+import math
+
+import numpy as np
+import pytest
+from blocks_testlib import check_gradients
+
+from npattn import SEModule
+from npattn.blocks._timm import make_divisible
+
+
+def se_module_oracle(x, state, bias):
+    n, c, h, w = x.shape
+    w1, w2 = state["fc1.weight"][:, :, 0, 0], state["fc2.weight"][:, :, 0, 0]
+    y = np.zeros(x.shape)
+    for a in range(n):
+        s = [sum(float(v) for v in x[a, ch].ravel()) / (h * w) for ch in range(c)]
+        hid = []
+        for k in range(w1.shape[0]):
+            acc = sum(float(w1[k, ch]) * s[ch] for ch in range(c)) + (float(state["fc1.bias"][k]) if bias else 0.0)
+            hid.append(max(acc, 0.0))
+        for ch in range(c):
+            z = sum(float(w2[ch, k]) * hid[k] for k in range(len(hid))) + (float(state["fc2.bias"][ch]) if bias else 0.0)
+            y[a, ch] = x[a, ch] / (1.0 + math.exp(-z))
+    return y
+
+
+@pytest.mark.parametrize("channels, kwargs, hidden", [
+    (64, {}, 8),  # make_divisible(4, 8) = 8
+    (256, {}, 16),
+    (24, {"rd_ratio": 0.25, "rd_divisor": 1}, 6),
+    (24, {"rd_ratio": 0.25, "rd_divisor": 4}, 8),  # int(6 + 2) // 4 * 4
+    (16, {"rd_channels": 3}, 3),
+    (16, {"rd_channels": 0, "rd_divisor": 2}, 2),  # 0 means "compute", as timm's `if not rd_channels`
+])
+def test_hidden_width_is_timms(channels, kwargs, hidden):
+    assert SEModule(channels, **kwargs, rng=0).rd_channels == hidden
+
+
+def test_make_divisible_examples():
+    assert make_divisible(4.0, 8, round_limit=0.0) == 8
+    assert make_divisible(12.0, 8, round_limit=0.0) == 16
+    assert make_divisible(11.9, 8, round_limit=0.0) == 8
+    assert make_divisible(20.0, 8) == 24 and make_divisible(7.0, 8) == 8
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 12, 4, 5), (1, 12, 2, 7)])
+def test_forward_matches_loop_oracle(bias, shape):
+    blk = SEModule(12, rd_channels=5, bias=bias, rng=1, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal(shape)
+    y, _ = blk.forward(x)
+    np.testing.assert_allclose(y, se_module_oracle(x, blk.state_dict(), bias), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs", [{"rd_channels": 5}, {"rd_channels": 4, "bias": False}, {"rd_ratio": 0.25, "rd_divisor": 2}])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("shape", [(3, 12, 4, 5), (1, 12, 3, 2)])
+def test_gradients_every_input_and_parameter(kwargs, training, shape):
+    blk = SEModule(12, **kwargs, rng=2, dtype=np.float64)
+    x = np.random.default_rng(3).standard_normal(shape) + 0.3
+    check_gradients(blk, [x], training=training)
+
+
+def test_state_dict_keys_and_shapes_are_timms():
+    sd = SEModule(32, rng=0).state_dict()
+    assert [(k, v.shape) for k, v in sd.items()] == [
+        ("fc1.weight", (8, 32, 1, 1)), ("fc1.bias", (8,)), ("fc2.weight", (32, 8, 1, 1)), ("fc2.bias", (32,))]
+    assert list(SEModule(32, bias=False, rng=0).state_dict()) == ["fc1.weight", "fc2.weight"]
+
+
+def test_state_dict_round_trip_and_strict_load():
+    a = SEModule(16, rd_channels=4, rng=0, dtype=np.float64)
+    b = SEModule(16, rd_channels=4, rng=1, dtype=np.float64)
+    b.load_state_dict(a.state_dict())
+    x = np.random.default_rng(0).standard_normal((2, 16, 3, 3))
+    np.testing.assert_array_equal(a.forward(x)[0], b.forward(x)[0])
+    sd = a.state_dict()
+    sd["fc1.weight"] = sd["fc1.weight"][:, :, 0]
+    with pytest.raises(ValueError, match="'fc1.weight' must have shape"):
+        b.load_state_dict(sd)
+    with pytest.raises(KeyError, match="missing keys"):
+        b.load_state_dict({"fc1.weight": a["fc1.weight"]})
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    blk = SEModule(8, rd_channels=2, rng=0)
+    with pytest.raises(ValueError, match="x must have 8 channels"):
+        blk.forward(np.zeros((2, 6, 3, 3), np.float32))
+    with pytest.raises(TypeError, match="x has dtype float64"):
+        blk.forward(np.zeros((2, 8, 3, 3)))
+    y, cache = blk.forward(np.ones((2, 8, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        blk.backward(np.ones((2, 8, 3, 4), np.float32), cache)
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        SEModule(8, bias=1)
+    with pytest.raises(ValueError, match="rd_channels must be None or >= 1"):
+        SEModule(8, rd_channels=-1)
+    with pytest.raises(ValueError, match="rd_ratio must be > 0"):
+        SEModule(8, rd_ratio=0.0)
+    with pytest.raises(ValueError, match="rd_divisor must be >= 1"):
+        SEModule(8, rd_divisor=0)
