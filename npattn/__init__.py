@@ -14,6 +14,8 @@ from .blocks.sk import SKConv
 from .blocks.aff import AFF, DAF, MS_CAM, iAFF
 from .blocks.gct import GCT
 from .blocks.deform import ConvOffset2D, DeformConv2d, ModulatedDeformConv2dPack
+from .blocks.non_local import NonLocalAttn
+from .blocks.attention import MultiheadAttention, ViTAttention
 
 # Deformable sampling as functions -----------------------------------------------------
 from .functional.deform import (
@@ -25,10 +27,15 @@ from .functional.deform import (
     deform_conv2d_forward,
 )
 
+# Scaled dot-product attention as functions (boolean mask: True = attend, as torch's function)
+from .functional.attention import scaled_dot_product_attention_backward, scaled_dot_product_attention_forward
+
 __all__ = [
     "__version__", "functional", "gradcheck", "gradcheck_block",
     "SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT",
     "DeformConv2d", "ModulatedDeformConv2dPack", "ConvOffset2D",
     "deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward",
     "batch_map_offsets", "batch_map_offsets_forward", "batch_map_offsets_backward",
+    "NonLocalAttn", "ViTAttention", "MultiheadAttention",
+    "scaled_dot_product_attention_forward", "scaled_dot_product_attention_backward",
 ]

@@ -45,3 +45,7 @@ __all__ += [
     "batch_map_offsets", "batch_map_offsets_backward", "batch_map_offsets_forward",
     "deform_conv2d", "deform_conv2d_backward", "deform_conv2d_forward",
 ]
+
+from .attention import scaled_dot_product_attention_backward, scaled_dot_product_attention_forward
+
+__all__ += ["scaled_dot_product_attention_backward", "scaled_dot_product_attention_forward"]
