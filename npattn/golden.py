@@ -15,7 +15,9 @@ A fixture is ``<golden>/<block>/<case>.npz`` (plain arrays, never pickles) with 
 ``<golden>/manifest.json`` is ``{"format": 1, "cases": {"<case id>": {...}}}`` with, per
 case: file, block, kind ("block" or "function"), config (constructor or keyword
 arguments), inputs (names in call order), mode, dtype, seed, shapes, sha256,
-tolerances, npattn version, and the cross-check record.
+tolerances, npattn version, and the cross-check record; and ``no_grad_inputs`` where
+some inputs are constants without a gradient (attention masks: boolean arrays, or
+floating ones added to the scores).
 
 Float32 twins hold the float32-rounded inputs and parameters of their float64 case; their
 expected outputs and gradients are computed in float64 from exactly those values and
@@ -203,7 +205,14 @@ def _function_ops():
     return {
         "deform_conv2d": (F.deform_conv2d_forward, F.deform_conv2d_backward),
         "batch_map_offsets": (F.batch_map_offsets_forward, F.batch_map_offsets_backward),
+        "scaled_dot_product_attention": (F.scaled_dot_product_attention_forward, F.scaled_dot_product_attention_backward),
     }
+
+
+def grad_inputs(meta: dict) -> list:
+    """The inputs that get a gradient: all but the manifest's ``no_grad_inputs`` (masks)."""
+    skip = set(meta.get("no_grad_inputs", ()))
+    return [n for n in meta["inputs"] if n not in skip]
 
 
 def build_block(meta: dict, dtype):
@@ -231,7 +240,7 @@ def run(meta: dict, arrays: dict, dtype=np.float64) -> dict:
         y, cache = fwd(**dict(zip(meta["inputs"], inputs)), **meta["config"])
         grads = bwd(grad_output, cache)
         out["output"] = y
-        for n in meta["inputs"]:
+        for n in grad_inputs(meta):
             out[f"grad.input.{n}"] = grads[n]
         return out
     block = build_block(meta, dtype)
@@ -241,7 +250,7 @@ def run(meta: dict, arrays: dict, dtype=np.float64) -> dict:
     y, cache = block.forward(*inputs, training=training)
     input_grads, param_grads = block.backward(grad_output, cache)
     out["output"] = y
-    for n, g in zip(meta["inputs"], input_grads):
+    for n, g in zip(grad_inputs(meta), input_grads):
         out[f"grad.input.{n}"] = g
     for k, g in param_grads.items():
         out[f"grad.param.{k}"] = g
@@ -258,7 +267,7 @@ def spot_check_gradients(meta: dict, arrays: dict, *, n_directions=2, seed=0):
     from .gradcheck import gradcheck
 
     arrays64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in arrays.items()}
-    names = [f"input.{n}" for n in meta["inputs"]] + sorted(k for k in arrays64 if k.startswith("param."))
+    names = [f"input.{n}" for n in grad_inputs(meta)] + sorted(k for k in arrays64 if k.startswith("param."))
     base = dict(arrays64)
 
     def forward(**perturbed):
