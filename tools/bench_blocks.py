@@ -6,6 +6,12 @@ on the shapes of issue 3:
     SE, GCT             8x256x28x28   (SE r=16)
     MS_CAM, AFF, iAFF   8x64x56x56    (r=4)
     SK                  8x64x56x56    64 -> 64, groups 32
+    ViTAttn, MHA        8x197x768     ViT-B attention: 12 heads (MHA batch_first, self-attention,
+                                    attention weights returned as torch's default)
+    NonLocal            8x256x28x28   C' = 32, 784 positions
+
+PyTorch runs timm's NonLocalAttn and Attention (timm 1.0.31) and torch.nn.MultiheadAttention
+for the self-attention rows (tools/torch_ref_attention.py).
 
 PyTorch runs the transcriptions of tools/torch_ref_blocks.py (eager mode, autograd on,
 its default thread count) with the same parameters and inputs. The four timings of a
@@ -38,13 +44,17 @@ except ImportError:  # npattn alone
     torch = None
 
 CASES = {
-    # name: (constructor, number of inputs, input shape)
+    # name: (constructor, number of inputs (negative: one array passed that many times), input shape)
     "SE": (lambda rng: npattn.SEBlock(256, 16, rng=rng), 1, (8, 256, 28, 28)),
     "GCT": (lambda rng: npattn.GCT(256), 1, (8, 256, 28, 28)),
     "MS_CAM": (lambda rng: npattn.MS_CAM(64, 4, rng=rng), 1, (8, 64, 56, 56)),
     "AFF": (lambda rng: npattn.AFF(64, 4, rng=rng), 2, (8, 64, 56, 56)),
     "iAFF": (lambda rng: npattn.iAFF(64, 4, rng=rng), 2, (8, 64, 56, 56)),
     "SK": (lambda rng: npattn.SKConv(64, 64, groups=32, rng=rng), 1, (8, 64, 56, 56)),
+    # self-attention; MHA gets one array three times (query, key, value)
+    "ViTAttn": (lambda rng: npattn.ViTAttention(768, 12, qkv_bias=True, rng=rng), 1, (8, 197, 768)),
+    "MHA": (lambda rng: npattn.MultiheadAttention(768, 12, batch_first=True, rng=rng), -3, (8, 197, 768)),
+    "NonLocal": (lambda rng: npattn.NonLocalAttn(256, rng=rng), 1, (8, 256, 28, 28)),
 }
 
 
@@ -76,8 +86,14 @@ def npattn_fns(block, xs, dy):
 def torch_fns(block, xs, dy):
     from torch_ref_blocks import make_torch_block
 
-    module = make_torch_block(block, dtype=torch.float32).train()
-    txs = [torch.from_numpy(x).requires_grad_(True) for x in xs]
+    try:
+        module = make_torch_block(block, dtype=torch.float32).train()
+    except (KeyError, TypeError):  # the self-attention blocks' reference modules
+        import torch_ref_attention
+
+        module = torch_ref_attention.make_torch_block(block, dtype=torch.float32).train()
+    leaves = {}  # one tensor per distinct array: self-attention gets one shared tensor, as in a model
+    txs = [leaves.setdefault(id(x), torch.from_numpy(x).requires_grad_(True)) for x in xs]
     tdy = torch.from_numpy(dy)
 
     def fwd():
@@ -115,7 +131,9 @@ def main(argv=None):
         make, n_inputs, shape = CASES[name]
         rng = np.random.default_rng(0)
         block = make(rng)
-        xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(n_inputs)]
+        xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(abs(n_inputs))]
+        if n_inputs < 0:  # one array used for every input (self-attention)
+            xs = xs[:1] * abs(n_inputs)
         y, _ = block.forward(*xs)
         dy = rng.standard_normal(y.shape, dtype=np.float32)
         fns = npattn_fns(block, xs, dy)
