@@ -20,6 +20,8 @@ from .blocks.eca import ECA
 from .blocks.coord_attn import CoordAttn
 from .blocks.global_context import GlobalContext
 from .blocks.simam import SimAM
+from .blocks.non_local import NonLocalAttn
+from .blocks.attention import MultiheadAttention, ViTAttention
 
 # Deformable sampling as functions -----------------------------------------------------
 from .functional.deform import (
@@ -31,11 +33,16 @@ from .functional.deform import (
     deform_conv2d_forward,
 )
 
+# Scaled dot-product attention as functions (boolean mask: True = attend, as torch's function)
+from .functional.attention import scaled_dot_product_attention_backward, scaled_dot_product_attention_forward
+
 __all__ = [
     "__version__", "functional", "gradcheck", "gradcheck_block",
     "SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT",
     "DeformConv2d", "ModulatedDeformConv2dPack", "ConvOffset2D", "DeformConv2dPack",
     "deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward",
     "batch_map_offsets", "batch_map_offsets_forward", "batch_map_offsets_backward",
+    "NonLocalAttn", "ViTAttention", "MultiheadAttention",
+    "scaled_dot_product_attention_forward", "scaled_dot_product_attention_backward",
 ]
 __all__ += ["SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM"]

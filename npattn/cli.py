@@ -27,6 +27,8 @@ def _demo_cases():
         return F.batch_norm_forward(x, weight, bias, rm, rv, training=False)
 
     bn_in = {"x": x, "weight": r.standard_normal(4), "bias": r.standard_normal(4)}
+    allowed = r.random((4, 6)) < 0.7  # attention mask, True = attend; key 0 for every query
+    allowed[:, 0] = True
     return [
         ("conv2d", conv, F.conv2d_backward, {"x": x, "weight": r.standard_normal((6, 2, 3, 2)), "bias": r.standard_normal(6)}),
         ("linear", F.linear_forward, F.linear_backward, {"x": r.standard_normal((3, 5)), "weight": r.standard_normal((4, 5)), "bias": r.standard_normal(4)}),
@@ -46,6 +48,8 @@ def _demo_cases():
         ("layer_norm2d", F.layer_norm2d_forward, F.layer_norm2d_backward,
          {"x": x, "weight": r.uniform(0.5, 1.5, x.shape[1]), "bias": r.standard_normal(x.shape[1])}),
         ("hardswish", F.hardswish_forward, F.hardswish_backward, {"x": 2 * away}),
+        ("scaled_dot_product_attention", lambda q, k, v: F.scaled_dot_product_attention_forward(q, k, v, attn_mask=allowed),
+         F.scaled_dot_product_attention_backward, {"q": r.standard_normal((2, 4, 3)), "k": r.standard_normal((2, 6, 3)), "v": r.standard_normal((2, 6, 2))}),
     ]
 
 

@@ -16,9 +16,11 @@ A fixture is ``<golden>/<block>/<case>.npz`` (plain arrays, never pickles) with 
 case: file, block, kind ("block" or "function"), config (constructor or keyword
 arguments; for the deformable convolutions ``border_grad``, the offset-gradient convention
 at p = -1), inputs (names in call order), mode, dtype, seed, shapes, sha256,
-tolerances, npattn version, the cross-check record and, where a case sits on a point
+tolerances, npattn version, the cross-check record; where a case sits on a point
 where the forward is not differentiable, ``fd_skip`` (tensor name -> reason) for the
-finite-difference spot check.
+finite-difference spot check; and ``no_grad_inputs`` where some inputs are constants
+without a gradient (attention masks: boolean arrays, or floating ones added to the
+scores).
 
 Float32 twins hold the float32-rounded inputs and parameters of their float64 case; their
 expected outputs and gradients are computed in float64 from exactly those values and
@@ -214,7 +216,14 @@ def _function_ops():
     return {
         "deform_conv2d": (F.deform_conv2d_forward, F.deform_conv2d_backward),
         "batch_map_offsets": (F.batch_map_offsets_forward, F.batch_map_offsets_backward),
+        "scaled_dot_product_attention": (F.scaled_dot_product_attention_forward, F.scaled_dot_product_attention_backward),
     }
+
+
+def grad_inputs(meta: dict) -> list:
+    """The inputs that get a gradient: all but the manifest's ``no_grad_inputs`` (masks)."""
+    skip = set(meta.get("no_grad_inputs", ()))
+    return [n for n in meta["inputs"] if n not in skip]
 
 
 def build_block(meta: dict, dtype):
@@ -242,7 +251,7 @@ def run(meta: dict, arrays: dict, dtype=np.float64) -> dict:
         y, cache = fwd(**dict(zip(meta["inputs"], inputs)), **meta["config"])
         grads = bwd(grad_output, cache)
         out["output"] = y
-        for n in meta["inputs"]:
+        for n in grad_inputs(meta):
             out[f"grad.input.{n}"] = grads[n]
         return out
     block = build_block(meta, dtype)
@@ -252,7 +261,7 @@ def run(meta: dict, arrays: dict, dtype=np.float64) -> dict:
     y, cache = block.forward(*inputs, training=training)
     input_grads, param_grads = block.backward(grad_output, cache)
     out["output"] = y
-    for n, g in zip(meta["inputs"], input_grads):
+    for n, g in zip(grad_inputs(meta), input_grads):
         out[f"grad.input.{n}"] = g
     for k, g in param_grads.items():
         out[f"grad.param.{k}"] = g
@@ -269,7 +278,7 @@ def spot_check_gradients(meta: dict, arrays: dict, *, n_directions=2, seed=0):
     from .gradcheck import gradcheck
 
     arrays64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in arrays.items()}
-    names = [f"input.{n}" for n in meta["inputs"]] + sorted(k for k in arrays64 if k.startswith("param."))
+    names = [f"input.{n}" for n in grad_inputs(meta)] + sorted(k for k in arrays64 if k.startswith("param."))
     # a case may name tensors at a point where the forward is not differentiable (zero
     # offsets: every sample on an integer position), with the reason, in "fd_skip"
     names = [n for n in names if n not in (meta.get("fd_skip") or {})]

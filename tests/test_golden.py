@@ -46,6 +46,7 @@ def some_case(manifest, block="AFF", mode="train", dtype="float64"):
 EXPECTED_BLOCKS = {
     "SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT", "ConvOffset2D", "batch_map_offsets",
     "deform_conv2d", "DeformConv2d", "ModulatedDeformConv2dPack", "DeformConv2dPack",
+    "scaled_dot_product_attention", "NonLocalAttn", "ViTAttention", "MultiheadAttention",
 }
 EXPECTED_BLOCKS |= {"SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM"}
 

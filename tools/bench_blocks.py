@@ -8,6 +8,12 @@ on the shapes of issue 3:
     SK                  8x64x56x56    64 -> 64, groups 32
     SEModule, CBAM, ECA, CoordAttn, GC (attention pooling, scale and add), SimAM
                         8x256x28x28   timm's default widths, against timm 1.0.31's modules
+    ViTAttn, MHA        8x197x768     ViT-B attention: 12 heads (MHA batch_first, self-attention,
+                                    attention weights returned as torch's default)
+    NonLocal            8x256x28x28   C' = 32, 784 positions
+
+PyTorch runs timm's NonLocalAttn and Attention (timm 1.0.31) and torch.nn.MultiheadAttention
+for the self-attention rows (tools/torch_ref_attention.py).
 
 PyTorch runs the transcriptions of tools/torch_ref_blocks.py or timm's modules (eager mode, autograd on,
 its default thread count) with the same parameters and inputs. The four timings of a
@@ -40,7 +46,7 @@ except ImportError:  # npattn alone
     torch = None
 
 CASES = {
-    # name: (constructor, number of inputs, input shape)
+    # name: (constructor, number of inputs (negative: one array passed that many times), input shape)
     "SE": (lambda rng: npattn.SEBlock(256, 16, rng=rng), 1, (8, 256, 28, 28)),
     "GCT": (lambda rng: npattn.GCT(256), 1, (8, 256, 28, 28)),
     "MS_CAM": (lambda rng: npattn.MS_CAM(64, 4, rng=rng), 1, (8, 64, 56, 56)),
@@ -54,6 +60,10 @@ CASES = {
     "CoordAttn": (lambda rng: npattn.CoordAttn(256, rng=rng), 1, (8, 256, 28, 28)),
     "GC": (lambda rng: npattn.GlobalContext(256, fuse_add=True, rng=rng), 1, (8, 256, 28, 28)),
     "SimAM": (lambda rng: npattn.SimAM(), 1, (8, 256, 28, 28)),
+    # self-attention; MHA gets one array three times (query, key, value)
+    "ViTAttn": (lambda rng: npattn.ViTAttention(768, 12, qkv_bias=True, rng=rng), 1, (8, 197, 768)),
+    "MHA": (lambda rng: npattn.MultiheadAttention(768, 12, batch_first=True, rng=rng), -3, (8, 197, 768)),
+    "NonLocal": (lambda rng: npattn.NonLocalAttn(256, rng=rng), 1, (8, 256, 28, 28)),
 }
 
 
@@ -88,8 +98,14 @@ def torch_fns(block, xs, dy):
 
     if type(block).__name__ in torch_ref_timm.TIMM_BLOCKS:
         make_torch_block = torch_ref_timm.make_torch_block  # noqa: F811 (timm's own module)
-    module = make_torch_block(block, dtype=torch.float32).train()
-    txs = [torch.from_numpy(x).requires_grad_(True) for x in xs]
+    try:
+        module = make_torch_block(block, dtype=torch.float32).train()
+    except (KeyError, TypeError):  # the self-attention blocks' reference modules
+        import torch_ref_attention
+
+        module = torch_ref_attention.make_torch_block(block, dtype=torch.float32).train()
+    leaves = {}  # one tensor per distinct array: self-attention gets one shared tensor, as in a model
+    txs = [leaves.setdefault(id(x), torch.from_numpy(x).requires_grad_(True)) for x in xs]
     tdy = torch.from_numpy(dy)
 
     def fwd():
@@ -127,7 +143,9 @@ def main(argv=None):
         make, n_inputs, shape = CASES[name]
         rng = np.random.default_rng(0)
         block = make(rng)
-        xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(n_inputs)]
+        xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(abs(n_inputs))]
+        if n_inputs < 0:  # one array used for every input (self-attention)
+            xs = xs[:1] * abs(n_inputs)
         y, _ = block.forward(*xs)
         dy = rng.standard_normal(y.shape, dtype=np.float32)
         fns = npattn_fns(block, xs, dy)

@@ -118,6 +118,42 @@ INITIAL_STATE = {
     "deform_conv2d_pack/init_mmcv": {"param.conv_offset.weight": _ON_GRID, "param.conv_offset.bias": _ON_GRID},
 }
 
+# Self-attention. A mask input is given as (kind, shape): "bool_attend" (True = attend,
+# scaled_dot_product_attention's convention), "bool_masked" (True = not allowed,
+# MultiheadAttention's), or "float" (added; about 20% of the entries -inf). One random key
+# is never masked, so no query loses every key. Masks are constants: no gradient.
+CASES += [
+    ("scaled_dot_product_attention/bool_mask", "scaled_dot_product_attention", "function", {},
+     {"q": (2, 3, 4, 5), "k": (2, 3, 6, 5), "v": (2, 3, 6, 3), "attn_mask": ("bool_attend", (4, 6))}, ["eval"], 701),
+    ("scaled_dot_product_attention/float_mask_scale", "scaled_dot_product_attention", "function", {"scale": 0.3},
+     {"q": (3, 5, 2), "k": (3, 4, 2), "v": (3, 4, 4), "attn_mask": ("float", (3, 5, 4))}, ["eval"], 702),
+    ("non_local_attn/c16", "NonLocalAttn", "block", {"in_channels": 16}, {"x": (3, 16, 4, 5)}, ["train", "eval"], 703),
+    ("non_local_attn/no_scale_rd4", "NonLocalAttn", "block", {"in_channels": 8, "use_scale": False, "rd_channels": 4},
+     {"x": (2, 8, 3, 4)}, ["eval"], 704),
+    ("vit_attention/d12_h3_qkv_bias", "ViTAttention", "block", {"dim": 12, "num_heads": 3, "qkv_bias": True}, {"x": (2, 7, 12)}, ["eval"], 705),
+    ("vit_attention/d8_h8", "ViTAttention", "block", {"dim": 8, "num_heads": 8}, {"x": (3, 4, 8)}, ["eval"], 706),
+    ("multihead_attention/batch_first_bool_masks", "MultiheadAttention", "block", {"embed_dim": 8, "num_heads": 2, "batch_first": True},
+     {"query": (3, 4, 8), "key": (3, 5, 8), "value": (3, 5, 8),
+      "key_padding_mask": ("bool_masked", (3, 5)), "attn_mask": ("bool_masked", (4, 5))}, ["eval"], 707),
+    ("multihead_attention/kdim_vdim_float_masks", "MultiheadAttention", "block", {"embed_dim": 6, "num_heads": 3, "kdim": 4, "vdim": 5},
+     {"query": (4, 2, 6), "key": (3, 2, 4), "value": (3, 2, 5),
+      "key_padding_mask": ("float", (2, 3)), "attn_mask": ("float", (6, 4, 3))}, ["eval"], 708),
+    ("multihead_attention/no_bias_no_mask", "MultiheadAttention", "block", {"embed_dim": 4, "num_heads": 4, "bias": False},
+     {"query": (3, 1, 4), "key": (2, 1, 4), "value": (2, 1, 4)}, ["eval"], 709),
+]
+
+
+def attention_mask(kind, shape, rng, free_key):
+    """A mask input of the self-attention cases (see CASES); key ``free_key`` never masked."""
+    if kind == "float":
+        mask = rng.normal(0.0, 1.0, size=shape)
+        mask[rng.random(shape) < 0.2] = -np.inf
+        mask[..., free_key] = rng.normal(0.0, 1.0, size=shape[:-1])
+        return mask
+    masked = rng.random(shape) < 0.3
+    masked[..., free_key] = False
+    return ~masked if kind == "bool_attend" else masked
+
 
 def away_from_integers(rng, shape, low=-1.5, high=1.5):
     """Offsets whose fractional part lies in [0.15, 0.85]: every sample position (integer
@@ -128,8 +164,13 @@ def away_from_integers(rng, shape, low=-1.5, high=1.5):
 
 def make_inputs(shapes, rng):
     inputs = {}
+    free_key = None
     for name, shape in shapes.items():
-        if name in ("offset",):
+        if isinstance(shape[0], str):  # an attention mask: (kind, shape)
+            if free_key is None:
+                free_key = int(rng.integers(0, shape[1][-1]))
+            inputs[name] = attention_mask(*shape, rng, free_key)
+        elif name in ("offset",):
             inputs[name] = away_from_integers(rng, shape)
         elif name == "offsets":  # seed sampling: keep positions inside and off integers
             inputs[name] = away_from_integers(rng, shape, -1, 1)
@@ -184,6 +225,9 @@ def build_arrays(spec, mode):
     for k, v in inputs.items():
         arrays[f"input.{k}"] = v
     meta["inputs"] = list(shapes)
+    masks = [n for n, shape in shapes.items() if isinstance(shape[0], str)]
+    if masks:
+        meta["no_grad_inputs"] = masks
     return meta, arrays
 
 
@@ -307,7 +351,7 @@ def main(argv=None) -> int:
                     "npattn_version": npattn.__version__,
                     "cross_checked": record,
                     "fd_spot_check_rel_err": float(f"{report.max_rel_err:.2e}"),
-                }
+                } | ({"no_grad_inputs": meta["no_grad_inputs"]} if "no_grad_inputs" in meta else {})
                 if meta.get("fd_skip"):
                     cases[case_id]["fd_skip"] = meta["fd_skip"]
                 print(f"{case_id:<48} written  fd {report.max_rel_err:.1e}  cross-check {record['max_rel_err'] if record else '-'}")

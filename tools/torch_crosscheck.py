@@ -33,7 +33,22 @@ def _torch_module(np_block):
     except (TypeError, KeyError):
         import torch_ref_deform
 
-        return torch_ref_deform.make_torch_block(np_block), "tools/torch_ref_deform.py (seed / torchvision composition)"
+        try:
+            return torch_ref_deform.make_torch_block(np_block), "tools/torch_ref_deform.py (seed / torchvision composition)"
+        except (TypeError, KeyError):
+            import torch_ref_attention
+
+            return torch_ref_attention.make_torch_block(np_block), torch_ref_attention.describe(np_block)
+
+
+def _inputs(meta, arrays):
+    """name -> tensor: floating inputs as float64 leaves (requiring a gradient unless the
+    case lists them in no_grad_inputs), boolean masks as boolean tensors."""
+    skip = set(meta.get("no_grad_inputs", ()))
+    return {
+        n: _t(arrays[f"input.{n}"], n not in skip) if arrays[f"input.{n}"].dtype.kind == "f" else torch.from_numpy(arrays[f"input.{n}"])
+        for n in meta["inputs"]
+    }
 
 
 def run_case(meta: dict, arrays: dict):
@@ -42,8 +57,9 @@ def run_case(meta: dict, arrays: dict):
     names = meta["inputs"]
     dy = torch.from_numpy(arrays["grad_output"])
     out = {}
+    grad_names = golden.grad_inputs(meta)
     if meta["kind"] == "function":
-        tin = {n: _t(arrays[f"input.{n}"]) for n in names}
+        tin = _inputs(meta, arrays)
         cfg = meta["config"]
         if meta["block"] == "deform_conv2d" and cfg.get("border_grad") == "mmcv":
             import mmcv_ref_deform
@@ -72,11 +88,16 @@ def run_case(meta: dict, arrays: dict):
             # the seed returns (B, H*W); npattn gives the same values as (B, H, W)
             y = torch_ref_deform.th_batch_map_offsets(tin["input"], tin["offsets"]).reshape(dy.shape)
             reference = "tools/torch_ref_deform.py th_batch_map_offsets (seed transcription)"
+        elif meta["block"] == "scaled_dot_product_attention":
+            y = torch.nn.functional.scaled_dot_product_attention(
+                tin["q"], tin["k"], tin["v"], attn_mask=tin.get("attn_mask"), scale=cfg.get("scale")
+            )
+            reference = "torch.nn.functional.scaled_dot_product_attention"
         else:
             raise KeyError(meta["block"])
         y.backward(dy)
         out["output"] = y.detach().numpy()
-        for n in names:
+        for n in grad_names:
             out[f"grad.input.{n}"] = tin[n].grad.numpy()
         return out, reference
 
@@ -85,12 +106,12 @@ def run_case(meta: dict, arrays: dict):
     np_block.load_state_dict(state)
     module, reference = _torch_module(np_block)
     module.train(meta["mode"] == "train")
-    tin = [_t(arrays[f"input.{n}"]) for n in names]
-    y = module(*tin)
+    tin = _inputs(meta, arrays)
+    y = module(*(tin[n] for n in names))
     y.backward(dy)
     out["output"] = y.detach().numpy()
-    for n, t in zip(names, tin):
-        out[f"grad.input.{n}"] = t.grad.numpy()
+    for n in grad_names:
+        out[f"grad.input.{n}"] = tin[n].grad.numpy()
     for k, p in module.named_parameters():
         out[f"grad.param.{k}"] = p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape))
     if meta["mode"] == "train":

@@ -56,3 +56,7 @@ __all__ += [
     "amax_backward", "amax_forward", "conv1d_backward", "conv1d_forward", "hardswish_backward",
     "hardswish_forward", "layer_norm2d_backward", "layer_norm2d_forward", "mean_backward", "mean_forward",
 ]
+
+from .attention import scaled_dot_product_attention_backward, scaled_dot_product_attention_forward
+
+__all__ += ["scaled_dot_product_attention_backward", "scaled_dot_product_attention_forward"]
