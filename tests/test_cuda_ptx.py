@@ -21,8 +21,8 @@ if not SIMULATOR:
 
     from npattn.sampling import cuda as cu
 
-# the oldest compute capability this NVVM accepts and the H100's
-CCS = [(7, 5), (9, 0)]
+# the oldest compute capability this NVVM accepts, the A100's and the H100's
+CCS = [(7, 5), (8, 0), (9, 0)]
 KERNELS = ["im2col", "col2im", "coord", "map", "map_backward", "cast", "zero"]
 # the float64 accumulators of the scatters use atomic adds
 ATOMIC = {"col2im", "map_backward"}

@@ -337,3 +337,26 @@ def test_bad_grad_out(rng):
         deform_conv2d_backward(np.zeros((3, 4, 3, 4)), cache)
     with pytest.raises(TypeError, match=r"grad_out must have the same dtype as the forward's input \(float64\), got float32"):
         deform_conv2d_backward(np.zeros(out.shape, dtype=np.float32), cache)
+
+
+class _FakeCudaArray:
+    """Looks like a CUDA array to npattn (it has __cuda_array_interface__) but is none."""
+
+    __cuda_array_interface__ = {"shape": (1, 1, 3, 3), "typestr": "<f8", "data": (0, False), "version": 3}
+    shape, dtype, ndim = (1, 1, 3, 3), np.dtype(np.float64), 4
+
+
+def test_cuda_arrays_need_the_cuda_backend_and_cupy():
+    """CUDA arrays run on backend='cuda' only; without CuPy (or a GPU) the error says so
+    and names the argument (on a GPU machine with CuPy, tests/cudasim covers the rest)."""
+    from npattn._xp import cupy_or_reason
+    from npattn.sampling import BackendUnavailable
+
+    x = _FakeCudaArray()
+    w = np.ones((1, 1, 1, 1))
+    off = np.zeros((1, 2, 3, 3))
+    with pytest.raises(ValueError, match="CUDA arrays run on backend='cuda'; got backend='numba'"):
+        deform_conv2d_forward(x, off, w, backend="numba")
+    if cupy_or_reason()[0] is None:
+        with pytest.raises(BackendUnavailable, match="input is a CUDA array, which needs CuPy"):
+            deform_conv2d_forward(x, off, w)

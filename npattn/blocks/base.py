@@ -149,10 +149,10 @@ class Block:
         return {k: np.zeros_like(self._state[k]) for k in self._param_keys}
 
     # ---- input checks -------------------------------------------------------------
-    def _check_input(self, name, x, ndim=4, channels=None):
+    def _check_input(self, name, x, ndim=4, channels=None, *, xp=np):
         op = type(self).__name__
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{op}: {name} must be a numpy.ndarray, got {type(x).__name__}")
+        if not isinstance(x, xp.ndarray):
+            raise TypeError(f"{op}: {name} must be a {xp.__name__}.ndarray, got {type(x).__name__}")
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must have dtype float32 or float64, got {x.dtype}")
         if x.dtype != self.dtype:

@@ -63,6 +63,7 @@ import numpy as np
 from .. import functional as F
 from .. import sampling
 from .._checks import pair, positive_int
+from .._xp import device_namespace, is_cuda_array
 from ..functional.deform import (
     batch_map_offsets_backward,
     batch_map_offsets_forward,
@@ -133,10 +134,20 @@ class DeformConv2d(Block):
         self._add_conv("", make_rng(rng), self.in_channels, self.out_channels, self.kernel_size, self.groups, bias)
 
     def forward(self, x, offset, mask=None, *, training=False):
-        x = self._check_input("x", x, 4, self.in_channels)
+        """``x``, ``offset``, ``mask``: NumPy arrays, or all CUDA arrays (see
+        :func:`npattn.functional.deform_conv2d_forward`): the block's parameters, NumPy
+        arrays, are then copied to the device for the call, and the output and every
+        gradient (parameter gradients included) are CuPy arrays."""
         s = self._state
+        weight, bias = s["weight"], s.get("bias")
+        if is_cuda_array(x):
+            xp, arrays = device_namespace(type(self).__name__, {"x": x})
+            x = self._check_input("x", arrays["x"], 4, self.in_channels, xp=xp)
+            weight, bias = xp.asarray(weight), (None if bias is None else xp.asarray(bias))
+        else:
+            x = self._check_input("x", x, 4, self.in_channels)
         return deform_conv2d_forward(
-            x, offset, s["weight"], s.get("bias"), self.stride, self.padding, self.dilation, mask,
+            x, offset, weight, bias, self.stride, self.padding, self.dilation, mask,
             backend=self.backend, border_grad=self.border_grad,
         )
 
