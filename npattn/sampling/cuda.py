@@ -3,13 +3,17 @@
 Same functions, signatures and numbers as ``numpy.py`` (the definition) and ``cpu.py``;
 see ``numpy.py`` for the semantics. Every kernel is a grid-stride loop:
 
-* ``deform_im2col``: one thread per column entry (n, c, k, oy, ox);
-* ``deform_col2im``: one thread per column entry; it adds ``w * (m * D)`` to each of its
-  in-image corners with ``cuda.atomic.add`` into a float64 buffer (as numpy.py sums in
-  float64), which is then rounded to the dtype of ``d_cols``;
-* ``deform_col2im_coord``: one thread per position (n, g, k, oy, ox); it sums over the
-  group's channels in increasing order and writes its own d_offset pair and d_mask entry
-  (no atomics, same order as numpy.py);
+* ``deform_im2col``: one thread per sampling position (n, g, k, oy, ox): it computes the
+  position, its corners and bilinear weights once, then samples the group's channels in
+  turn; neighbouring threads differ in ox, so the reads of offset / mask and the writes
+  of the columns are coalesced;
+* ``deform_col2im``: one thread per sampling position, looping over the group's
+  channels; it adds ``w * (m * D)`` to each in-image corner with ``cuda.atomic.add`` into
+  a float64 buffer (as numpy.py sums in float64), which is then rounded to the dtype of
+  ``d_cols``;
+* ``deform_col2im_coord``: one thread per position; it sums over the group's channels in
+  increasing order and writes its own d_offset pair and d_mask entry (no atomics, same
+  order as numpy.py), and, given ``cols_out``, the forward's columns in the same pass;
 * ``map_coordinates_clamped``: one thread per (b, p); its backward writes d_coords
   directly and scatters d_x with float64 atomics.
 
@@ -21,9 +25,14 @@ in the dtype of the input (float32 stays float32), but on a real GPU NVVM fuses
 apart from fastmath, which would do more), so device results agree with numpy.py to
 rounding rather than bit for bit. The simulator runs the same source as Python.
 
-Host wrappers accept NumPy arrays or CUDA device arrays (anything with
+Host wrappers accept NumPy arrays or CUDA arrays (anything with
 ``__cuda_array_interface__``). With NumPy inputs only, results come back as NumPy arrays;
-as soon as one input is a device array, results stay on the device (``DeviceNDArray``).
+with CuPy inputs, results are CuPy arrays from CuPy's memory pool; with other device
+arrays (Numba's, PyTorch CUDA tensors) they are Numba device arrays. Launch
+configurations are cached per kernel and grid size. ``npattn.functional.deform_conv2d``
+calls these wrappers on CuPy arrays for CUDA inputs (and for NumPy inputs when CuPy is
+installed: one upload, one download per call), so nothing crosses the bus between
+kernels.
 
 Memory safety: a corner index is formed only after a floating-point range test that is
 false for NaN and +-inf, so non-finite or huge offsets never index outside the input.
