@@ -87,6 +87,22 @@ def _placement(op, backend, arrays):
     return np, name, False, arrays
 
 
+def _grad_placement(op, grad_out, cache, ndim, layout):
+    """``(xp, grad_out)`` for a backward: on the device when the forward ran there (a
+    NumPy grad_out is uploaded when the forward took NumPy arrays, refused when it took
+    CUDA arrays), checked as a float array of ``ndim`` dimensions."""
+    xp = np
+    if cache.on_device:
+        xp, _ = cupy_or_reason()
+        if cache.to_host:  # the forward took NumPy arrays: so does the backward
+            grad_out = xp.asarray(float_array(op, "grad_out", grad_out, ndim, layout))
+        elif not is_cuda_array(grad_out):
+            raise TypeError(f"{op}: grad_out must be a CUDA array like the forward's input, got {type(grad_out).__name__}")
+        else:
+            grad_out = xp.asarray(grad_out)
+    return xp, float_array(op, "grad_out", grad_out, ndim, layout, xp=xp)
+
+
 def _to_host(a):
     return None if a is None else a.get()
 
@@ -304,16 +320,7 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
     out_h, out_w = cache.out_hw
     k_taps = weight_h * weight_w
     g_w = cache.weight_groups
-    xp = np
-    if cache.on_device:
-        xp, _ = cupy_or_reason()
-        if cache.to_host:  # the forward took NumPy arrays: so does the backward
-            grad_out = xp.asarray(float_array(op, "grad_out", grad_out, 4, "(N, C_out, out_h, out_w)"))
-        elif not is_cuda_array(grad_out):
-            raise TypeError(f"{op}: grad_out must be a CUDA array like the forward's input, got {type(grad_out).__name__}")
-        else:
-            grad_out = xp.asarray(grad_out)
-    grad_out = float_array(op, "grad_out", grad_out, 4, "(N, C_out, out_h, out_w)", xp=xp)
+    xp, grad_out = _grad_placement(op, grad_out, cache, 4, "(N, C_out, out_h, out_w)")
     if grad_out.shape != (n, c_out, out_h, out_w):
         raise ValueError(f"{op}: grad_out must have shape {(n, c_out, out_h, out_w)}, got {tuple(grad_out.shape)}")
     same_dtype(op, "the forward's input", x, grad_out=grad_out)
@@ -461,16 +468,7 @@ def batch_map_offsets_backward(grad_out, cache: BatchMapOffsetsCache):
     """Gradients of :func:`batch_map_offsets_forward`: dict with ``input`` and ``offsets``."""
     op = "batch_map_offsets_backward"
     b, height, width = cache.input.shape
-    xp = np
-    if cache.on_device:
-        xp, _ = cupy_or_reason()
-        if cache.to_host:  # the forward took NumPy arrays: so does the backward
-            grad_out = xp.asarray(float_array(op, "grad_out", grad_out, 3, "(B, H, W)"))
-        elif not is_cuda_array(grad_out):
-            raise TypeError(f"{op}: grad_out must be a CUDA array like the forward's input, got {type(grad_out).__name__}")
-        else:
-            grad_out = xp.asarray(grad_out)
-    grad_out = float_array(op, "grad_out", grad_out, 3, "(B, H, W)", xp=xp)
+    xp, grad_out = _grad_placement(op, grad_out, cache, 3, "(B, H, W)")
     if grad_out.shape != (b, height, width):
         raise ValueError(f"{op}: grad_out must have shape {(b, height, width)}, got {tuple(grad_out.shape)}")
     same_dtype(op, "the forward's input", cache.input, grad_out=grad_out)

@@ -7,34 +7,15 @@ upload the arrays once, run the products in cuBLAS and download the results once
 shapes: the simulator spends ~150 us per thread.
 """
 
-import os
 
 import numpy as np
 import pytest
 
 from npattn.functional import deform as D
 
-SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+from _gpu import CUDA_MARKS, SIMULATOR, gpu_present
 
-
-def _gpu_present():
-    if SIMULATOR:
-        return True
-    try:
-        from numba import cuda
-
-        return cuda.is_available()
-    except Exception:
-        return False
-
-
-pytestmark = [
-    pytest.mark.cudasim,
-    pytest.mark.skipif(
-        not _gpu_present(),
-        reason="CUDA kernels need NUMBA_ENABLE_CUDASIM=1 (Numba's simulator) or an NVIDIA GPU; neither is present",
-    ),
-]
+pytestmark = CUDA_MARKS
 
 # float64: the products sum in another order (cuBLAS or NumPy's BLAS on another
 # chunking), the device fuses multiply-adds, col2im's atomics add in any order: agreement

@@ -9,36 +9,17 @@ thousand). On a machine with an NVIDIA GPU the same tests run on the device; wit
 either they are skipped.
 """
 
-import os
 
 import numpy as np
 import pytest
 
 from npattn.sampling import numpy as ref
 
-SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+from _gpu import CUDA_MARKS, SIMULATOR, gpu_present
 
+pytestmark = CUDA_MARKS
 
-def _gpu_present():
-    if SIMULATOR:
-        return True
-    try:
-        from numba import cuda
-
-        return cuda.is_available()
-    except Exception:
-        return False
-
-
-pytestmark = [
-    pytest.mark.cudasim,
-    pytest.mark.skipif(
-        not _gpu_present(),
-        reason="CUDA kernels need NUMBA_ENABLE_CUDASIM=1 (Numba's simulator) or an NVIDIA GPU; neither is present",
-    ),
-]
-
-if _gpu_present():
+if gpu_present():
     from numba import cuda as nbcuda
 
     from npattn.sampling import cuda as cu
