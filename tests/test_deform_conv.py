@@ -167,6 +167,27 @@ def test_batch_zero(rng):
     np.testing.assert_array_equal(g["bias"], np.zeros(4))
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("x_shape", [(1, 1, 1, 0), (2, 2, 0, 3)])
+def test_empty_image_with_padding_samples_zero(backend, x_shape):
+    """H or W = 0 still has an output when padded (as torchvision): every sample is 0, so
+    the output is the bias and the offset, mask and weight gradients are 0. (Found by
+    tests/fuzz: the numpy backend raised IndexError from a take on the empty image.)"""
+    n, c, h, w = x_shape
+    out_h, out_w = h + 2, w + 2  # 1x1 kernel, padding 1
+    x = np.zeros(x_shape)
+    offset = np.full((n, 2, out_h, out_w), 0.25)
+    mask = np.ones((n, 1, out_h, out_w))
+    weight, bias = np.ones((3, c, 1, 1)), np.array([0.5, -1.0, 2.0])
+    out, cache = deform_conv2d_forward(x, offset, weight, bias, padding=1, mask=mask, backend=backend)
+    np.testing.assert_array_equal(out, np.broadcast_to(bias[:, None, None], (n, 3, out_h, out_w)))
+    g = deform_conv2d_backward(np.ones(out.shape), cache)
+    assert g["input"].shape == x_shape
+    for key in ("offset", "mask", "weight"):
+        np.testing.assert_array_equal(g[key], 0.0 * g[key], err_msg=key)
+    np.testing.assert_array_equal(g["bias"], np.full(3, n * out_h * out_w, dtype=float))
+
+
 def test_chunking_does_not_change_results(rng):
     a = make_case(rng, UNEVEN[1], safe=False)
     out, cache = fwd(**a)
