@@ -339,6 +339,12 @@ def test_bad_backend_and_budget(rng):
     a = make_case(rng, UNEVEN[1])
     with pytest.raises(ValueError, match="backend must be one of"):
         F.deform_conv2d(**a, backend="fortran")
+    # not a string (found by tests/fuzz: a list raised "unhashable type" without naming backend)
+    for bad in (["numpy"], {"numpy": 1}, 3):
+        with pytest.raises(TypeError, match="backend must be one of"):
+            F.deform_conv2d(**a, backend=bad)
+        with pytest.raises(TypeError, match="backend must be one of"):
+            F.batch_map_offsets(a["input"][:, 0], np.zeros(a["input"][:, 0].shape + (2,)), backend=bad)
     with pytest.raises(ValueError, match="column_budget_bytes must be >= 1, got 0"):
         F.deform_conv2d(**a, backend=BACKEND, column_budget_bytes=0)
     with pytest.raises(TypeError, match="column_budget_bytes must be an int"):
