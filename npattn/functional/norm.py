@@ -132,6 +132,7 @@ def batch_norm_backward(dy, cache: BatchNormCache):
     """Gradients of :func:`batch_norm_forward`: dict with ``x`` and, when given, ``weight``, ``bias``."""
     x_hat = cache.x_hat
     dy = float_array("batch_norm_backward", "dy", dy, x_hat.ndim)
+    same_dtype("batch_norm_backward", "the forward's x", x_hat, dy=dy)
     if dy.shape != x_hat.shape:
         raise ValueError(f"batch_norm_backward: dy must have shape {tuple(x_hat.shape)}, got {tuple(dy.shape)}")
     nd = x_hat.ndim
