@@ -315,7 +315,7 @@ BAD_CASES = [
     ("offset batch mismatch", dict(offset=np.zeros((2, 36, 3, 5))), ValueError, r"offset must have shape \(3, 36, 3, 5\).*got \(2, 36, 3, 5\)"),
     ("mask channels do not match", dict(mask=np.zeros((3, 12, 3, 5))), ValueError, r"mask must have shape \(3, 18, 3, 5\).*got \(3, 12, 3, 5\)"),
     ("wrong output size in mask", dict(mask=np.zeros((3, 18, 4, 5))), ValueError, r"mask must have shape \(3, 18, 3, 5\).*got \(3, 18, 4, 5\)"),
-    ("C_in not divisible by weight.shape[1]", dict(weight=np.zeros((4, 4, 3, 2))), ValueError, r"input channels must be a multiple of weight.shape\[1\].*6 channels.*\(4, 4, 3, 2\)"),
+    ("C_in not divisible by weight.shape[1]", dict(weight=np.zeros((4, 4, 3, 2))), ValueError, r"input channels must be a positive multiple of weight.shape\[1\].*6 channels.*\(4, 4, 3, 2\)"),
     ("C_out not divisible by groups", dict(weight=np.zeros((5, 3, 3, 2)), bias=None), ValueError, r"output channels must be divisible by groups = 2.*\(5, 3, 3, 2\)"),
     ("bias shape", dict(bias=np.zeros(5)), ValueError, r"bias must have shape \(4,\), got \(5,\)"),
     ("input rank", dict(input=np.zeros((6, 8, 6))), ValueError, r"input must have 4 dimensions.*got shape \(6, 8, 6\)"),
@@ -333,6 +333,12 @@ BAD_CASES = [
 def test_bad_arguments(rng, desc, changes, exc, msg):
     with pytest.raises(exc, match=msg):
         F.deform_conv2d(**_bad(rng, **changes), backend=BACKEND)
+
+
+def test_input_without_channels_raises_naming_input():
+    """0 input channels made the weight groups 0 and raised ZeroDivisionError (found by tests/fuzz)."""
+    with pytest.raises(ValueError, match="input channels must be a positive multiple of weight.shape"):
+        F.deform_conv2d(np.zeros((1, 0, 4, 4)), np.zeros((1, 18, 2, 2)), np.zeros((4, 1, 3, 3)), backend=BACKEND)
 
 
 def test_bad_backend_and_budget(rng):
