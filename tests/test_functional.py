@@ -425,6 +425,20 @@ def test_global_avg_pool2d_of_an_empty_map_is_nan_and_its_gradient_empty():
     assert g["x"].shape == x.shape and g["x"].dtype == x.dtype
 
 
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 2, 2)])
+def test_batch_norm_eval_with_batch_zero(shape):
+    """An empty batch in eval mode: the backward raised "cannot reshape array of size 0
+    into shape (0,3,newaxis)" (a reshape with -1); the gradients are empty and 0."""
+    x = np.zeros(shape)
+    c = np.arange(1.0, 4.0)
+    y, cache = F.batch_norm_forward(x, c, c, c, c, training=False)
+    assert y.shape == shape
+    g = F.batch_norm_backward(np.zeros(shape), cache)
+    assert g["x"].shape == shape
+    np.testing.assert_array_equal(g["weight"], np.zeros(3))
+    np.testing.assert_array_equal(g["bias"], np.zeros(3))
+
+
 def test_softmax_along_an_empty_axis_is_empty():
     """It raised numpy's "zero-size array to reduction operation maximum" (as torch, the
     result is empty)."""

@@ -24,7 +24,8 @@ class BatchNormCache:
 def _channel_dot(a, b):
     """``sum(a * b)`` per channel over every other axis of (N, C) or (N, C, H, W), (C,)."""
     n, c = a.shape[:2]
-    return np.einsum("ncl,ncl->c", a.reshape(n, c, -1), b.reshape(n, c, -1))
+    length = int(np.prod(a.shape[2:], dtype=np.int64))  # not -1: ambiguous when n = 0
+    return np.einsum("ncl,ncl->c", a.reshape(n, c, length), b.reshape(n, c, length))
 
 
 def _channel_view(a, ndim):
