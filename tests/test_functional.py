@@ -439,6 +439,14 @@ def test_batch_norm_eval_with_batch_zero(shape):
     np.testing.assert_array_equal(g["bias"], np.zeros(3))
 
 
+@pytest.mark.parametrize("axis", [1.5, "1", None, (0, 1), True])
+def test_softmax_axis_must_be_an_int(axis):
+    """A float, str, None or tuple axis raised numpy's or Python's own TypeError without
+    naming axis (found by tests/fuzz)."""
+    with pytest.raises(TypeError, match="softmax: axis must be an int"):
+        F.softmax_forward(np.zeros((2, 3)), axis=axis)
+
+
 def test_softmax_along_an_empty_axis_is_empty():
     """It raised numpy's "zero-size array to reduction operation maximum" (as torch, the
     result is empty)."""

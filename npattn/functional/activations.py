@@ -6,6 +6,7 @@ Every backward follows PyTorch's choice at the kinks: ``relu'(0) = 0`` and
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +128,8 @@ def softmax_forward(x, axis=-1):
     x = float_array("softmax", "x", x)
     if x.ndim == 0:
         raise ValueError("softmax: x must have at least 1 dimension, got a 0-d array")
+    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+        raise TypeError(f"softmax: axis must be an int, got {axis!r}")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"softmax: axis must be in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis}")
     axis = axis % x.ndim
