@@ -46,6 +46,17 @@ def same_dtype(op: str, ref_name: str, ref: np.ndarray, **others) -> None:
             )
 
 
+def upstream(op: str, name: str, dy, shape: tuple, dtype) -> np.ndarray:
+    """A backward's upstream gradient: a float ndarray of the forward output's ``shape``
+    and of the forward's ``dtype`` (so every gradient keeps its argument's dtype)."""
+    dy = float_array(op, name, dy)
+    if dy.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have the forward's dtype {np.dtype(dtype)}, got {dy.dtype}")
+    if tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have the forward output's shape {tuple(shape)}, got {tuple(dy.shape)}")
+    return dy
+
+
 def shape_is(op: str, name: str, a: np.ndarray, expected: tuple) -> None:
     if tuple(a.shape) != tuple(expected):
         raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(a.shape)}")

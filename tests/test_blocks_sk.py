@@ -167,3 +167,18 @@ def test_errors():
     y, cache = blk.forward(np.ones((2, 4, 5, 5), np.float32))
     with pytest.raises(ValueError, match="grad_out must have shape"):
         blk.backward(np.ones((2, 4, 5, 5), np.float32), cache)
+
+
+def test_eval_with_batch_zero():
+    """An empty batch in eval mode: the backward raised "cannot reshape array of size 0
+    into shape (0,newaxis)" (a reshape with -1; found by tests/fuzz). The output and the
+    input gradient are empty, every parameter gradient is 0."""
+    blk = SKConv(2, 2, 1, rng=0, dtype=np.float64)
+    x = np.zeros((0, 2, 3, 4))
+    y, cache = blk.forward(x, training=False)
+    assert y.shape == (0, 2, 3, 4)
+    (dx,), grads = blk.backward(np.zeros(y.shape), cache)
+    assert dx.shape == x.shape
+    assert sorted(grads) == sorted(blk.parameter_names())
+    for k, g in grads.items():
+        np.testing.assert_array_equal(g, np.zeros_like(blk[k]), err_msg=k)

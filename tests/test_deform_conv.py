@@ -174,6 +174,27 @@ def test_batch_zero(rng):
     np.testing.assert_array_equal(g["bias"], np.zeros(4))
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("x_shape", [(1, 1, 1, 0), (2, 2, 0, 3)])
+def test_empty_image_with_padding_samples_zero(backend, x_shape):
+    """H or W = 0 still has an output when padded (as torchvision): every sample is 0, so
+    the output is the bias and the offset, mask and weight gradients are 0. (Found by
+    tests/fuzz: the numpy backend raised IndexError from a take on the empty image.)"""
+    n, c, h, w = x_shape
+    out_h, out_w = h + 2, w + 2  # 1x1 kernel, padding 1
+    x = np.zeros(x_shape)
+    offset = np.full((n, 2, out_h, out_w), 0.25)
+    mask = np.ones((n, 1, out_h, out_w))
+    weight, bias = np.ones((3, c, 1, 1)), np.array([0.5, -1.0, 2.0])
+    out, cache = deform_conv2d_forward(x, offset, weight, bias, padding=1, mask=mask, backend=backend)
+    np.testing.assert_array_equal(out, np.broadcast_to(bias[:, None, None], (n, 3, out_h, out_w)))
+    g = deform_conv2d_backward(np.ones(out.shape), cache)
+    assert g["input"].shape == x_shape
+    for key in ("offset", "mask", "weight"):
+        np.testing.assert_array_equal(g[key], 0.0 * g[key], err_msg=key)
+    np.testing.assert_array_equal(g["bias"], np.full(3, n * out_h * out_w, dtype=float))
+
+
 def test_chunking_does_not_change_results(rng):
     a = make_case(rng, UNEVEN[1], safe=False)
     out, cache = fwd(**a)
@@ -301,7 +322,7 @@ BAD_CASES = [
     ("offset batch mismatch", dict(offset=np.zeros((2, 36, 3, 5))), ValueError, r"offset must have shape \(3, 36, 3, 5\).*got \(2, 36, 3, 5\)"),
     ("mask channels do not match", dict(mask=np.zeros((3, 12, 3, 5))), ValueError, r"mask must have shape \(3, 18, 3, 5\).*got \(3, 12, 3, 5\)"),
     ("wrong output size in mask", dict(mask=np.zeros((3, 18, 4, 5))), ValueError, r"mask must have shape \(3, 18, 3, 5\).*got \(3, 18, 4, 5\)"),
-    ("C_in not divisible by weight.shape[1]", dict(weight=np.zeros((4, 4, 3, 2))), ValueError, r"input channels must be a multiple of weight.shape\[1\].*6 channels.*\(4, 4, 3, 2\)"),
+    ("C_in not divisible by weight.shape[1]", dict(weight=np.zeros((4, 4, 3, 2))), ValueError, r"input channels must be a positive multiple of weight.shape\[1\].*6 channels.*\(4, 4, 3, 2\)"),
     ("C_out not divisible by groups", dict(weight=np.zeros((5, 3, 3, 2)), bias=None), ValueError, r"output channels must be divisible by groups = 2.*\(5, 3, 3, 2\)"),
     ("bias shape", dict(bias=np.zeros(5)), ValueError, r"bias must have shape \(4,\), got \(5,\)"),
     ("input rank", dict(input=np.zeros((6, 8, 6))), ValueError, r"input must have 4 dimensions.*got shape \(6, 8, 6\)"),
@@ -321,10 +342,22 @@ def test_bad_arguments(rng, desc, changes, exc, msg):
         F.deform_conv2d(**_bad(rng, **changes), backend=BACKEND)
 
 
+def test_input_without_channels_raises_naming_input():
+    """0 input channels made the weight groups 0 and raised ZeroDivisionError (found by tests/fuzz)."""
+    with pytest.raises(ValueError, match="input channels must be a positive multiple of weight.shape"):
+        F.deform_conv2d(np.zeros((1, 0, 4, 4)), np.zeros((1, 18, 2, 2)), np.zeros((4, 1, 3, 3)), backend=BACKEND)
+
+
 def test_bad_backend_and_budget(rng):
     a = make_case(rng, UNEVEN[1])
     with pytest.raises(ValueError, match="backend must be one of"):
         F.deform_conv2d(**a, backend="fortran")
+    # not a string (found by tests/fuzz: a list raised "unhashable type" without naming backend)
+    for bad in (["numpy"], {"numpy": 1}, 3):
+        with pytest.raises(TypeError, match="backend must be one of"):
+            F.deform_conv2d(**a, backend=bad)
+        with pytest.raises(TypeError, match="backend must be one of"):
+            F.batch_map_offsets(a["input"][:, 0], np.zeros(a["input"][:, 0].shape + (2,)), backend=bad)
     with pytest.raises(ValueError, match="column_budget_bytes must be >= 1, got 0"):
         F.deform_conv2d(**a, backend=BACKEND, column_budget_bytes=0)
     with pytest.raises(TypeError, match="column_budget_bytes must be an int"):

@@ -370,3 +370,87 @@ def test_backward_rejects_wrong_grad_shape():
     _, cache = F.conv2d_forward(x, np.zeros((3, 4, 3, 3)))
     with pytest.raises(ValueError, match=r"dy must have shape \(2, 3, 3, 3\), got \(2, 3, 3, 2\)"):
         F.conv2d_backward(np.zeros((2, 3, 3, 2)), cache)
+
+
+# ---- found by tests/fuzz ------------------------------------------------------------
+
+UNARY_PAIRS = [
+    (F.relu_forward, F.relu_backward, (2, 3)),
+    (F.sigmoid_forward, F.sigmoid_backward, (2, 3)),
+    (F.tanh_forward, F.tanh_backward, (2, 3)),
+    (F.abs_forward, F.abs_backward, (2, 3)),
+    (lambda x: F.softmax_forward(x, 1), F.softmax_backward, (2, 3)),
+    (F.global_avg_pool2d_forward, F.global_avg_pool2d_backward, (2, 3, 2, 2)),
+    (F.spatial_sum_forward, F.spatial_sum_backward, (2, 3, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("fwd, bwd, shape", UNARY_PAIRS)
+def test_unary_backward_checks_dy(fwd, bwd, shape):
+    """The backward of the element-wise ops, softmax and the pools used to take any dy: a
+    list raised AttributeError, a wrong shape a broadcasting error without the
+    argument's name, an int or float32 dy (float64 forward) gave a gradient of another dtype."""
+    y, cache = fwd(np.ones(shape))
+    with pytest.raises(TypeError, match="dy must be a numpy.ndarray"):
+        bwd(np.ones(y.shape).tolist(), cache)
+    with pytest.raises(TypeError, match="dy must have dtype float32 or float64, got int64"):
+        bwd(np.ones(y.shape, dtype=np.int64), cache)
+    with pytest.raises(TypeError, match="dy must have the forward's dtype float64, got float32"):
+        bwd(np.ones(y.shape, dtype=np.float32), cache)
+    with pytest.raises(ValueError, match=r"dy must have the forward output's shape"):
+        bwd(np.ones(y.shape[:-1] + (y.shape[-1] + 1,)), cache)
+
+
+@pytest.mark.parametrize("fwd, bwd, dy_shape", [
+    (lambda x: F.conv2d_forward(x, np.ones((2, 3, 1, 1))), F.conv2d_backward, (2, 2, 2, 2)),
+    (lambda x: F.linear_forward(x[:, :, 0, 0], np.ones((2, 3))), F.linear_backward, (2, 2)),
+    (lambda x: F.batch_norm_forward(x, training=True), F.batch_norm_backward, (2, 3, 2, 2)),
+])
+def test_backward_refuses_dy_of_the_other_float_dtype(fwd, bwd, dy_shape):
+    """A float32 dy for a float64 forward gave gradients of mixed dtypes (conv2d's x
+    gradient float32, its weight gradient float64)."""
+    _, cache = fwd(np.random.default_rng(0).standard_normal((2, 3, 2, 2)))
+    with pytest.raises(TypeError, match="dy must have the same dtype as the forward's"):
+        bwd(np.ones(dy_shape, dtype=np.float32), cache)
+
+
+def test_global_avg_pool2d_of_an_empty_map_is_nan_and_its_gradient_empty():
+    """H or W = 0: the mean of nothing is NaN (as torch's adaptive_avg_pool2d); the
+    backward raised ZeroDivisionError instead of returning the empty gradient."""
+    x = np.zeros((2, 3, 0, 4))
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+        y, cache = F.global_avg_pool2d_forward(x)
+    assert y.shape == (2, 3, 1, 1) and np.isnan(y).all()
+    g = F.global_avg_pool2d_backward(np.ones((2, 3, 1, 1)), cache)
+    assert g["x"].shape == x.shape and g["x"].dtype == x.dtype
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 2, 2)])
+def test_batch_norm_eval_with_batch_zero(shape):
+    """An empty batch in eval mode: the backward raised "cannot reshape array of size 0
+    into shape (0,3,newaxis)" (a reshape with -1); the gradients are empty and 0."""
+    x = np.zeros(shape)
+    c = np.arange(1.0, 4.0)
+    y, cache = F.batch_norm_forward(x, c, c, c, c, training=False)
+    assert y.shape == shape
+    g = F.batch_norm_backward(np.zeros(shape), cache)
+    assert g["x"].shape == shape
+    np.testing.assert_array_equal(g["weight"], np.zeros(3))
+    np.testing.assert_array_equal(g["bias"], np.zeros(3))
+
+
+@pytest.mark.parametrize("axis", [1.5, "1", None, (0, 1), True])
+def test_softmax_axis_must_be_an_int(axis):
+    """A float, str, None or tuple axis raised numpy's or Python's own TypeError without
+    naming axis (found by tests/fuzz)."""
+    with pytest.raises(TypeError, match="softmax: axis must be an int"):
+        F.softmax_forward(np.zeros((2, 3)), axis=axis)
+
+
+def test_softmax_along_an_empty_axis_is_empty():
+    """It raised numpy's "zero-size array to reduction operation maximum" (as torch, the
+    result is empty)."""
+    for x in (np.zeros((2, 0)), np.zeros((0, 3))):
+        y, cache = F.softmax_forward(x, axis=-1)
+        assert y.shape == x.shape
+        assert F.softmax_backward(np.zeros(x.shape), cache)["x"].shape == x.shape

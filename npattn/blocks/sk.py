@@ -170,7 +170,7 @@ class SKConv(Block):
                 f"projections.{i}.", d_logits[:, i, :, None, None], cache.projections[i], grads
             )  # (N, d, 1, 1)
         k_lin, k_bn1d, k_zrelu = cache.compress
-        d_hb = F.relu_backward(d_z.reshape(n, -1), k_zrelu)["x"]  # (N, d)
+        d_hb = F.relu_backward(d_z.reshape(n, self.reduced_dim), k_zrelu)["x"]  # (N, d); not -1: ambiguous for N = 0
         d_hc = self._batch_norm_backward("compress.1.", d_hb, k_bn1d, grads)  # (N, d)
         d_s = self._linear_backward("compress.0.", d_hc, k_lin, grads, next_bn=k_bn1d)  # (N, C)
         d_u = (d_s * dy.dtype.type(cache.pool_scale)).reshape(n, c, 1, 1)  # (N, C, 1, 1)

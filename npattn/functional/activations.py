@@ -6,16 +6,18 @@ Every backward follows PyTorch's choice at the kinks: ``relu'(0) = 0`` and
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from .._checks import float_array
+from .._checks import float_array, upstream
 
 
 @dataclass(frozen=True)
 class ReluCache:
     positive: np.ndarray  # bool, shape of x: x > 0
+    dtype: np.dtype = None  # dtype of x
 
 
 def relu_forward(x):
@@ -26,10 +28,11 @@ def relu_forward(x):
     """
     x = float_array("relu", "x", x)
     positive = x > 0
-    return np.maximum(x, x.dtype.type(0)), ReluCache(positive)
+    return np.maximum(x, x.dtype.type(0)), ReluCache(positive, x.dtype)
 
 
 def relu_backward(dy, cache: ReluCache):
+    dy = upstream("relu_backward", "dy", dy, cache.positive.shape, cache.dtype or dy.dtype)
     dx = dy * cache.positive  # shape of x
     if not np.isfinite(dy).all():  # 0 * inf would be NaN; PyTorch's gradient there is 0
         dx = np.where(cache.positive, dy, dy.dtype.type(0))
@@ -65,6 +68,7 @@ def sigmoid_forward(x):
 
 def sigmoid_backward(dy, cache: SigmoidCache):
     y = cache.y
+    dy = upstream("sigmoid_backward", "dy", dy, y.shape, y.dtype)
     return {"x": dy * y * (1 - y)}  # shape of x
 
 
@@ -82,6 +86,7 @@ def tanh_forward(x):
 
 def tanh_backward(dy, cache: TanhCache):
     y = cache.y
+    dy = upstream("tanh_backward", "dy", dy, y.shape, y.dtype)
     return {"x": dy * (1 - y * y)}  # shape of x
 
 
@@ -97,6 +102,7 @@ def abs_forward(x):
 
 
 def abs_backward(dy, cache: AbsCache):
+    dy = upstream("abs_backward", "dy", dy, cache.sign.shape, cache.sign.dtype)
     return {"x": dy * cache.sign}  # shape of x
 
 
@@ -122,15 +128,18 @@ def softmax_forward(x, axis=-1):
     x = float_array("softmax", "x", x)
     if x.ndim == 0:
         raise ValueError("softmax: x must have at least 1 dimension, got a 0-d array")
+    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+        raise TypeError(f"softmax: axis must be an int, got {axis!r}")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"softmax: axis must be in [{-x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {axis}")
     axis = axis % x.ndim
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    e = np.exp(x - x.max(axis=axis, keepdims=True, initial=-np.inf))  # initial: an empty axis has no maximum
     y = e / e.sum(axis=axis, keepdims=True)
     return y, SoftmaxCache(y, axis)
 
 
 def softmax_backward(dy, cache: SoftmaxCache):
     y = cache.y
+    dy = upstream("softmax_backward", "dy", dy, y.shape, y.dtype)
     dot = (dy * y).sum(axis=cache.axis, keepdims=True)  # shape of x with axis of size 1
     return {"x": y * (dy - dot)}  # shape of x

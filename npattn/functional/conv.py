@@ -215,6 +215,7 @@ def conv2d_backward(dy, cache: Conv2dCache):
     g = cache.groups
     out_h, out_w = cache.out_hw
     dy = float_array("conv2d_backward", "dy", dy, 4)
+    same_dtype("conv2d_backward", "the forward's weight", cache.weight, dy=dy)
     if dy.shape != (n, c_out, out_h, out_w):
         raise ValueError(f"conv2d_backward: dy must have shape {(n, c_out, out_h, out_w)}, got {tuple(dy.shape)}")
     w_g = cache.weight.reshape(g, c_out // g, c_per_group * weight_h * weight_w)  # (G, C_out/G, Ck)

@@ -229,9 +229,9 @@ def deform_conv2d_forward(
     k_taps = weight_h * weight_w
     if k_taps == 0 or c_per_group == 0 or c_out == 0:
         raise ValueError(f"{op}: weight must have no zero-sized dimension, got shape {tuple(weight.shape)}")
-    if c_in % c_per_group:
+    if c_in == 0 or c_in % c_per_group:  # 0 channels would make groups = 0
         raise ValueError(
-            f"{op}: the input channels must be a multiple of weight.shape[1] (C_in / groups); "
+            f"{op}: the input channels must be a positive multiple of weight.shape[1] (C_in / groups); "
             f"got input with {c_in} channels and weight shape {tuple(weight.shape)}"
         )
     weight_groups = c_in // c_per_group

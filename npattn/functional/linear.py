@@ -57,6 +57,7 @@ def linear_backward(dy, cache: LinearCache):
     """Gradients of :func:`linear_forward`: dict with ``x``, ``weight`` and ``bias`` (when given)."""
     x, weight = cache.x, cache.weight
     dy = float_array("linear_backward", "dy", dy, 2)
+    same_dtype("linear_backward", "the forward's x", x, dy=dy)
     if dy.shape != (x.shape[0], weight.shape[0]):
         raise ValueError(f"linear_backward: dy must have shape {(x.shape[0], weight.shape[0])}, got {tuple(dy.shape)}")
     grads = {}

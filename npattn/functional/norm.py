@@ -24,7 +24,8 @@ class BatchNormCache:
 def _channel_dot(a, b):
     """``sum(a * b)`` per channel over every other axis of (N, C) or (N, C, H, W), (C,)."""
     n, c = a.shape[:2]
-    return np.einsum("ncl,ncl->c", a.reshape(n, c, -1), b.reshape(n, c, -1))
+    length = int(np.prod(a.shape[2:], dtype=np.int64))  # not -1: ambiguous when n = 0
+    return np.einsum("ncl,ncl->c", a.reshape(n, c, length), b.reshape(n, c, length))
 
 
 def _channel_view(a, ndim):
@@ -132,6 +133,7 @@ def batch_norm_backward(dy, cache: BatchNormCache):
     """Gradients of :func:`batch_norm_forward`: dict with ``x`` and, when given, ``weight``, ``bias``."""
     x_hat = cache.x_hat
     dy = float_array("batch_norm_backward", "dy", dy, x_hat.ndim)
+    same_dtype("batch_norm_backward", "the forward's x", x_hat, dy=dy)
     if dy.shape != x_hat.shape:
         raise ValueError(f"batch_norm_backward: dy must have shape {tuple(x_hat.shape)}, got {tuple(dy.shape)}")
     nd = x_hat.ndim

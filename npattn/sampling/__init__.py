@@ -96,6 +96,8 @@ def resolve_backend(backend=None) -> str:
         backend = os.environ.get("NPATTN_BACKEND") or None
     if backend is None:
         return default_backend()
+    if not isinstance(backend, str):  # before the lookup: an unhashable value would raise there
+        raise TypeError(f"backend must be one of {BACKENDS} or None (argument or NPATTN_BACKEND), got {backend!r}")
     if backend not in _MODULES:
         raise ValueError(f"backend must be one of {BACKENDS} (argument or NPATTN_BACKEND), got {backend!r}")
     return backend

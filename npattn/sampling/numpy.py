@@ -169,6 +169,10 @@ def _corner_values(xg, cells, use_sample):
         if use_sample:
             ok = ok & cells.sample
         v = np.empty((n, g, xg.shape[2], k * l), dtype=xg.dtype)  # (N, G, Cg, K*L)
+        if xg.shape[3] == 0:  # an empty image (H or W = 0): every corner is outside it
+            v.fill(0)
+            yield v.reshape(n, g, xg.shape[2], k, l)
+            continue
         for b in range(n):  # per image and group: one gather of all its channels' corners
             for gg in range(g):
                 np.take(xg[b, gg], idx[b, gg].reshape(-1), axis=1, out=v[b, gg])
@@ -229,6 +233,8 @@ def _scatter_add(flat_size, pairs, dtype):
     """out[idx] += value for every (indices, values) pair in turn (repeated indices add
     up), summed in float64; ``pairs`` may be a generator, so one pair lives at a time."""
     out = np.zeros(flat_size, dtype=np.float64)
+    if flat_size == 0:  # an empty image: nothing to add to (every corner is outside it)
+        return out.astype(dtype)
     for idx, val in pairs:
         out += np.bincount(idx.ravel(), weights=val.ravel(), minlength=flat_size)
     return out.astype(dtype, copy=False)
