@@ -310,10 +310,13 @@ def regeneration_differences(stored: dict, new: dict) -> list:
             if not np.array_equal(a, b):
                 problems.append(f"{key}: integer values differ")
         elif a.size:
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            same = (a == b) | (np.isnan(a) & np.isnan(b))  # equal, infinities (masks) and NaNs included
+            diff = np.where(same, 0.0, np.abs(a.astype(np.float64) - b.astype(np.float64)))
+            diff = np.where(np.isnan(diff), np.inf, diff)  # a NaN or an infinity on one side only
             bound = REGEN_F64 * scale
             if a.dtype == np.float32:
-                bound = bound + np.spacing(np.maximum(np.abs(a), np.abs(b))).astype(np.float64)
+                big = np.maximum(np.abs(a), np.abs(b))
+                bound = bound + np.where(np.isfinite(big), np.spacing(np.where(np.isfinite(big), big, 0)), 0).astype(np.float64)
             if not np.all(diff <= bound):
                 worst = int(np.argmax(diff - bound))
                 problems.append(
