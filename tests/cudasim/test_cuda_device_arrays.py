@@ -25,10 +25,10 @@ TOL = {np.float64: 1e-12, np.float32: 2e-6}  # as test_cuda_glue.py: rounding, p
 def make(rng, dtype):
     a = {
         "input": rng.standard_normal((3, 4, 7, 6)),
-        "offset": rng.uniform(-2, 2, (3, 2 * 2 * 6, 4, 5)),
+        "offset": rng.uniform(-2, 2, (3, 2 * 2 * 6, 3, 5)),
         "weight": rng.standard_normal((6, 2, 3, 2)),
         "bias": rng.standard_normal(6),
-        "mask": rng.uniform(0.1, 1, (3, 2 * 6, 4, 5)),
+        "mask": rng.uniform(0.1, 1, (3, 2 * 6, 3, 5)),
     }
     return {k: v.astype(dtype) for k, v in a.items()}, {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1)}
 
