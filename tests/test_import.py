@@ -20,6 +20,7 @@ def test_import_without_torch_and_without_numba():
         + "import npattn, npattn.functional, npattn.gradcheck\n"
         + "import npattn.blocks\n"
         + "assert 'numba' not in sys.modules, 'import npattn imported numba'\n"
+        + "assert 'cupy' not in sys.modules and 'onnx' not in sys.modules, 'import npattn imported an optional extra'\n"
         + "assert sys.modules.get('torch') is None\n"
         + "print('ok')\n"
     )
@@ -48,6 +49,8 @@ def test_public_names_of_the_issues_are_exported():
         "ConvOffset2D", "deform_conv2d", "deform_conv2d_forward", "deform_conv2d_backward", "batch_map_offsets",
         "gradcheck", "gradcheck_block", "DeformConv2dPack",
         "SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM",
+        "NonLocalAttn", "ViTAttention", "MultiheadAttention",
+        "scaled_dot_product_attention_forward", "scaled_dot_product_attention_backward",
     }
     assert names <= set(npattn.__all__)
     for n in npattn.__all__:
