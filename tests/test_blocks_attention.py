@@ -466,3 +466,13 @@ def test_non_local_errors():
 def test_exported():
     for name in ("NonLocalAttn", "ViTAttention", "MultiheadAttention"):
         assert name in npattn.__all__
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3), (2, 4, 3, 0)])
+def test_non_local_empty_image_raises_naming_x(shape):
+    """H or W = 0: timm's NonLocalAttn refuses it in its 1x1 convolutions; npattn raised
+    conv2d's "output height would be 0", naming no argument of the block. Now a
+    ValueError naming x."""
+    with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
+        NonLocalAttn(4, dtype=np.float64).forward(np.zeros(shape))
+    assert str(info.value).startswith("NonLocalAttn: x must") and str(shape) in str(info.value)
