@@ -71,7 +71,7 @@ def fill(rng, shape, dtype, kind="normal", scale=1.0):
 def relayout(a, how, rng):
     """The same values as ``a`` in another memory layout."""
     if how == "c" or a.ndim == 0:
-        return np.ascontiguousarray(a).copy()
+        return np.array(a, order="C", copy=True)  # (np.ascontiguousarray would make a 0-d array 1-d)
     ax = int(rng.integers(a.ndim))
     if how == "f":
         return np.asfortranarray(a)
