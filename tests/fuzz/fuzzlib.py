@@ -60,7 +60,7 @@ def fill(rng, shape, dtype, kind="normal", scale=1.0):
     NaN / inf / 1e30 / -0.0 entries) or ``zero``."""
     if kind == "zero":
         return np.zeros(shape, dtype=dtype)
-    a = (rng.standard_normal(shape) * scale).astype(dtype)
+    a = np.asarray(rng.standard_normal(shape) * scale).astype(dtype)  # (an array for shape () too, not a scalar)
     if kind == "special" and a.size:
         k = int(rng.integers(1, min(a.size, 4) + 1))
         flat = a.reshape(-1)
