@@ -42,6 +42,7 @@ import test_fuzz_deform as fdeform
 
 # casting the NaN of a drawn array to a wrong (int) dtype on purpose; the mean of an empty image
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")]
 
 IMAGE_BLOCKS = ["SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM", "NonLocalAttn", "DeformConv2dPack"]

@@ -27,8 +27,9 @@ from npattn import functional as F
 
 import fuzzlib as fz
 
-# casting the NaN of a drawn array to a wrong (int) dtype on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+# casting the NaN (or 1e30) of a drawn array to a wrong dtype on purpose
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")]
 
 
 def other_float(dtype):
