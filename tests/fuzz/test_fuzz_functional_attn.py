@@ -101,7 +101,7 @@ def conv1d_ref(x, w, b, stride, padding, dilation, groups):
     return y
 
 
-@fz.examples(1)
+@fz.examples(5)
 @given(case=conv1d_cases())
 def test_conv1d_valid(case):
     args, dy, dtype, rng = case["args"], case["dy"], case["dtype"], case["rng"]
@@ -131,7 +131,7 @@ def test_conv1d_valid(case):
                         np.abs(dy.astype(np.float64)).sum(axis=(0, 2)), "conv1d bias gradient", dtype)
 
 
-@fz.examples(1)
+@fz.examples(3)
 @given(case=conv1d_cases(), what=st.sampled_from(["dtype", "mixed", "rank", "non_array", "channels", "bias", "geometry",
                                                   "groups", "no_output", "dy"]), data=st.data())
 def test_conv1d_invalid_arguments(case, what, data):
@@ -195,7 +195,7 @@ def norm_axes(axis, nd):
     return tuple(sorted(a % nd for a in ((axis,) if isinstance(axis, int) else axis)))
 
 
-@fz.examples(1)
+@fz.examples(5)
 @given(op=st.sampled_from(["mean", "amax"]), case=reduce_cases())
 def test_reduce_valid(op, case):
     x, axis, keepdims, dtype, rng = case["x"], case["axis"], case["keepdims"], case["dtype"], case["rng"]
@@ -242,7 +242,7 @@ def test_reduce_valid(op, case):
         event("ties" if n_tied else "no ties")
 
 
-@fz.examples(1)
+@fz.examples(3)
 @given(op=st.sampled_from(["mean", "amax"]), case=reduce_cases(),
        what=st.sampled_from(["dtype", "non_array", "axis_type", "axis_range", "axis_repeat", "keepdims", "dy"]),
        data=st.data())
@@ -308,7 +308,7 @@ def ln_ref(x, weight=None, bias=None, eps=1e-6):
     return y
 
 
-@fz.examples(1)
+@fz.examples(5)
 @given(case=ln_cases())
 def test_layer_norm2d_valid(case):
     args, dy, dtype, rng = case["args"], case["dy"], case["dtype"], case["rng"]
@@ -351,7 +351,7 @@ def test_layer_norm2d_valid(case):
         assert abs(fd - an) <= bound, f"layer_norm2d dx: directional {an!r} vs central difference {fd!r}"
 
 
-@fz.examples(1)
+@fz.examples(3)
 @given(case=ln_cases(), what=st.sampled_from(["dtype", "mixed", "rank", "non_array", "param_shape", "eps", "no_channels",
                                               "dy"]), data=st.data())
 def test_layer_norm2d_invalid_arguments(case, what, data):
@@ -399,7 +399,7 @@ def hardswish_cases(draw):
     return dict(x=x, dy=dy, dtype=np.dtype(dtype), rng=rng)
 
 
-@fz.examples(1)
+@fz.examples(5)
 @given(case=hardswish_cases())
 def test_hardswish_valid(case):
     x, dy, dtype = case["x"], case["dy"], case["dtype"]
@@ -424,7 +424,7 @@ def test_hardswish_valid(case):
         event("kinks" if kinks.any() else "no kinks")
 
 
-@fz.examples(1)
+@fz.examples(3)
 @given(case=hardswish_cases(), what=st.sampled_from(["dtype", "non_array", "dy"]), data=st.data())
 def test_hardswish_invalid_arguments(case, what, data):
     x, rng, dtype = case["x"], case["rng"], case["dtype"]
@@ -502,7 +502,7 @@ def sdpa_ref(q, k, v, attn_mask=None, scale=None):
     return np.einsum("...ls,...se->...le", p, v), p, allowed
 
 
-@fz.examples(2)
+@fz.examples(8)
 @given(case=sdpa_cases())
 def test_scaled_dot_product_attention_valid(case):
     args, d_out, dtype, rng = case["args"], case["d_out"], case["dtype"], case["rng"]
@@ -550,7 +550,7 @@ SDPA_CORRUPTIONS = ["dtype", "mixed", "rank", "non_array", "lead", "embed", "val
                     "mask_dtype", "mask_float_dtype", "mask_shape", "scale", "d_out"]
 
 
-@fz.examples(1)
+@fz.examples(4)
 @given(case=sdpa_cases(), what=st.sampled_from(SDPA_CORRUPTIONS), data=st.data())
 def test_scaled_dot_product_attention_invalid_arguments(case, what, data):
     args, rng, dtype = dict(case["args"]), case["rng"], case["dtype"]
