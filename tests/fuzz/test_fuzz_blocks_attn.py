@@ -164,10 +164,12 @@ def directional_check(blk, inputs, grads_in, grads_p, training, dy, rng, skip_pa
         state = blk.state_dict()
         state.update(base)
         blk.load_state_dict(state)
+    y0, _ = blk.forward(*inputs, training=training, **fwd_kw)
     an = sum(fz.inner(g, u) for g, u in zip(grads_in, u_in)) + sum(fz.inner(grads_p[k], u_p[k]) for k in names)
     norm = math.sqrt(sum(fz.inner(g, g) for g in grads_in) + sum(fz.inner(grads_p[k], grads_p[k]) for k in names))
     unorm = math.sqrt(sum(fz.inner(u, u) for u in u_in) + sum(fz.inner(u, u) for u in u_p.values()))
-    bound = 1e-5 * (norm * unorm + abs(fd)) + 1e-9
+    # truncation (relative) + the difference's rounding: a few ulps of <|dy|, |y|> over the step
+    bound = 1e-5 * (norm * unorm + abs(fd)) + 4e-16 * fz.inner(np.abs(dy64), np.abs(y0)) / step + 1e-12
     assert abs(fd - an) <= bound, f"directional derivative: backward {an!r} vs central difference {fd!r} (bound {bound:.2e})"
 
 
@@ -219,10 +221,17 @@ def test_image_block_valid(case):
                                     ex["padding"], ex["dilation"], groups=blk.groups)
         fz.assert_close(y, want, scale, "DeformConv2dPack at initialisation vs conv2d")
     if dtype == np.float64 and x.size:
-        # DeformConv2dPack at initialisation samples on the pixel grid, where bilinear
-        # sampling has kinks: its offset parameters are left out of the difference there
-        directional_check(blk, [x64], [dx], grads_p, training, dy, rng,
-                          skip_params=name == "DeformConv2dPack" and not case["randomized"])
+        # Exactly on a kink a central difference gives the mean of the one-sided slopes,
+        # not the derivative PyTorch (and npattn) take there. DeformConv2dPack at
+        # initialisation samples on the pixel grid, where bilinear sampling has kinks: its
+        # offset parameters are left out there. GlobalContext with a hidden width of 1:
+        # LayerNorm over one channel outputs its bias, 0 at initialisation, exactly on the
+        # following ReLU's kink: checked only with random parameters.
+        on_kink = name == "GlobalContext" and not case["randomized"] and (blk.fuse_scale or blk.fuse_add) and \
+            blk.rd_channels == 1
+        if not on_kink:
+            directional_check(blk, [x64], [dx], grads_p, training, dy, rng,
+                              skip_params=name == "DeformConv2dPack" and not case["randomized"])
 
 
 @fz.examples(2)
@@ -459,7 +468,8 @@ def directional_check_shared(blk, x, gx, grads_p, dy, rng, masks):
     an = fz.inner(gx, u) + sum(fz.inner(grads_p[k], u_p[k]) for k in names)
     norm = math.sqrt(fz.inner(gx, gx) + sum(fz.inner(grads_p[k], grads_p[k]) for k in names))
     unorm = math.sqrt(fz.inner(u, u) + sum(fz.inner(v, v) for v in u_p.values()))
-    bound = 1e-5 * (norm * unorm + abs(fd)) + 1e-9
+    y0 = blk.forward(x, x, x, **masks)[0]
+    bound = 1e-5 * (norm * unorm + abs(fd)) + 4e-16 * fz.inner(np.abs(dy.astype(np.float64)), np.abs(y0)) / step + 1e-12
     assert abs(fd - an) <= bound, f"self-attention directional derivative: {an!r} vs {fd!r}"
 
 

@@ -344,10 +344,13 @@ def test_layer_norm2d_valid(case):
     if dtype == np.float64 and x.size:  # dx by central differences along a random direction
         u = rng.standard_normal(x.shape)
         ref_args = {k: v for k, v in args.items()}
-        fd = directional(lambda **a: fz.inner(dy64, ln_ref(**a)), {**ref_args, "x": x64}, "x", u, h=1e-6 / max(1.0, float(inv.max())))
+        fd = directional(lambda **a: fz.inner(dy64, ln_ref(**a)), {**ref_args, "x": x64}, "x", u,
+                         h=1e-6 / max(1.0, float(inv.max())))
         an = fz.inner(grads["x"], u)
-        bound = 1e-5 * (np.sqrt(fz.inner(grads["x"], grads["x"]) * fz.inner(u, u)) + abs(fd)) + 1e-9 * float(
-            (np.abs(dy64) * inv * gamma).sum())
+        step = 1e-6 / max(1.0, float(inv.max()))
+        # truncation (relative) + the difference's rounding: a few ulps of <|dy|, |y|> over the step
+        bound = 1e-5 * (np.sqrt(fz.inner(grads["x"], grads["x"]) * fz.inner(u, u)) + abs(fd)) + 4e-16 * fz.inner(
+            np.abs(dy64), np.abs(ln_ref(**{**ref_args, "x": x64}))) / step
         assert abs(fd - an) <= bound, f"layer_norm2d dx: directional {an!r} vs central difference {fd!r}"
 
 
