@@ -8,7 +8,7 @@ Two profiles, chosen with the environment variable ``NPATTN_FUZZ``:
     ``tests/fuzz`` takes about 75 s on a 2-core machine, up to 4 minutes while another
     test run shares the cores.
 ``long`` (``NPATTN_FUZZ=long python -m pytest tests/fuzz``)
-    random (a new seed every run), 400 examples per unit (LONG_TIME on 2
+    random (a new seed every run), 400 examples per unit (about 14 minutes on 2
     cores), failing examples saved to the ``.hypothesis/`` database and replayed first
     on the next run.
 
