@@ -5,7 +5,7 @@ Two profiles, chosen with the environment variable ``NPATTN_FUZZ``:
 ``ci`` (the default, part of ``python -m pytest``)
     derandomised (the same examples every run, from a hash of each test), no example
     database, 60 examples per unit (a test runs 1 to 12 units, ``fuzzlib.examples``):
-    ``tests/fuzz`` takes about 75 s on a 2-core machine, up to 4 minutes while another
+    ``tests/fuzz`` takes 60 to 75 s on a 2-core machine, up to 4 minutes while another
     test run shares the cores.
 ``long`` (``NPATTN_FUZZ=long python -m pytest tests/fuzz``)
     random (a new seed every run), 400 examples per unit (about 14 minutes on 2
