@@ -307,3 +307,18 @@ def test_daf_forward_backward():
     np.testing.assert_array_equal(dx, dy)
     np.testing.assert_array_equal(dr, dy)
     assert grads == {} and dx is not dr and dx is not dy
+
+
+@pytest.mark.parametrize("make, n_inputs", [(lambda: MS_CAM(4, 2, rng=0, dtype=np.float64), 1),
+                                            (lambda: AFF(4, 2, rng=0, dtype=np.float64), 2),
+                                            (lambda: iAFF(4, 2, rng=0, dtype=np.float64), 2)])
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3), (2, 4, 3, 0)])
+def test_empty_image_raises_naming_x(make, n_inputs, shape):
+    """H or W = 0: PyTorch's module (tools/torch_ref_blocks.py) refuses it in the local
+    branch's 1x1 convolution; npattn raised conv2d's "output height would be 0", naming
+    no argument of the block (and its backward held 1 / (H W)). Now a ValueError naming x."""
+    blk = make()
+    for training in (False, True):
+        with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
+            blk.forward(*[np.zeros(shape)] * n_inputs, training=training)
+        assert str(info.value).startswith(f"{type(blk).__name__}: x must") and str(shape) in str(info.value)

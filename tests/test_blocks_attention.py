@@ -466,3 +466,26 @@ def test_non_local_errors():
 def test_exported():
     for name in ("NonLocalAttn", "ViTAttention", "MultiheadAttention"):
         assert name in npattn.__all__
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3), (2, 4, 3, 0)])
+def test_non_local_empty_image_raises_naming_x(shape):
+    """H or W = 0: timm's NonLocalAttn refuses it in its 1x1 convolutions; npattn raised
+    conv2d's "output height would be 0", naming no argument of the block. Now a
+    ValueError naming x."""
+    with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
+        NonLocalAttn(4, dtype=np.float64).forward(np.zeros(shape))
+    assert str(info.value).startswith("NonLocalAttn: x must") and str(shape) in str(info.value)
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_vit_attention_zero_tokens_as_timm(n):
+    """x with 0 tokens: the forward raised numpy's "zero-size array to reduction operation
+    maximum which has no identity" (the scores' row maximum over no keys). timm's
+    Attention returns the empty output and zero gradients; npattn now does the same."""
+    blk = ViTAttention(4, 2, qkv_bias=True, rng=0, dtype=np.float64)
+    y, cache = blk.forward(np.zeros((n, 0, 4)))
+    (dx,), grads = blk.backward(np.zeros((n, 0, 4)), cache)
+    assert y.shape == dx.shape == (n, 0, 4)
+    for k, g in grads.items():
+        assert g.shape == blk[k].shape and g.dtype == np.float64 and not g.any(), k

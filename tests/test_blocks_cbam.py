@@ -171,3 +171,12 @@ def test_bad_arguments_and_inputs():
     _, cache = blk.forward(np.ones((2, 8, 3, 3), np.float32))
     with pytest.raises(TypeError, match="grad_out must have the same dtype"):
         blk.backward(np.ones((2, 8, 3, 3)), cache)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 0, 3), (2, 16, 3, 0)])
+def test_empty_image_raises_naming_x(shape):
+    """H or W = 0: timm's CbamModule refuses it (amax over an empty axis); npattn raised
+    the amax primitive's error. Now CBAM's own ValueError naming x."""
+    with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
+        CBAM(16, rd_channels=4, rng=0, dtype=np.float64).forward(np.zeros(shape))
+    assert str(info.value).startswith("CBAM: x must") and str(shape) in str(info.value)

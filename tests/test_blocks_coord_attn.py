@@ -127,3 +127,12 @@ def test_bad_arguments_and_inputs():
     _, cache = blk.forward(np.ones((2, 8, 3, 3), np.float32))
     with pytest.raises(ValueError, match="grad_out must have shape"):
         blk.backward(np.ones((2, 8, 3, 2), np.float32), cache)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 0, 3), (2, 16, 3, 0)])
+def test_empty_image_raises_naming_x(shape):
+    """H or W = 0: timm's CoordAttn refuses it in conv1; npattn raised conv2d's "output
+    height would be 0", naming no argument of the block. Now a ValueError naming x."""
+    with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
+        CoordAttn(16, rng=0, dtype=np.float64).forward(np.zeros(shape))
+    assert str(info.value).startswith("CoordAttn: x must") and str(shape) in str(info.value)

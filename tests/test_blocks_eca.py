@@ -85,3 +85,17 @@ def test_bad_arguments_and_inputs():
     blk.forward(np.zeros((2, 8, 3, 3), np.float32))  # without channels: any C
     with pytest.raises(ValueError, match="x must have 4 dimensions"):
         blk.forward(np.zeros((2, 8, 3), np.float32))
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # numpy: 0 / 0 in that mean
+@pytest.mark.parametrize("shape", [(2, 10, 0, 3), (1, 10, 3, 0)])
+def test_empty_image_as_timm(shape):
+    """H or W = 0: the backward raised ZeroDivisionError (1 / (H W)). timm's EcaModule
+    returns the empty output, an empty input gradient and a NaN conv.weight gradient
+    (the squeeze is the mean of nothing); npattn does the same."""
+    blk = ECA(rng=0, dtype=np.float64)
+    y, cache = blk.forward(np.zeros(shape))
+    (dx,), grads = blk.backward(np.ones(shape), cache)
+    assert y.shape == dx.shape == shape
+    assert grads["conv.weight"].shape == blk["conv.weight"].shape and np.isnan(grads["conv.weight"]).all()

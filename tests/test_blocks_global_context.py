@@ -132,3 +132,23 @@ def test_bad_arguments_and_inputs():
     _, cache = blk.forward(np.ones((2, 8, 3, 3), np.float32))
     with pytest.raises(ValueError, match="grad_out must have shape"):
         blk.backward(np.ones((2, 8, 3, 2), np.float32), cache)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # numpy: 0 / 0 in that mean
+@pytest.mark.parametrize("shape", [(2, 16, 0, 3), (1, 16, 3, 0)])
+def test_empty_image_as_timm(shape):
+    """H or W = 0. With the mean context (use_attn=False) the backward raised
+    ZeroDivisionError (1 / (H W)); timm's GlobalContext returns the empty output, an
+    empty input gradient and NaN weight gradients (the context is the mean of nothing),
+    as npattn now does. With the attention context timm's 1x1 conv_attn refuses an
+    empty image (and a softmax over no positions is no distribution); npattn returned
+    a context of 0 and now raises ValueError naming x."""
+    blk = GlobalContext(16, use_attn=False, fuse_add=True, rd_channels=5, rng=0, dtype=np.float64)
+    y, cache = blk.forward(np.zeros(shape))
+    (dx,), grads = blk.backward(np.ones(shape), cache)
+    assert y.shape == dx.shape == shape
+    for k in ("mlp_scale.fc1.weight", "mlp_scale.fc2.weight", "mlp_add.fc1.weight", "mlp_add.fc2.weight"):
+        assert np.isnan(grads[k]).all(), k
+    with pytest.raises(ValueError, match=r"GlobalContext: x must have H >= 1 and W >= 1 .*got shape"):
+        GlobalContext(16, rd_channels=4, rng=0, dtype=np.float64).forward(np.zeros(shape))

@@ -101,3 +101,21 @@ def test_bad_inputs_raise_naming_the_argument():
         SEBlock(8, 16)
     with pytest.raises(TypeError, match="bias"):
         SEBlock(8, 4, bias="yes")
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # numpy: 0 / 0 in that mean
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3), (2, 4, 3, 0), (0, 4, 0, 0)])
+def test_empty_image_as_pytorch(shape):
+    """H or W = 0: the backward raised ZeroDivisionError (1 / (H W)). PyTorch's module
+    (tools/torch_ref_blocks.py SEBlock, torch 2.14.1) returns the empty output and an
+    empty input gradient; the squeeze is the mean of nothing, NaN, so the weight
+    gradients are NaN for a non-empty batch (0 for an empty one). npattn does the same."""
+    blk = SEBlock(4, 2, bias=True, rng=0, dtype=np.float64)
+    x = np.zeros(shape)
+    y, cache = blk.forward(x)
+    (dx,), grads = blk.backward(np.zeros(shape), cache)
+    assert y.shape == dx.shape == shape and y.dtype == dx.dtype == np.float64
+    for k in ("fc.0.weight", "fc.2.weight", "fc.2.bias"):
+        assert grads[k].shape == blk[k].shape
+        assert np.isnan(grads[k]).all() if shape[0] else not grads[k].any(), k

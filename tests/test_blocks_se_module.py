@@ -102,3 +102,18 @@ def test_bad_inputs_raise_naming_the_argument():
         SEModule(8, rd_ratio=0.0)
     with pytest.raises(ValueError, match="rd_divisor must be >= 1"):
         SEModule(8, rd_divisor=0)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # numpy: 0 / 0 in that mean
+@pytest.mark.parametrize("shape", [(2, 16, 0, 3), (1, 16, 3, 0)])
+def test_empty_image_as_timm(shape):
+    """H or W = 0: the backward raised ZeroDivisionError (1 / (H W)). timm's SEModule
+    returns the empty output, an empty input gradient and NaN weight gradients (the
+    squeeze is the mean of nothing); npattn does the same."""
+    blk = SEModule(16, rd_channels=4, rng=0, dtype=np.float64)
+    y, cache = blk.forward(np.zeros(shape))
+    (dx,), grads = blk.backward(np.ones(shape), cache)
+    assert y.shape == dx.shape == shape
+    for k in ("fc1.weight", "fc2.weight", "fc2.bias"):
+        assert grads[k].shape == blk[k].shape and np.isnan(grads[k]).all(), k

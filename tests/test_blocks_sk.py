@@ -182,3 +182,13 @@ def test_eval_with_batch_zero():
     assert sorted(grads) == sorted(blk.parameter_names())
     for k, g in grads.items():
         np.testing.assert_array_equal(g, np.zeros_like(blk[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3), (2, 4, 3, 0)])
+def test_empty_image_raises_naming_x(shape):
+    """H or W = 0: PyTorch's SKConv refuses it in its 3x3 path convolutions; npattn
+    raised conv2d's "output height would be 0", naming no argument of the block (and the
+    forward then held 1 / (H W)). Now a ValueError naming x."""
+    with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
+        SKConv(4, 4, 2, rng=0, dtype=np.float64).forward(np.zeros(shape))
+    assert str(info.value).startswith("SKConv: x must") and str(shape) in str(info.value)

@@ -239,3 +239,13 @@ def test_dcnv1_pack_checks():
     (d_x,), params = blk.backward(np.ones_like(y), cache)
     assert d_x.dtype == np.float32 and set(params) == {"weight", "conv_offset.weight", "conv_offset.bias"}
     assert all(v.dtype == np.float32 for v in params.values())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 4), (2, 3, 4, 0), (0, 3, 0, 0)])
+def test_conv_offset2d_empty_image_raises_naming_x(shape):
+    """H or W = 0: the seed's layer refuses it in PyTorch (its 3x3 offset convolution,
+    padding 1, has no output); npattn raised conv2d's "output height would be 0", naming
+    no argument of the block. Now a ValueError naming x."""
+    with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
+        npattn.ConvOffset2D(3, dtype=np.float64).forward(np.zeros(shape))
+    assert str(info.value).startswith("ConvOffset2D: x must") and str(shape) in str(info.value)

@@ -4,6 +4,7 @@ numpy, scipy), backward against central differences in float64, the tie rule of 
 maximum, the kinks of hardswish, dtypes and errors."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -269,3 +270,37 @@ def test_dtype_in_equals_dtype_out_and_inputs_untouched(dtype):
         grads = bwd(np.ones_like(y), cache)
         assert all(g.dtype == dtype for g in grads.values()), fwd.__name__
     np.testing.assert_array_equal(x, keep)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_refuses_an_upstream_gradient_of_another_dtype_or_kind(dtype):
+    """mean/amax/layer_norm2d/hardswish backward took a dy of the other float dtype and
+    returned a gradient of that dtype (not x's); a list or an int dy was not refused
+    with the argument's name."""
+    other = np.float32 if dtype == np.float64 else np.float64
+    x = rng(10).standard_normal((2, 3, 4, 5)).astype(dtype)
+    ops = [
+        ("mean_backward", F.mean_forward, F.mean_backward, (x, (2, 3))),
+        ("amax_backward", F.amax_forward, F.amax_backward, (x, 1)),
+        ("layer_norm2d_backward", F.layer_norm2d_forward, F.layer_norm2d_backward, (x,)),
+        ("hardswish_backward", F.hardswish_forward, F.hardswish_backward, (x,)),
+    ]
+    for name, fwd, bwd, args in ops:
+        y, cache = fwd(*args)
+        with pytest.raises(TypeError, match=rf"{name}: dy must have the forward's dtype {np.dtype(dtype)}, got {np.dtype(other)}"):
+            bwd(np.ones_like(y, dtype=other), cache)
+        with pytest.raises(TypeError, match=rf"{name}: dy must have dtype float32 or float64, got int64"):
+            bwd(np.ones(y.shape, np.int64), cache)
+        with pytest.raises(TypeError, match=rf"{name}: dy must be a numpy.ndarray, got list"):
+            bwd(y.tolist(), cache)
+
+
+def test_reduce_keepdims_must_be_a_bool():
+    """keepdims='no' was taken as True by amax and raised numpy's "'str' object cannot be
+    interpreted as an integer" in mean (no argument named)."""
+    x = np.zeros((2, 3), np.float64)
+    for fwd, op in ((F.mean_forward, "mean"), (F.amax_forward, "amax")):
+        for bad in ("no", None, 1, 0.0):
+            with pytest.raises(TypeError, match=rf"{op}: keepdims must be a bool, got {re.escape(repr(bad))}"):
+                fwd(x, 1, keepdims=bad)
+        assert fwd(x, 1, keepdims=np.bool_(False))[0].shape == (2,)

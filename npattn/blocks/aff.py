@@ -216,7 +216,11 @@ class _AttentionFusion(Block):
         residual = self._check_input("residual", residual, 4, self.channels)
         if residual.shape != x.shape:
             raise ValueError(f"{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+        self._check_image("x", x, _EMPTY)
         return x, residual
+
+
+_EMPTY = "PyTorch's 1x1 convolutions of the local branch refuse an empty image"
 
 
 class MS_CAM(_AttentionFusion):
@@ -239,6 +243,7 @@ class MS_CAM(_AttentionFusion):
 
     def forward(self, x, training=False):
         x = self._check_input("x", x, 4, self.channels)
+        self._check_image("x", x, _EMPTY)
         self._check_training_batch(x, training)
         z, att = self._ms_cam("local_att.", "global_att.", x, training)  # (N, C, H, W)
         w = F.sigmoid(z)  # (N, C, H, W)

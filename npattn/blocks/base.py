@@ -25,6 +25,13 @@ def make_rng(rng):
     return np.random.default_rng(rng)
 
 
+def inv_area(dtype, h, w):
+    """1 / (H W), the weight of a spatial mean in its backward; 0 for an empty image (H or
+    W = 0), whose input gradient is empty anyway (the forward's mean is NaN there, as
+    PyTorch's, and so are the parameter gradients behind it)."""
+    return dtype.type(1.0 / (h * w) if h * w else 0.0)
+
+
 def kaiming_uniform(rng, shape, fan_in, dtype):
     """PyTorch's default Conv/Linear init: ``kaiming_uniform_(a=sqrt(5))``, i.e.
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the default bias init has the same bound."""
@@ -165,6 +172,12 @@ class Block:
         if channels is not None and x.shape[1] != channels:
             raise ValueError(f"{op}: {name} must have {channels} channels, got shape {tuple(x.shape)}")
         return x
+
+    def _check_image(self, name, x, why):
+        """An empty image (H or W = 0) refused with a ValueError naming ``name``; ``why``:
+        what PyTorch's module does there (e.g. its 1x1 convolution refuses it)."""
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"{type(self).__name__}: {name} must have H >= 1 and W >= 1 ({why}), got shape {tuple(x.shape)}")
 
     # ---- sub-layers stored under a prefix -----------------------------------------
     def _conv(self, prefix, x, **conv_args):

@@ -131,6 +131,7 @@ class CBAM(Block):
         """Returns ``(y, cache)``; in training the spatial BatchNorm uses batch statistics
         and updates its running statistics."""
         x = self._check_input("x", x, 4, self.channels)
+        self._check_image("x", x, "the maximum over H W of an empty image does not exist; timm's amax refuses it")
         n, c, h, w = x.shape
         if training and n * h * w == 1:
             raise ValueError(

@@ -107,6 +107,7 @@ class CoordAttn(Block):
         """Returns ``(y, cache)``; in training bn1 uses batch statistics and updates its
         running statistics."""
         x = self._check_input("x", x, 4, self.channels)
+        self._check_image("x", x, "timm's conv1 refuses the empty pooled map")
         n, c, h, w = x.shape
         x_h = x.mean(axis=3, keepdims=True)  # (N, C, H, 1)
         x_w = x.mean(axis=2, keepdims=True)  # (N, C, 1, W)

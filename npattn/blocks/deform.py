@@ -381,6 +381,7 @@ class ConvOffset2D(Block):
 
     def forward(self, x, *, training=False):
         x = self._check_input("x", x, 4, self.filters)
+        self._check_image("x", x, "the seed's 3x3 offset convolution, padding 1, refuses an empty image in PyTorch")
         b, c, h, w = x.shape
         t, conv_cache = self._conv("", x, stride=1, padding=1)  # (b, 2c, h, w)
         off = t.reshape(b * c, h, w, 2)  # the seed's .view(b*c, h, w, 2) of the same memory

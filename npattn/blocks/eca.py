@@ -36,7 +36,7 @@ import numpy as np
 from .. import functional as F
 from .._checks import float_array, positive_int, same_dtype, shape_is
 from ._timm import check_real
-from .base import Block, make_rng
+from .base import Block, inv_area, make_rng
 
 __all__ = ["ECA", "eca_kernel_size"]
 
@@ -115,5 +115,5 @@ class ECA(Block):
         d_z = (d_g * (g * (1 - g)).reshape(n, c)).reshape(n, 1, c)  # (N, 1, C)
         gc = F.conv1d_backward(d_z, cache.conv)
         d_x = dy * g  # (N, C, H, W) through the gate's factor
-        d_x += (gc["x"] * x.dtype.type(1.0 / (h * w))).reshape(n, c, 1, 1)  # through the squeeze
+        d_x += (gc["x"] * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)  # through the squeeze
         return (d_x,), {"conv.weight": gc["weight"]}

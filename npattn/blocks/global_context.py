@@ -58,7 +58,7 @@ import numpy as np
 from .. import functional as F
 from .._checks import float_array, positive_int, same_dtype, shape_is
 from ._timm import check_bool, pointwise, pointwise_backward, reduced_channels
-from .base import Block, make_rng
+from .base import Block, inv_area, make_rng
 
 __all__ = ["GlobalContext"]
 
@@ -153,6 +153,8 @@ class GlobalContext(Block):
     def forward(self, x, training=False):
         """Returns ``(y, cache)``; both modes compute the same (no batch statistics)."""
         x = self._check_input("x", x, 4, self.channels)
+        if self.use_attn:
+            self._check_image("x", x, "a softmax over no positions; timm's 1x1 conv_attn refuses an empty image")
         n, c, h, w = x.shape
         if not (self.fuse_scale or self.fuse_add):
             return x.copy(), GlobalContextCache(x, None, None, None, None, None)
@@ -212,5 +214,5 @@ class GlobalContext(Block):
             # conv_attn.bias: 0 exactly (softmax ignores a common shift), left as zeros
             d_xr += w_attn[None, :, None] * d_l[:, None, :]  # through the logits
         else:
-            d_x += (d_ctx * x.dtype.type(1.0 / (h * w))).reshape(n, c, 1, 1)
+            d_x += (d_ctx * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)
         return (d_x,), grads

@@ -132,6 +132,7 @@ class NonLocalAttn(Block):
         """``out = norm(z(attention)) + x``, (B, C, H, W) -> (B, C, H, W). In training the
         BatchNorm uses and updates the batch statistics."""
         x = self._check_input("x", x, 4, self.in_channels)
+        self._check_image("x", x, "timm's 1x1 convolutions refuse an empty image")
         b, c, h, w = x.shape
         cr, n = self.rd_channels, h * w
         t, k_t = self._conv("t.", x)  # (B, C', H, W)

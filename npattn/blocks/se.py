@@ -41,7 +41,7 @@ import numpy as np
 from .. import functional as F
 from .._checks import float_array, positive_int, same_dtype, shape_is
 from ._timm import check_bool, pointwise, pointwise_backward, reduced_channels
-from .base import Block, make_rng
+from .base import Block, inv_area, make_rng
 
 __all__ = ["SEBlock", "SEModule"]
 
@@ -122,7 +122,7 @@ class SEBlock(Block):
         d_h = F.relu_backward(d_a, cache.relu)["x"]  # (N, D)
         d_s = self._linear_backward("fc.0.", d_h, cache.fc0, grads)  # (N, C)
         d_x = dy * g  # (N, C, H, W) through the gate's factor
-        d_x += (d_s * x.dtype.type(1.0 / (h * w))).reshape(n, c, 1, 1)  # through the squeeze
+        d_x += (d_s * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)  # through the squeeze
         return (d_x,), grads
 
 
@@ -199,5 +199,5 @@ class SEModule(Block):
         d_h = F.relu_backward(d_a, cache.relu)["x"]  # (N, D)
         d_s = pointwise_backward(self, "fc1.", d_h, cache.fc1, grads)  # (N, C)
         d_x = dy * g  # (N, C, H, W) through the gate's factor
-        d_x += (d_s * x.dtype.type(1.0 / (h * w))).reshape(n, c, 1, 1)  # through the squeeze
+        d_x += (d_s * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)  # through the squeeze
         return (d_x,), grads

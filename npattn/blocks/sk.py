@@ -117,6 +117,7 @@ class SKConv(Block):
     def forward(self, x, training=False):
         """Returns ``(y, cache)`` with y of shape (N, out_channels, H, W)."""
         x = self._check_input("x", x, 4, self.in_channels)
+        self._check_image("x", x, "PyTorch's 3x3 path convolutions refuse an empty image")
         n, _, h, w = x.shape
         c, p = self.out_channels, self.paths
         if training and n == 1:

@@ -78,7 +78,7 @@ def attention(q, k, v, bias, scale, empty_rows="zero"):
     z *= c
     if bias is not None:
         z += bias  # (..., L, S) -inf on masked keys
-    m = z.max(axis=-1, keepdims=True)  # (..., L, 1)
+    m = z.max(axis=-1, keepdims=True, initial=-np.inf)  # (..., L, 1); initial: no keys (S = 0) is an empty row
     empty = None
     if empty_rows == "zero":
         empty = m == -np.inf  # (..., L, 1) rows with every key masked

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._checks import float_array
+from .._checks import float_array, upstream
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,5 @@ def hardswish_forward(x):
 
 
 def hardswish_backward(dy, cache: HardswishCache):
-    dy = float_array("hardswish_backward", "dy", dy)
-    if dy.shape != cache.slope.shape:
-        raise ValueError(f"hardswish_backward: dy must have shape {tuple(cache.slope.shape)}, got {tuple(dy.shape)}")
+    dy = upstream("hardswish_backward", "dy", dy, cache.slope.shape, cache.slope.dtype)
     return {"x": dy * cache.slope}  # shape of x

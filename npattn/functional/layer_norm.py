@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._checks import float_array, same_dtype
+from .._checks import float_array, same_dtype, upstream
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,7 @@ def layer_norm2d_forward(x, weight=None, bias=None, eps=1e-6):
 def layer_norm2d_backward(dy, cache: LayerNorm2dCache):
     """Gradients of :func:`layer_norm2d_forward`: dict with ``x`` and, when given, ``weight``, ``bias``."""
     x_hat = cache.x_hat
-    dy = float_array("layer_norm2d_backward", "dy", dy, x_hat.ndim)
-    if dy.shape != x_hat.shape:
-        raise ValueError(f"layer_norm2d_backward: dy must have shape {tuple(x_hat.shape)}, got {tuple(dy.shape)}")
+    dy = upstream("layer_norm2d_backward", "dy", dy, x_hat.shape, x_hat.dtype)
     c = x_hat.shape[1]
     axes = (0,) if x_hat.ndim == 2 else (0, 2, 3)
     view = (1, c) + (1,) * (x_hat.ndim - 2)

@@ -38,6 +38,7 @@ class MeanCache:
     x_shape: tuple  # shape of x
     axes: tuple  # the reduced axes, sorted, non-negative
     out_shape: tuple  # shape of y
+    dtype: np.dtype = None  # dtype of x
 
 
 def mean_forward(x, axis, keepdims=True):
@@ -56,14 +57,15 @@ def mean_forward(x, axis, keepdims=True):
     op = "mean"
     x = float_array(op, "x", x)
     axes = _axes(op, x, axis)
+    keepdims = _keepdims(op, keepdims)
     y = x.mean(axis=axes, keepdims=keepdims)
-    return y, MeanCache(x.shape, axes, y.shape)
+    return y, MeanCache(x.shape, axes, y.shape, x.dtype)
 
 
 def mean_backward(dy, cache: MeanCache):
     """Gradient of :func:`mean_forward`: dict with ``x``."""
     kept = tuple(1 if a in cache.axes else s for a, s in enumerate(cache.x_shape))
-    dy = _check_reduced_grad("mean_backward", dy, cache.out_shape)
+    dy = _check_reduced_grad("mean_backward", dy, cache.out_shape, cache.dtype)
     m = int(np.prod([cache.x_shape[a] for a in cache.axes]))
     d_x = np.broadcast_to(dy.reshape(kept) * dy.dtype.type(1.0 / m), cache.x_shape).copy()  # shape of x
     return {"x": d_x}
@@ -98,6 +100,7 @@ def amax_forward(x, axis, keepdims=True):
     op = "amax"
     x = float_array(op, "x", x)
     axes = _axes(op, x, axis)
+    keepdims = _keepdims(op, keepdims)
     y_kept = x.max(axis=axes, keepdims=True)  # shape of x, reduced axes of size 1
     is_max = x == y_kept  # shape of x
     count = is_max.sum(axis=axes, keepdims=True)  # maxima per group
@@ -110,12 +113,22 @@ def amax_forward(x, axis, keepdims=True):
 
 def amax_backward(dy, cache: AmaxCache):
     """Gradient of :func:`amax_forward`: dict with ``x``."""
-    dy = _check_reduced_grad("amax_backward", dy, cache.out_shape)
+    dy = _check_reduced_grad("amax_backward", dy, cache.out_shape, cache.share.dtype)
     return {"x": cache.share * dy.reshape(cache.kept)}  # shape of x
 
 
-def _check_reduced_grad(op, dy, out_shape):
+def _keepdims(op, keepdims):
+    if not isinstance(keepdims, (bool, np.bool_)):
+        raise TypeError(f"{op}: keepdims must be a bool, got {keepdims!r}")
+    return bool(keepdims)
+
+
+def _check_reduced_grad(op, dy, out_shape, dtype):
+    """dy: a float array of the forward output's shape and of x's dtype (``dtype``; None
+    for a cache made before it was recorded)."""
     dy = float_array(op, "dy", dy)
+    if dtype is not None and dy.dtype != dtype:
+        raise TypeError(f"{op}: dy must have the forward's dtype {np.dtype(dtype)}, got {dy.dtype}")
     if tuple(dy.shape) != tuple(out_shape):
         raise ValueError(f"{op}: dy must have the shape of the forward's output {tuple(out_shape)}, got {tuple(dy.shape)}")
     return dy

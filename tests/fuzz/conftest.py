@@ -4,10 +4,11 @@ Two profiles, chosen with the environment variable ``NPATTN_FUZZ``:
 
 ``ci`` (the default, part of ``python -m pytest``)
     derandomised (the same examples every run, from a hash of each test), no example
-    database, 60 examples per unit (a test runs 1 to 4 units, ``fuzzlib.examples``):
-    ``tests/fuzz`` takes 20 to 40 s on a shared 2-core machine.
+    database, 60 examples per unit (a test runs 1 to 12 units, ``fuzzlib.examples``):
+    ``tests/fuzz`` takes 60 to 75 s on a 2-core machine, up to 4 minutes while another
+    test run shares the cores.
 ``long`` (``NPATTN_FUZZ=long python -m pytest tests/fuzz``)
-    random (a new seed every run), 400 examples per unit (about 10 minutes on 2
+    random (a new seed every run), 400 examples per unit (about 14 minutes on 2
     cores), failing examples saved to the ``.hypothesis/`` database and replayed first
     on the next run.
 

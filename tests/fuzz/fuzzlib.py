@@ -60,7 +60,7 @@ def fill(rng, shape, dtype, kind="normal", scale=1.0):
     NaN / inf / 1e30 / -0.0 entries) or ``zero``."""
     if kind == "zero":
         return np.zeros(shape, dtype=dtype)
-    a = (rng.standard_normal(shape) * scale).astype(dtype)
+    a = np.asarray(rng.standard_normal(shape) * scale).astype(dtype)  # (an array for shape () too, not a scalar)
     if kind == "special" and a.size:
         k = int(rng.integers(1, min(a.size, 4) + 1))
         flat = a.reshape(-1)
@@ -71,7 +71,7 @@ def fill(rng, shape, dtype, kind="normal", scale=1.0):
 def relayout(a, how, rng):
     """The same values as ``a`` in another memory layout."""
     if how == "c" or a.ndim == 0:
-        return np.ascontiguousarray(a).copy()
+        return np.array(a, order="C", copy=True)  # (np.ascontiguousarray would make a 0-d array 1-d)
     ax = int(rng.integers(a.ndim))
     if how == "f":
         return np.asfortranarray(a)

@@ -3,7 +3,9 @@ DeformConv2d, ModulatedDeformConv2dPack.
 
 Random configurations (channels, reductions, kernels, uneven stride/padding/dilation,
 groups, offset groups), float32 and float64, training and eval, batch 0 and 1, H or W = 1,
-non-contiguous / negative-stride / read-only inputs, non-finite values. Valid draws:
+H or W = 0 (SEBlock, DAF, GCT: PyTorch's result, NaN weight gradients for SEBlock;
+SKConv, AFF, iAFF, MS_CAM, ConvOffset2D: a ValueError naming x, where PyTorch's module
+refuses it), non-contiguous / negative-stride / read-only inputs, non-finite values. Valid draws:
 output and gradients of the right shapes and dtype (a gradient for every parameter),
 nothing modified (inputs, upstream gradient, the block's previous arrays), finite in
 finite out, the deformable blocks' two CPU backends agreeing to rounding, and what is
@@ -25,10 +27,12 @@ from npattn import functional as F
 
 import fuzzlib as fz
 
-# casting the NaN of a drawn array to a wrong (int) dtype on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+# casting the NaN (or 1e30) of a drawn array to a wrong dtype on purpose
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")]
 
 BN_BLOCKS = ("SKConv", "AFF", "iAFF", "MS_CAM")  # BatchNorm: training needs more than one value per channel
+EMPTY_REFUSED = ("SKConv", "AFF", "iAFF", "MS_CAM", "ConvOffset2D")  # H or W = 0: ValueError naming x
 
 
 @st.composite
@@ -38,7 +42,10 @@ def block_cases(draw, names=None):
     name = draw(st.sampled_from(names or ["SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT", "ConvOffset2D",
                                           "DeformConv2d", "ModulatedDeformConv2dPack"]))
     n = draw(st.integers(0, 3))
-    h, w = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    # H or W = 0 for the blocks without convolutions in front (the deformable ones keep
+    # an output: their empty images are drawn in test_fuzz_deform.py)
+    empty_ok = name in ("SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT", "ConvOffset2D")
+    h, w = draw(st.integers(0 if empty_ok else 1, 5)), draw(st.integers(0 if empty_ok else 1, 5))
     seed = int(rng.integers(2**31))
     extra = {}
     if name == "SEBlock":
@@ -118,12 +125,16 @@ def grad_out_for(case, y):
 @given(case=block_cases())
 def test_block_valid(case):
     blk, inputs, training, dtype, name = case["block"], case["inputs"], case["training"], case["dtype"], case["name"]
-    n = inputs[0].shape[0]
+    n, _, h, w = inputs[0].shape
+    if h * w == 0 and name in EMPTY_REFUSED:  # as PyTorch's module, which refuses it in a convolution
+        fz.expect_error(["x"], blk.forward, *inputs, training=training)
+        return
     if training and name in BN_BLOCKS and n <= 1:
         fz.expect_error(["input size"], blk.forward, *inputs, training=True)
         return
     before = snapshot_state(blk)
-    fin = fz.finite(*inputs) and case["kind"] == "normal"
+    # SEBlock on an empty image: the squeeze is the mean of nothing, NaN weight gradients (as PyTorch)
+    fin = fz.finite(*inputs) and case["kind"] == "normal" and not (name == "SEBlock" and h * w == 0)
     y, cache = fz.run(blk.forward, *inputs, training=training, finite=fin)
     assert y.dtype == dtype and y.shape[0] == n
     dy = grad_out_for(case, y)
@@ -135,6 +146,8 @@ def test_block_valid(case):
     assert sorted(grads_p) == sorted(blk.parameter_names())
     for k, g in grads_p.items():
         assert g.shape == blk[k].shape and g.dtype == dtype, (k, g.shape, g.dtype)
+    if name == "SEBlock" and h * w == 0 and n:
+        assert np.isnan(grads_p["fc.0.weight"]).all() and np.isnan(grads_p["fc.2.weight"]).all(), "NaN as PyTorch"
     if not fin:
         return
     fz.assert_finite(name, y, *grads_in, *grads_p.values())
@@ -186,7 +199,8 @@ def assert_state_arrays_untouched(snap):
 def test_deformable_blocks_backends_agree(case):
     """The same block on the "numpy" and "numba" backends: the same output and gradients
     to rounding (relative to each tensor's largest magnitude; finite inputs)."""
-    if not fz.finite(*case["inputs"]):
+    x = case["inputs"][0]
+    if not fz.finite(*case["inputs"]) or x.shape[2] * x.shape[3] == 0:  # ConvOffset2D refuses an empty image
         return
     res = {}
     for be in ("numpy", "numba"):
@@ -209,6 +223,8 @@ def test_block_invalid_inputs(case, what, data):
     blk, inputs, rng, dtype, name = case["block"], list(case["inputs"]), case["rng"], case["dtype"], case["name"]
     training = case["training"] and not (name in BN_BLOCKS and inputs[0].shape[0] <= 1)
     x = inputs[0]
+    if x.shape[2] * x.shape[3] == 0 and name in EMPTY_REFUSED:
+        return  # refused whatever else is wrong (test_block_valid)
     if what == "residual":
         if name not in ("DAF", "AFF", "iAFF"):
             return

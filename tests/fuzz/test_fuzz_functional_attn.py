@@ -1,0 +1,613 @@
+"""Fuzzing the primitive ops added for the channel/spatial attention and transformer
+blocks: conv1d, mean, amax, layer_norm2d, hardswish and scaled_dot_product_attention
+(each forward and backward).
+
+Valid draws: results of the right shape and dtype, nothing modified, finite inputs give
+finite results without floating-point warnings, forward against an independent float64
+computation (strided slices for conv1d, numpy reductions, the formulas, a per-row
+softmax with the mask applied by hand), backward by the adjoint identity
+``<dy, f(v)> = <grad, v>`` where the op is linear in an argument, by central differences
+along a random direction in float64 elsewhere, amax's tie rule (the gradient split
+evenly among the maxima) and the attention's mask convention (boolean True = may attend;
+a query with every key masked gives 0 and passes no gradient). Invalid draws raise
+ValueError/TypeError naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+from hypothesis import event, given, note
+from hypothesis import strategies as st
+
+from npattn import functional as F
+
+import fuzzlib as fz
+
+# casting the NaN (or 1e30) of a drawn array to a wrong dtype on purpose
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")]
+
+
+def other_float(dtype):
+    return np.float32 if np.dtype(dtype) == np.float64 else np.float64
+
+
+def bad_upstream(dy, data, rng, dtype):
+    """An invalid upstream gradient for ``dy``'s forward."""
+    bad = data.draw(st.sampled_from(["dtype", "other_float", "rank", "shape", "non_array"]))
+    shape = dy.shape[:-1] + (dy.shape[-1] + 1,) if dy.ndim else (2,)
+    return {"dtype": lambda: dy.astype(data.draw(fz.bad_dtypes)),
+            "other_float": lambda: dy.astype(other_float(dtype)),
+            "rank": lambda: fz.wrong_rank(dy, rng),
+            "shape": lambda: np.zeros(shape, dtype=dtype),
+            "non_array": lambda: fz.non_array(dy, rng)}[bad]()
+
+
+def directional(f, args, name, u, h=1e-6):
+    """Central difference of the scalar ``f(**args)`` along ``u`` in argument ``name`` (float64)."""
+    plus, minus = dict(args), dict(args)
+    plus[name] = args[name] + h * u
+    minus[name] = args[name] - h * u
+    return (f(**plus) - f(**minus)) / (2 * h)
+
+
+# --------------------------------------------------------------------------- conv1d
+
+
+@st.composite
+def conv1d_cases(draw):
+    rng = draw(fz.rngs())
+    dtype = draw(fz.dtypes)
+    groups = draw(st.integers(1, 3))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    k, stride, padding, dilation = (draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(0, 3)),
+                                    draw(st.integers(1, 3)))
+    lo = max(0, dilation * (k - 1) + 1 - 2 * padding)
+    length = draw(st.integers(lo, lo + 6))
+    n = draw(st.integers(0, 3))
+    kind = draw(st.sampled_from(["normal", "normal", "special"]))
+    args = dict(x=fz.fill(rng, (n, c_in, length), dtype, kind), weight=fz.fill(rng, (c_out, c_in // groups, k), dtype),
+                bias=fz.fill(rng, (c_out,), dtype) if draw(st.booleans()) else None,
+                stride=stride, padding=padding, dilation=dilation, groups=groups)
+    for key in ("x", "weight", "bias"):
+        if args[key] is not None:
+            args[key] = fz.relayout(args[key], draw(fz.layouts), rng)
+    out_len = (length + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    dy = fz.relayout(fz.fill(rng, (n, c_out, out_len), dtype), draw(fz.layouts), rng)
+    note(f"conv1d n={n} c_in={c_in} c_out={c_out} L={length} k={k} s={stride} p={padding} d={dilation} g={groups}")
+    return dict(args=args, dy=dy, dtype=np.dtype(dtype), rng=rng)
+
+
+def conv1d_ref(x, w, b, stride, padding, dilation, groups):
+    """float64, one strided slice of the padded input per tap (independent of conv2d)."""
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    n, c_in, length = x.shape
+    c_out, cg, k = w.shape
+    out_len = (length + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding)))
+    y = np.zeros((n, c_out, out_len))
+    og = c_out // groups
+    for g in range(groups):
+        for j in range(k):
+            start = j * dilation
+            xs = xp[:, g * cg:(g + 1) * cg, start:start + stride * (out_len - 1) + 1:stride]  # (N, cg, L_out)
+            y[:, g * og:(g + 1) * og] += np.einsum("oc,ncl->nol", w[g * og:(g + 1) * og, :, j], xs)
+    if b is not None:
+        y += b.astype(np.float64)[None, :, None]
+    return y
+
+
+@fz.examples(5)
+@given(case=conv1d_cases())
+def test_conv1d_valid(case):
+    args, dy, dtype, rng = case["args"], case["dy"], case["dtype"], case["rng"]
+    fin = fz.finite(args["x"], args["weight"], args["bias"], dy)
+    y, cache = fz.run(F.conv1d_forward, **args, finite=fin)
+    grads = fz.run(F.conv1d_backward, dy, cache, finite=fin)
+    assert y.shape == dy.shape and y.dtype == dtype
+    assert set(grads) == {"x", "weight"} | ({"bias"} if args["bias"] is not None else set())
+    for k, g in grads.items():
+        assert g.shape == args[k].shape and g.dtype == dtype, (k, g.shape, g.dtype)
+    if not fin:
+        return
+    fz.assert_finite("conv1d", y, *grads.values())
+    geo = {k: args[k] for k in ("stride", "padding", "dilation", "groups")}
+    x64, w64 = args["x"].astype(np.float64), args["weight"].astype(np.float64)
+    b64 = None if args["bias"] is None else args["bias"].astype(np.float64)
+    scale = conv1d_ref(np.abs(x64), np.abs(w64), None if b64 is None else np.abs(b64), **geo)
+    fz.assert_close(y.astype(np.float64), conv1d_ref(x64, w64, b64, **geo), scale, "conv1d vs strided slices", dtype)
+    for name in ("x", "weight"):  # y is linear in x and in weight
+        v = rng.standard_normal(args[name].shape)
+        parts = {"x": x64, "weight": w64, name: v}
+        lhs, rhs = fz.inner(dy, conv1d_ref(parts["x"], parts["weight"], None, **geo)), fz.inner(grads[name], v)
+        scale = fz.inner(np.abs(dy), conv1d_ref(np.abs(parts["x"]), np.abs(parts["weight"]), None, **geo))
+        assert abs(lhs - rhs) <= fz.TOL[dtype] * max(scale, 1e-300), f"adjoint of {name}: {lhs!r} vs {rhs!r}"
+    if b64 is not None:
+        fz.assert_close(grads["bias"].astype(np.float64), dy.astype(np.float64).sum(axis=(0, 2)),
+                        np.abs(dy.astype(np.float64)).sum(axis=(0, 2)), "conv1d bias gradient", dtype)
+
+
+@fz.examples(3)
+@given(case=conv1d_cases(), what=st.sampled_from(["dtype", "mixed", "rank", "non_array", "channels", "bias", "geometry",
+                                                  "groups", "no_output", "dy"]), data=st.data())
+def test_conv1d_invalid_arguments(case, what, data):
+    args, rng, dtype = dict(case["args"]), case["rng"], case["dtype"]
+    arrays = [k for k in ("x", "weight", "bias") if args[k] is not None]
+    if what in ("dtype", "mixed", "rank", "non_array"):
+        key = data.draw(st.sampled_from(arrays if what != "mixed" else arrays[1:]))
+        a = np.asarray(args[key])
+        args[key] = {"dtype": lambda: a.astype(data.draw(fz.bad_dtypes)), "mixed": lambda: a.astype(other_float(dtype)),
+                     "rank": lambda: fz.wrong_rank(a, rng), "non_array": lambda: fz.non_array(a, rng)}[what]()
+        names = [key] + (["input"] if key == "x" else [])
+    elif what == "channels":
+        w = args["weight"]
+        args["weight"] = np.zeros((w.shape[0], w.shape[1] + 1, w.shape[2]), dtype=dtype)
+        names = ["weight", "x", "groups"]
+    elif what == "bias":
+        args["bias"] = np.zeros(args["weight"].shape[0] + 1, dtype=dtype)
+        names = ["bias"]
+    elif what == "geometry":
+        key = data.draw(st.sampled_from(["stride", "padding", "dilation"]))
+        args[key] = data.draw(st.sampled_from([-1, 1.0, "1", None, True, (1, 1)] + ([0] if key != "padding" else [])))
+        names = [key]
+    elif what == "groups":
+        args["groups"] = data.draw(st.sampled_from([0, -1, 1.5, True, args["x"].shape[1] + 1]))
+        names = ["groups"]
+    elif what == "no_output":
+        w = args["weight"]
+        args["weight"] = np.zeros(w.shape[:2] + (args["x"].shape[2] + 2 * args["padding"] + 1,), dtype=dtype)
+        args["dilation"] = 1
+        names = ["width", "output"]
+    else:
+        _, cache = fz.run(F.conv1d_forward, **args)
+        fz.expect_error(["dy"], F.conv1d_backward, bad_upstream(case["dy"], data, rng, dtype), cache)
+        return
+    fz.expect_error(names, F.conv1d_forward, **args)
+
+
+# --------------------------------------------------------------------------- mean and amax
+
+
+@st.composite
+def reduce_cases(draw, ties=False):
+    rng = draw(fz.rngs())
+    dtype = draw(fz.dtypes)
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=1, max_size=4)))
+    nd = len(shape)
+    axes = draw(st.lists(st.integers(0, nd - 1), min_size=1, max_size=nd, unique=True))
+    axes = [a - nd if draw(st.booleans()) else a for a in axes]
+    axis = axes[0] if len(axes) == 1 and draw(st.booleans()) else tuple(axes)
+    kind = draw(st.sampled_from(["normal", "normal", "ties", "special"]))
+    if kind == "ties":  # few distinct values: many tied maxima
+        x = rng.integers(-2, 3, shape).astype(dtype)
+    else:
+        x = fz.fill(rng, shape, dtype, kind)
+    x = fz.relayout(x, draw(fz.layouts), rng)
+    return dict(x=x, axis=axis, keepdims=draw(st.sampled_from([True, False, np.bool_(True)])), dtype=np.dtype(dtype),
+                rng=rng, kind=kind, layout=draw(fz.layouts))
+
+
+def norm_axes(axis, nd):
+    return tuple(sorted(a % nd for a in ((axis,) if isinstance(axis, int) else axis)))
+
+
+@fz.examples(5)
+@given(op=st.sampled_from(["mean", "amax"]), case=reduce_cases())
+def test_reduce_valid(op, case):
+    x, axis, keepdims, dtype, rng = case["x"], case["axis"], case["keepdims"], case["dtype"], case["rng"]
+    fwd, bwd = (F.mean_forward, F.mean_backward) if op == "mean" else (F.amax_forward, F.amax_backward)
+    axes = norm_axes(axis, x.ndim)
+    if any(x.shape[a] == 0 for a in axes):  # nothing to reduce (torch: amax raises; mean is NaN)
+        fz.expect_error(["axis", "x"], fwd, x, axis, keepdims=keepdims)
+        return
+    fin = fz.finite(x)
+    y, cache = fz.run(fwd, x, axis, keepdims=keepdims, finite=fin)
+    x64 = x.astype(np.float64)
+    ref = np.mean if op == "mean" else np.max
+    with np.errstate(invalid="ignore"):  # inf - inf in the oracle's sum of a non-finite draw
+        want = ref(x64, axis=axes, keepdims=bool(keepdims))
+    assert y.shape == want.shape and y.dtype == dtype
+    dy = fz.relayout(fz.fill(rng, y.shape, dtype), case["layout"], rng)
+    g = fz.run(bwd, dy, cache, finite=fin)["x"]
+    assert g.shape == x.shape and g.dtype == dtype
+    if op == "amax":  # exact: a maximum is one of the values; NaN groups give NaN
+        fz.assert_bitwise(y.astype(np.float64), want, "amax vs np.max")
+    if not fin:
+        return
+    fz.assert_finite(op, y, g)
+    dy_kept = dy.astype(np.float64).reshape(np.max(x64, axis=axes, keepdims=True).shape)
+    if op == "mean":
+        fz.assert_close(y.astype(np.float64), want, np.mean(np.abs(x64), axis=axes, keepdims=bool(keepdims)),
+                        "mean vs numpy", dtype)
+        v = rng.standard_normal(x.shape)  # linear: the adjoint identity
+        lhs, rhs = fz.inner(dy, np.mean(v, axis=axes, keepdims=bool(keepdims))), fz.inner(g, v)
+        scale = fz.inner(np.abs(dy), np.mean(np.abs(v), axis=axes, keepdims=bool(keepdims)))
+        assert abs(lhs - rhs) <= fz.TOL[dtype] * max(scale, 1e-300), f"mean adjoint: {lhs!r} vs {rhs!r}"
+    else:  # the tie rule, on x and on x rounded to a few integers (many ties)
+        tied = np.clip(np.round(x), -1, 1)
+        _, cache_t = fz.run(fwd, tied, axis, keepdims=keepdims, finite=True)
+        g_t = fz.run(bwd, dy, cache_t, finite=True)["x"]
+        n_tied = 0
+        for xv, gv in ((x64, g), (tied.astype(np.float64), g_t)):
+            mx = np.max(xv, axis=axes, keepdims=True)
+            is_max = xv == mx
+            count = is_max.sum(axis=axes, keepdims=True)  # dy split evenly among the maxima, 0 elsewhere
+            want_g = np.where(is_max, dy_kept / count, 0.0)
+            fz.assert_close(gv.astype(np.float64), want_g, np.abs(want_g), "amax gradient (ties split evenly)", dtype)
+            assert not gv[~is_max].any(), "amax: a gradient off the maximum"
+            n_tied += int((count > 1).sum())
+        event("ties" if n_tied else "no ties")
+
+
+@fz.examples(3)
+@given(op=st.sampled_from(["mean", "amax"]), case=reduce_cases(),
+       what=st.sampled_from(["dtype", "non_array", "axis_type", "axis_range", "axis_repeat", "keepdims", "dy"]),
+       data=st.data())
+def test_reduce_invalid_arguments(op, case, what, data):
+    x, axis, rng, dtype = case["x"], case["axis"], case["rng"], case["dtype"]
+    fwd, bwd = (F.mean_forward, F.mean_backward) if op == "mean" else (F.amax_forward, F.amax_backward)
+    nd = x.ndim
+    if what == "dtype":
+        fz.expect_error(["x"], fwd, x.astype(data.draw(fz.bad_dtypes)), axis)
+    elif what == "non_array":
+        fz.expect_error(["x"], fwd, fz.non_array(x, rng), axis)
+    elif what == "axis_type":
+        fz.expect_error(["axis"], fwd, x, data.draw(st.sampled_from([1.0, "0", None, [0], (), True, (0, 0.5), (True,)])))
+    elif what == "axis_range":
+        fz.expect_error(["axis"], fwd, x, data.draw(st.sampled_from([nd, -nd - 1, (0, nd), 99])))
+    elif what == "axis_repeat":
+        fz.expect_error(["axis"], fwd, x, (0, 0) if nd == 1 else (0, -nd))
+    elif what == "keepdims":
+        empty = any(x.shape[a] == 0 for a in norm_axes(axis, nd))  # checked first: an error naming axis and x
+        fz.expect_error(["keepdims"] + (["axis", "x"] if empty else []), fwd, x, axis, keepdims=data.draw(st.sampled_from(["no", None, 1, 0.0, [True]])))
+    else:
+        if any(x.shape[a] == 0 for a in norm_axes(axis, nd)):
+            return
+        y, cache = fz.run(fwd, x, axis, keepdims=case["keepdims"])
+        dy = np.zeros(y.shape, dtype) if y.ndim else np.zeros((1,), dtype)[0:1].reshape(())
+        fz.expect_error(["dy"], bwd, bad_upstream(dy, data, rng, dtype), cache)
+
+
+# --------------------------------------------------------------------------- layer_norm2d
+
+
+@st.composite
+def ln_cases(draw):
+    rng = draw(fz.rngs())
+    dtype = draw(fz.dtypes)
+    c = draw(st.integers(1, 5))
+    shape = (draw(st.integers(0, 3)), c) + ((draw(st.integers(0, 3)), draw(st.integers(0, 3))) if draw(st.booleans()) else ())
+    kind = draw(st.sampled_from(["normal", "normal", "special"]))
+    x = fz.fill(rng, shape, dtype, kind, scale=draw(st.sampled_from([1.0, 10.0]))) + np.dtype(dtype).type(
+        draw(st.sampled_from([0.0, 5.0])))
+    args = dict(x=x)
+    if draw(st.booleans()):
+        args["weight"] = fz.fill(rng, (c,), dtype)
+    if draw(st.booleans()):
+        args["bias"] = fz.fill(rng, (c,), dtype)
+    for key in list(args):
+        args[key] = fz.relayout(args[key], draw(fz.layouts), rng)
+    args["eps"] = draw(st.sampled_from([1e-6, 1e-5, 0.5, 0, 1]))
+    dy = fz.relayout(fz.fill(rng, shape, dtype), draw(fz.layouts), rng)
+    return dict(args=args, dy=dy, dtype=np.dtype(dtype), rng=rng)
+
+
+def ln_ref(x, weight=None, bias=None, eps=1e-6):
+    x = x.astype(np.float64)
+    mu = x.mean(axis=1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=1, keepdims=True)
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    y = (x - mu) / np.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.astype(np.float64).reshape(view)
+    if bias is not None:
+        y = y + bias.astype(np.float64).reshape(view)
+    return y
+
+
+@fz.examples(5)
+@given(case=ln_cases())
+def test_layer_norm2d_valid(case):
+    args, dy, dtype, rng = case["args"], case["dy"], case["dtype"], case["rng"]
+    x = args["x"]
+    # eps = 0 over one channel (or constant channels) is 0/0, NaN as in torch: outside the finite contract
+    fin = fz.finite(x, args.get("weight"), args.get("bias"), dy) and (args["eps"] > 0 or x.shape[1] > 1)
+    y, cache = fz.run(F.layer_norm2d_forward, **args, finite=fin and args["eps"] > 0)
+    grads = fz.run(F.layer_norm2d_backward, dy, cache, finite=fin and args["eps"] > 0)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert set(grads) == {"x"} | {k for k in ("weight", "bias") if k in args}
+    for k, g in grads.items():
+        assert g.shape == args[k].shape and g.dtype == dtype, (k, g.shape, g.dtype)
+    if not fin or args["eps"] == 0:
+        return
+    fz.assert_finite("layer_norm2d", y, *grads.values())
+    x64 = x.astype(np.float64)
+    mu = x64.mean(axis=1, keepdims=True)
+    inv = 1 / np.sqrt(((x64 - mu) ** 2).mean(axis=1, keepdims=True) + args["eps"])
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    gamma = np.abs(args["weight"].astype(np.float64)).reshape(view) if "weight" in args else 1.0
+    beta = np.abs(args["bias"].astype(np.float64)).reshape(view) if "bias" in args else 0.0
+    # rounding of x - mu is relative to |x| + |mu|, amplified by 1 / std
+    scale = (np.abs(x64) + np.abs(mu)) * inv * gamma * 10 + beta
+    fz.assert_close(y.astype(np.float64), ln_ref(**args), scale, "layer_norm2d vs formula", dtype)
+    dy64 = dy.astype(np.float64)
+    x_hat = ln_ref(x64, eps=args["eps"])
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    if "bias" in args:
+        fz.assert_close(grads["bias"].astype(np.float64), dy64.sum(axis=axes), np.abs(dy64).sum(axis=axes), "dbias", dtype)
+    if "weight" in args:
+        fz.assert_close(grads["weight"].astype(np.float64), (dy64 * x_hat).sum(axis=axes),
+                        (np.abs(dy64) * (np.abs(x64) + np.abs(mu)) * inv).sum(axis=axes) * 10, "dweight", dtype)
+    if dtype == np.float64 and x.size:  # dx by central differences along a random direction
+        u = rng.standard_normal(x.shape)
+        ref_args = {k: v for k, v in args.items()}
+        # a step of 1e-4 of the smallest spread over the channels: truncation ~1e-8 relative; the
+        # rounding of x - mu (|x| + |mu| ulps, amplified by 1 / std) over the step bounds the rest
+        step = 1e-4 / float(inv.max())
+        fd = directional(lambda **a: fz.inner(dy64, ln_ref(**a)), {**ref_args, "x": x64}, "x", u, h=step)
+        an = fz.inner(grads["x"], u)
+        rounding = 4e-16 * fz.inner(np.abs(dy64), (np.abs(x64) + np.abs(mu)) * inv * gamma + beta) / step
+        bound = 1e-5 * (np.sqrt(fz.inner(grads["x"], grads["x"]) * fz.inner(u, u)) + abs(fd)) + rounding
+        assert abs(fd - an) <= bound, f"layer_norm2d dx: directional {an!r} vs central difference {fd!r}"
+
+
+@fz.examples(3)
+@given(case=ln_cases(), what=st.sampled_from(["dtype", "mixed", "rank", "non_array", "param_shape", "eps", "no_channels",
+                                              "dy"]), data=st.data())
+def test_layer_norm2d_invalid_arguments(case, what, data):
+    args, rng, dtype = dict(case["args"]), case["rng"], case["dtype"]
+    arrays = [k for k in ("x", "weight", "bias") if k in args]
+    if what in ("dtype", "mixed", "rank", "non_array", "param_shape"):
+        if what in ("mixed", "param_shape") and len(arrays) == 1:
+            return
+        key = data.draw(st.sampled_from(arrays if what not in ("mixed", "param_shape") else arrays[1:]))
+        a = np.asarray(args[key])
+        args[key] = {"dtype": lambda: a.astype(data.draw(fz.bad_dtypes)), "mixed": lambda: a.astype(other_float(dtype)),
+                     "rank": lambda: a.reshape(a.shape + (1, 1, 1)) if key == "x" else a[None],
+                     "non_array": lambda: fz.non_array(a, rng),
+                     "param_shape": lambda: np.zeros(a.shape[0] + 1, dtype=dtype)}[what]()
+        names = [key]
+    elif what == "eps":
+        args["eps"] = data.draw(st.sampled_from([-1e-5, float("nan"), "1e-5", None, True, [1e-5]]))
+        names = ["eps"]
+    elif what == "no_channels":
+        args = dict(x=np.zeros((2, 0) + args["x"].shape[2:], dtype=dtype))
+        names = ["x"]
+    else:
+        _, cache = fz.run(F.layer_norm2d_forward, **args)
+        fz.expect_error(["dy"], F.layer_norm2d_backward, bad_upstream(case["dy"], data, rng, dtype), cache)
+        return
+    fz.expect_error(names, F.layer_norm2d_forward, **args)
+
+
+# --------------------------------------------------------------------------- hardswish
+
+
+@st.composite
+def hardswish_cases(draw):
+    rng = draw(fz.rngs())
+    dtype = draw(fz.dtypes)
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=0, max_size=4)))
+    kind = draw(st.sampled_from(["normal", "kinks", "special"]))
+    x = fz.fill(rng, shape, dtype, "special" if kind == "special" else "normal", scale=3.0)
+    if kind == "kinks" and x.size:  # the two kinks, 0 and -0.0 exactly
+        flat = x.reshape(-1)
+        pick = rng.random(flat.size) < 0.5
+        flat[pick] = rng.choice(np.array([-3.0, 3.0, 0.0, -0.0], dtype=dtype), int(pick.sum()))
+    x = fz.relayout(x, draw(fz.layouts), rng)
+    dy = fz.relayout(fz.fill(rng, shape, dtype), draw(fz.layouts), rng)
+    return dict(x=x, dy=dy, dtype=np.dtype(dtype), rng=rng)
+
+
+@fz.examples(5)
+@given(case=hardswish_cases())
+def test_hardswish_valid(case):
+    x, dy, dtype = case["x"], case["dy"], case["dtype"]
+    fin = fz.finite(x, dy)
+    y, cache = fz.run(F.hardswish_forward, x, finite=fin)
+    g = fz.run(F.hardswish_backward, dy, cache, finite=fin)
+    assert set(g) == {"x"} and y.shape == g["x"].shape == x.shape and y.dtype == g["x"].dtype == dtype
+    x64 = x.astype(np.float64)
+    with np.errstate(all="ignore"):
+        want = np.where(x64 <= -3, 0.0, np.where(x64 >= 3, x64, x64 * (x64 + 3) / 6))
+        slope = np.where(x64 <= -3, 0.0, np.where(x64 >= 3, 1.0, x64 / 3 + 0.5))  # PyTorch's choice at the kinks
+        want[np.isnan(x64) | np.isneginf(x64)] = np.nan  # torch 2.14.1: hardswish(-inf) = -inf * 0 = NaN
+    fz.assert_close(y.astype(np.float64), want, np.abs(x64) * (np.abs(x64) + 3) / 6 + np.finfo(dtype).tiny,
+                    "hardswish vs formula", dtype)
+    if fin:
+        fz.assert_finite("hardswish", y, g["x"])
+        fz.assert_close(g["x"].astype(np.float64), dy.astype(np.float64) * slope,
+                        np.abs(dy.astype(np.float64)) * (np.abs(x64) / 3 + 1), "hardswish backward", dtype)
+        kinks = (x64 == -3) | (x64 == 3)
+        assert np.array_equal(g["x"][x64 == -3], np.zeros_like(g["x"][x64 == -3])), "slope at -3 is 0 (PyTorch)"
+        assert np.array_equal(g["x"][x64 == 3], dy[x64 == 3]), "slope at 3 is 1 (PyTorch)"
+        event("kinks" if kinks.any() else "no kinks")
+
+
+@fz.examples(3)
+@given(case=hardswish_cases(), what=st.sampled_from(["dtype", "non_array", "dy"]), data=st.data())
+def test_hardswish_invalid_arguments(case, what, data):
+    x, rng, dtype = case["x"], case["rng"], case["dtype"]
+    if what == "dtype":
+        fz.expect_error(["x"], F.hardswish_forward, x.astype(data.draw(fz.bad_dtypes)))
+    elif what == "non_array":
+        fz.expect_error(["x"], F.hardswish_forward, fz.non_array(x, rng))
+    else:
+        _, cache = fz.run(F.hardswish_forward, x)
+        dy = np.zeros(x.shape, dtype) if x.ndim else np.zeros((1,), dtype)
+        if not x.ndim and data.draw(st.booleans()):
+            fz.expect_error(["dy"], F.hardswish_backward, dy, cache)  # shape (1,) for a 0-d x
+            return
+        fz.expect_error(["dy"], F.hardswish_backward, bad_upstream(dy if x.ndim else np.zeros((), dtype), data, rng, dtype),
+                        cache)
+
+
+# --------------------------------------------------------------------------- scaled_dot_product_attention
+
+
+@st.composite
+def sdpa_cases(draw):
+    rng = draw(fz.rngs())
+    dtype = draw(fz.dtypes)
+    lead = tuple(draw(st.lists(st.integers(0, 2), min_size=0, max_size=2)))
+    L, S, E, Ev = draw(st.integers(0, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kind = draw(st.sampled_from(["normal", "normal", "normal", "special"]))
+    q = fz.fill(rng, lead + (L, E), dtype, kind, scale=draw(st.sampled_from([1.0, 3.0])))
+    k = fz.fill(rng, lead + (S, E), dtype)
+    v = fz.fill(rng, lead + (S, Ev), dtype)
+    mask_kind = draw(st.sampled_from([None, "bool", "bool", "float", "float_inf"]))
+    mask = None
+    if mask_kind is not None:
+        full = lead + (L, S)
+        # a broadcastable shape: drop leading axes, set some axes to 1
+        drop = draw(st.integers(0, len(full)))
+        mshape = tuple(1 if draw(st.booleans()) else s for s in full[drop:])
+        if mask_kind == "bool":
+            p_attend = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
+            mask = rng.random(mshape) < p_attend
+        else:
+            mask = fz.fill(rng, mshape, dtype)
+            if mask_kind == "float_inf" and mask.size:
+                mask[rng.random(mshape) < 0.5] = -np.inf
+        mask = fz.relayout(mask, draw(fz.layouts), rng)
+    scale = draw(st.sampled_from([None, None, 0.5, -1.0, 0.0, 2, np.float64(0.3), np.float32(1.5)]))
+    args = dict(q=q, k=k, v=v)
+    for key in args:
+        args[key] = fz.relayout(args[key], draw(fz.layouts), rng)
+    args.update(attn_mask=mask, scale=scale)
+    d_out = fz.relayout(fz.fill(rng, lead + (L, Ev), dtype), draw(fz.layouts), rng)
+    note(f"sdpa lead={lead} L={L} S={S} E={E} Ev={Ev} mask={mask_kind}{None if mask is None else mask.shape} scale={scale}")
+    return dict(args=args, d_out=d_out, dtype=np.dtype(dtype), rng=rng, mask_kind=mask_kind)
+
+
+def sdpa_ref(q, k, v, attn_mask=None, scale=None):
+    """float64, row by row: softmax over the keys the mask lets through (boolean True =
+    attend; float added); a row with no key left gives 0."""
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    c = 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    z = c * np.einsum("...le,...se->...ls", q, k)
+    allowed = np.ones(z.shape, dtype=bool)
+    if attn_mask is not None:
+        m = np.broadcast_to(attn_mask, z.shape)
+        if m.dtype == np.bool_:
+            allowed = m.copy()
+        else:
+            z = z + m.astype(np.float64)
+            allowed = ~np.isneginf(m)
+    p = np.zeros(z.shape)
+    for idx in np.ndindex(*z.shape[:-1]):
+        a = allowed[idx]
+        if a.any() and not np.isneginf(z[idx][a]).all():
+            p[idx][a] = scipy.special.softmax(z[idx][a])
+    return np.einsum("...ls,...se->...le", p, v), p, allowed
+
+
+@fz.examples(8)
+@given(case=sdpa_cases())
+def test_scaled_dot_product_attention_valid(case):
+    args, d_out, dtype, rng = case["args"], case["d_out"], case["dtype"], case["rng"]
+    mask = args["attn_mask"]
+    fin = fz.finite(args["q"], args["k"], args["v"], d_out) and (
+        mask is None or mask.dtype == np.bool_ or case["mask_kind"] == "float_inf" or fz.finite(mask))
+    out, cache = fz.run(F.scaled_dot_product_attention_forward, **args, finite=fin)
+    grads = fz.run(F.scaled_dot_product_attention_backward, d_out, cache, finite=fin)
+    assert out.shape == d_out.shape and out.dtype == dtype
+    assert set(grads) == {"q", "k", "v"}
+    for key, g in grads.items():
+        assert g.shape == args[key].shape and g.dtype == dtype, (key, g.shape, g.dtype)
+    if not fin:
+        return
+    fz.assert_finite("scaled_dot_product_attention", out, *grads.values())
+    want, p, allowed = sdpa_ref(**args)
+    v64 = args["v"].astype(np.float64)
+    fz.assert_close(out.astype(np.float64), want, np.einsum("...ls,...se->...le", p, np.abs(v64)) * 10 + 0.0,
+                    "sdpa vs per-row softmax", dtype)
+    # masked keys get no weight; a query with every key masked: output 0, no gradient
+    assert not cache.p[~np.broadcast_to(allowed, cache.p.shape)].any(), "weight on a masked key"
+    empty = p.sum(axis=-1) == 0  # (..., L)
+    if empty.any():
+        assert not out[empty].any() and not grads["q"][empty].any(), "a fully masked query: output and gradient 0"
+    event(f"mask {case['mask_kind']}" + (": a fully masked query" if empty.any() else ""))
+    # v: the output is linear in v (adjoint identity)
+    u = rng.standard_normal(v64.shape)
+    lhs, rhs = fz.inner(d_out, np.einsum("...ls,...se->...le", p, u)), fz.inner(grads["v"], u)
+    scale = fz.inner(np.abs(d_out), np.einsum("...ls,...se->...le", p, np.abs(u)))
+    assert abs(lhs - rhs) <= 10 * fz.TOL[dtype] * max(scale, 1e-300), f"adjoint of v: {lhs!r} vs {rhs!r}"
+    # q and k: central differences of <d_out, sdpa_ref> along a random direction (float64)
+    if dtype == np.float64:
+        d64 = d_out.astype(np.float64)
+        ref_args = {key: (a.astype(np.float64) if key in ("q", "k", "v") else a) for key, a in args.items()}
+        for name in ("q", "k"):
+            u = rng.standard_normal(args[name].shape)
+            fd = directional(lambda **a: fz.inner(d64, sdpa_ref(**a)[0]), ref_args, name, u)
+            an = fz.inner(grads[name], u)
+            bound = 1e-6 * (np.sqrt(fz.inner(grads[name], grads[name]) * fz.inner(u, u)) + abs(fd)) + 1e-8 * (
+                fz.inner(np.abs(d64), np.abs(want)) + 1)
+            assert abs(fd - an) <= bound, f"d{name}: directional {an!r} vs central difference {fd!r}"
+
+
+SDPA_CORRUPTIONS = ["dtype", "mixed", "rank", "non_array", "lead", "embed", "value_len", "no_embed", "no_keys", "mask_type",
+                    "mask_dtype", "mask_float_dtype", "mask_shape", "scale", "d_out"]
+
+
+@fz.examples(4)
+@given(case=sdpa_cases(), what=st.sampled_from(SDPA_CORRUPTIONS), data=st.data())
+def test_scaled_dot_product_attention_invalid_arguments(case, what, data):
+    args, rng, dtype = dict(case["args"]), case["rng"], case["dtype"]
+    q, k, v = args["q"], args["k"], args["v"]
+    if what in ("dtype", "rank", "non_array"):
+        key = data.draw(st.sampled_from(["q", "k", "v"]))
+        a = args[key]
+        args[key] = {"dtype": lambda: a.astype(data.draw(fz.bad_dtypes)),
+                     "rank": lambda: a.reshape(-1),
+                     "non_array": lambda: fz.non_array(a, rng)}[what]()
+        names = [key]
+    elif what == "mixed":
+        key = data.draw(st.sampled_from(["k", "v"]))
+        args[key] = args[key].astype(other_float(dtype))
+        names = [key]
+    elif what == "lead":
+        key = data.draw(st.sampled_from(["k", "v"]))
+        args[key] = np.zeros((3,) + args[key].shape, dtype)
+        names = ["q", "k", "v"]
+    elif what == "embed":
+        args["k"] = np.zeros(k.shape[:-1] + (k.shape[-1] + 1,), dtype)
+        names = ["k"]
+    elif what == "value_len":
+        args["v"] = np.zeros(v.shape[:-2] + (v.shape[-2] + 1, v.shape[-1]), dtype)
+        names = ["v"]
+    elif what == "no_embed":
+        args["q"], args["k"] = np.zeros(q.shape[:-1] + (0,), dtype), np.zeros(k.shape[:-1] + (0,), dtype)
+        names = ["q"]
+    elif what == "no_keys":
+        args["k"], args["v"] = np.zeros(k.shape[:-2] + (0, k.shape[-1]), dtype), np.zeros(v.shape[:-2] + (0, v.shape[-1]), dtype)
+        args["attn_mask"] = None
+        names = ["k"]
+    elif what == "mask_type":
+        args["attn_mask"] = data.draw(st.sampled_from([[[True]], 1.0, "mask", (0.0,)]))
+        names = ["attn_mask"]
+    elif what == "mask_dtype":
+        args["attn_mask"] = np.ones(q.shape[:-1] + (k.shape[-2],), dtype=data.draw(st.sampled_from(
+            [np.int64, np.int8, np.complex128, object, np.uint8])))
+        names = ["attn_mask"]
+    elif what == "mask_float_dtype":
+        args["attn_mask"] = np.zeros(q.shape[:-1] + (k.shape[-2],), dtype=data.draw(st.sampled_from([other_float(dtype),
+                                                                                                       np.float16])))
+        names = ["attn_mask"]
+    elif what == "mask_shape":
+        shape = q.shape[:-1] + (k.shape[-2] + 1,) if data.draw(st.booleans()) else (2, 3) + q.shape[:-1] + (k.shape[-2],)
+        args["attn_mask"] = np.ones(shape, dtype=bool)
+        names = ["attn_mask"]
+    elif what == "scale":
+        args["scale"] = data.draw(st.sampled_from(["1", True, float("nan"), float("inf"), [1.0], 1j, np.bool_(True)]))
+        names = ["scale"]
+    else:
+        _, cache = fz.run(F.scaled_dot_product_attention_forward, **args)
+        fz.expect_error(["d_out"], F.scaled_dot_product_attention_backward, bad_upstream(case["d_out"], data, rng, dtype),
+                        cache)
+        return
+    fz.expect_error(names, F.scaled_dot_product_attention_forward, **args)
