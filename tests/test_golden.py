@@ -311,7 +311,8 @@ def regeneration_differences(stored: dict, new: dict) -> list:
                 problems.append(f"{key}: integer values differ")
         elif a.size:
             same = (a == b) | (np.isnan(a) & np.isnan(b))  # equal, infinities (masks) and NaNs included
-            diff = np.where(same, 0.0, np.abs(a.astype(np.float64) - b.astype(np.float64)))
+            with np.errstate(invalid="ignore"):  # inf - inf where both are -inf: masked by `same`
+                diff = np.where(same, 0.0, np.abs(a.astype(np.float64) - b.astype(np.float64)))
             diff = np.where(np.isnan(diff), np.inf, diff)  # a NaN or an infinity on one side only
             bound = REGEN_F64 * scale
             if a.dtype == np.float32:
