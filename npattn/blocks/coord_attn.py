@@ -145,9 +145,8 @@ class CoordAttn(Block):
         d_a = np.concatenate([d_ah, d_aw.transpose(0, 1, 3, 2)], axis=2)  # (N, D, H + W, 1)
         d_b = F.hardswish_backward(d_a, cache.act)["x"]  # (N, D, H + W, 1)
         d_v = self._batch_norm_backward("bn1.", d_b, cache.bn1, grads)  # (N, D, H + W, 1)
-        d_u = self._conv_backward("conv1.", d_v, cache.conv1, grads)  # (N, C, H + W, 1)
-        if self.bias and cache.training:
-            grads["conv1.bias"] = np.zeros_like(grads["conv1.bias"])  # 0 exactly: BN removes a per-channel shift
+        # conv1's bias feeds bn1: exactly 0 in training (base.bias_grad_is_zero)
+        d_u = self._conv_backward("conv1.", d_v, cache.conv1, grads, next_bn=cache.bn1)  # (N, C, H + W, 1)
         d_x = dy * g_w  # (N, C, H, W) direct path
         d_x *= g_h
         d_x += d_u[:, :, :h] * x.dtype.type(1.0 / w)  # (N, C, H, 1) mean over w, broadcast

@@ -161,7 +161,7 @@ class NonLocalAttn(Block):
         grads = self.zero_grads()
         d_x = dy.copy()  # (B, C, H, W) through the residual
         d_zz = self._batch_norm_backward("norm.", dy, cache.norm, grads)  # (B, C, H, W)
-        d_u = self._conv_backward("z.", d_zz, cache.z, grads)  # (B, C', H, W)
+        d_u = self._conv_backward("z.", d_zz, cache.z, grads, next_bn=cache.norm)  # (B, C', H, W); z.bias: base.bias_grad_is_zero
         d_y = d_u.reshape(b, cr, n).transpose(0, 2, 1)  # (B, n, C')
         d_q, d_k, d_v = attention_backward(d_y, cache.att)  # (B, n, C') each
         k_t, k_p, k_g = cache.convs
@@ -169,7 +169,6 @@ class NonLocalAttn(Block):
             d_map = np.ascontiguousarray(d.transpose(0, 2, 1)).reshape(b, cr, h, w)  # (B, C', H, W)
             d_x += self._conv_backward(name, d_map, k_conv, grads)  # (B, C, H, W)
         grads["p.bias"] = np.zeros_like(grads["p.bias"])  # shifts each score row by a constant
-        if cache.training:  # per-channel constants in front of norm, removed by its batch mean
+        if cache.training:  # a per-channel constant through the attention and z, removed by norm's batch mean
             grads["g.bias"] = np.zeros_like(grads["g.bias"])
-            grads["z.bias"] = np.zeros_like(grads["z.bias"])
         return (d_x,), grads

@@ -76,11 +76,9 @@ def _placement(op, backend, arrays):
         if backend is not None and backend != "cuda":
             raise ValueError(f"{op}: CUDA arrays run on backend='cuda'; got backend={backend!r}")
         xp, arrays = device_namespace(op, arrays)
-        sampling.get_backend("cuda")  # raises BackendUnavailable saying why
-        return xp, "cuda", False, arrays
+        return xp, "cuda", False, arrays  # the caller's get_backend("cuda") says why if it cannot run
     name = sampling.resolve_backend(backend)
     if name == "cuda":
-        sampling.get_backend("cuda")
         cupy, _ = cupy_or_reason()
         if cupy is not None:
             return cupy, name, True, arrays
