@@ -26,7 +26,8 @@ result does not depend on the number of threads or their timing (identical run t
 * ``map_coordinates_clamped`` and its backward: one iteration per map b (the backward
   owns ``d_x[b]`` and ``d_coords[b]``).
 
-The deformable kernels read the image (and accumulate its gradient) through a copy with
+The scalar arithmetic is ``_bilinear.py``'s, shared with cuda.py (compiled here with
+``njit``). The deformable kernels read the image (and accumulate its gradient) through a copy with
 a zero border, so a corner outside the image reads 0 without a test per corner; the
 arithmetic is numpy.py's, in the same order and dtype, so im2col and the offset/mask
 gradients agree with it bit for bit and the scatters to rounding (summation order).
@@ -75,6 +76,7 @@ import numba
 from numba import njit, prange, types
 
 from .._checks import float_array, pair, positive_int
+from . import _bilinear
 from . import check_border_grad
 
 __all__ = [
@@ -325,6 +327,16 @@ def _c(a):
 # across the channels of group g: they are computed once per row.
 
 
+# the scalar arithmetic shared with cuda.py (_bilinear.py), compiled for the CPU
+_in_support = njit(cache=True)(_bilinear.in_support)
+_cell = njit(cache=True)(_bilinear.cell)
+_corner_weights = njit(cache=True)(_bilinear.corner_weights)
+_bilinear_value = njit(cache=True)(_bilinear.bilinear)
+_position_grads = njit(cache=True)(_bilinear.position_grads)
+_clamped_point = njit(cache=True)(_bilinear.clamped_point)
+_clamped_point_backward = njit(cache=True)(_bilinear.clamped_point_backward)
+
+
 @njit(cache=True, parallel=True)
 def _pad_kernel(x, xp):
     # x (N, C, H, W) -> xp (N, C, (H+3)*(W+2)) with the zero border described above
@@ -359,7 +371,6 @@ def _row_cells(offset, n, ch, oy, base_y, base_x, sw, H, W, inclusive, base, fra
     1 - lx); outside (NaN and +-inf included) ``base`` is the all-zero block and ``frac`` 0.
     """
     tp = frac.dtype.type
-    one = tp(1)
     zero = tp(0)
     by = tp(base_y)
     Wp = W + 2
@@ -367,20 +378,13 @@ def _row_cells(offset, n, ch, oy, base_y, base_x, sw, H, W, inclusive, base, fra
     for ox in range(base.shape[0]):
         py = by + offset[n, ch, oy, ox]
         px = tp(base_x + ox * sw) + offset[n, ch + 1, oy, ox]
-        if inclusive:
-            inside = py >= -1 and py < H and px >= -1 and px < W
-        else:
-            inside = py > -1 and py < H and px > -1 and px < W
-        if inside:  # false for NaN and +-inf
-            yl = tp(np.floor(py))
-            xl = tp(np.floor(px))
-            ly = py - yl
-            lx = px - xl
-            base[ox] = (int(yl) + 1) * Wp + int(xl) + 1  # y0 in [-1, H-1], x0 in [-1, W-1]
+        if _in_support(py, px, H, W, inclusive):  # false for NaN and +-inf
+            y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
+            base[ox] = (y0 + 1) * Wp + x0 + 1  # y0 in [-1, H-1], x0 in [-1, W-1]
             frac[0, ox] = ly
             frac[1, ox] = lx
-            frac[2, ox] = one - ly
-            frac[3, ox] = one - lx
+            frac[2, ox] = hy
+            frac[3, ox] = hx
         else:
             base[ox] = empty
             for q in range(4):
@@ -412,17 +416,15 @@ def _im2col_kernel(xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh,
         wts = np.empty((4, ow), xp.dtype)
         _row_cells(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, False, base, frac)
         for ox in range(ow):
-            ly, lx, hy, hx = frac[0, ox], frac[1, ox], frac[2, ox], frac[3, ox]
-            wts[0, ox] = hy * hx
-            wts[1, ox] = hy * lx
-            wts[2, ox] = ly * hx
-            wts[3, ox] = ly * lx
+            wts[0, ox], wts[1, ox], wts[2, ox], wts[3, ox] = _corner_weights(frac[0, ox], frac[1, ox], frac[2, ox],
+                                                                             frac[3, ox])
         for c in range(g * cpg, (g + 1) * cpg):
             xc = xp[n, c]
             out = cols[n, c, k, oy]
             for ox in range(ow):
                 b = base[ox]
-                v = wts[0, ox] * xc[b] + wts[1, ox] * xc[b + 1] + wts[2, ox] * xc[b + Wp] + wts[3, ox] * xc[b + Wp + 1]
+                v = _bilinear_value(wts[0, ox], wts[1, ox], wts[2, ox], wts[3, ox], xc[b], xc[b + 1], xc[b + Wp],
+                                    xc[b + Wp + 1])
                 if has_mask:
                     v = mask[n, g * K + k, oy, ox] * v
                 out[ox] = v
@@ -458,11 +460,8 @@ def _col2im_kernel(d_cols, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw,
             for oy in range(oh):
                 _row_cells(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, False, base, frac)
                 for ox in range(ow):
-                    ly, lx, hy, hx = frac[0, ox], frac[1, ox], frac[2, ox], frac[3, ox]
-                    wts[0, ox] = hy * hx
-                    wts[1, ox] = hy * lx
-                    wts[2, ox] = ly * hx
-                    wts[3, ox] = ly * lx
+                    wts[0, ox], wts[1, ox], wts[2, ox], wts[3, ox] = _corner_weights(frac[0, ox], frac[1, ox],
+                                                                                     frac[2, ox], frac[3, ox])
                 for c in range(c_lo, c_hi):
                     acc = d_xp[n, c]
                     dc = d_cols[n, c, k, oy]
@@ -522,7 +521,7 @@ def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, 
         for ox in range(ow):
             py = by + offset[n, ch, oy, ox]
             px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
-            smp[ox] = py > -1 and py < H and px > -1 and px < W
+            smp[ox] = _in_support(py, px, H, W, False)
             mrow[ox] = mask[n, g * K + k, oy, ox] if has_mask else one
         acc_y = np.zeros(ow, xp.dtype)
         acc_x = np.zeros(ow, xp.dtype)
@@ -538,10 +537,10 @@ def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, 
                 v11 = xc[b + Wp + 1]
                 ly, lx, hy, hx = frac[0, ox], frac[1, ox], frac[2, ox], frac[3, ox]
                 d = dc[ox]
-                gy = lx * (v11 - v01) + hx * (v10 - v00)  # d bilinear / d p_y on the cell
-                gx = ly * (v11 - v10) + hy * (v01 - v00)  # d bilinear / d p_x on the cell
+                gy, gx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)  # d bilinear / d (p_y, p_x)
                 if has_mask or want_cols:
-                    val = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+                    w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
+                    val = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
                     val = val if smp[ox] else zero
                 if has_mask:
                     m = mrow[ox]
@@ -681,46 +680,17 @@ def _d_weight_products(dy, cols, d_w, tile):
 # kernels: the seed's clamped sampling (th_batch_map_coordinates)
 
 
-@njit(cache=True)
-def _clamped_cell(y, xq, hmax, wmax):
-    """The seed's cell of a (non-NaN) coordinate pair: each coordinate clamped to
-    [0, hmax] / [0, wmax] (+-inf clamp like any other value), corners floor and ceil.
-    Returns (i0, i1, j0, j1, fy, fx), fy / fx the distances from the floor corner."""
-    tp = type(hmax)
-    zero = tp(0)
-    yc = min(max(y, zero), hmax)
-    xc = min(max(xq, zero), wmax)
-    yf = tp(np.floor(yc))
-    xf = tp(np.floor(xc))
-    return int(yf), int(np.ceil(yc)), int(xf), int(np.ceil(xc)), yc - yf, xc - xf
-
-
 @njit(cache=True, parallel=True)
 def _map_kernel(x, coords, out):
     # x (B, H, W); coords (B, P, 2) as (row, col); out (B, P): every element written.
-    B = x.shape[0]
-    H = x.shape[1]
-    W = x.shape[2]
+    B, H, W = x.shape
     P = coords.shape[1]
     tp = x.dtype.type
-    zero = tp(0)
     hmax = tp(H - 1)
     wmax = tp(W - 1)
     for b in prange(B):
         for p in range(P):
-            y = coords[b, p, 0]
-            xq = coords[b, p, 1]
-            if np.isnan(y) or np.isnan(xq):
-                out[b, p] = zero
-                continue
-            i0, i1, j0, j1, fy, fx = _clamped_cell(y, xq, hmax, wmax)
-            v_lt = x[b, i0, j0]
-            v_rb = x[b, i1, j1]
-            v_lb = x[b, i0, j1]
-            v_rt = x[b, i1, j0]
-            vals_t = fy * (v_rt - v_lt) + v_lt
-            vals_b = fy * (v_rb - v_lb) + v_lb
-            out[b, p] = fx * (vals_b - vals_t) + vals_t
+            out[b, p] = _clamped_point(x, b, coords[b, p, 0], coords[b, p, 1], hmax, wmax, tp)
 
 
 @njit(cache=True, parallel=True)
@@ -728,43 +698,21 @@ def _map_backward_kernel(d_out, x, coords, d_x, d_coords):
     # d_x (B, H, W) float64, zero on entry (each term is formed in the dtype of x and
     # accumulated in float64, as numpy.py does); d_coords (B, P, 2): every element
     # written. Iteration b owns d_x[b] and d_coords[b].
-    B = x.shape[0]
-    H = x.shape[1]
-    W = x.shape[2]
+    B, H, W = x.shape
     P = coords.shape[1]
     tp = x.dtype.type
-    zero = tp(0)
-    one = tp(1)
     hmax = tp(H - 1)
     wmax = tp(W - 1)
     for b in prange(B):
         for p in range(P):
-            y = coords[b, p, 0]
-            xq = coords[b, p, 1]
-            if np.isnan(y) or np.isnan(xq):
-                d_coords[b, p, 0] = zero
-                d_coords[b, p, 1] = zero
-                continue
-            i0, i1, j0, j1, fy, fx = _clamped_cell(y, xq, hmax, wmax)
-            v_lt = x[b, i0, j0]
-            v_rb = x[b, i1, j1]
-            v_lb = x[b, i0, j1]
-            v_rt = x[b, i1, j0]
-            vals_t = fy * (v_rt - v_lt) + v_lt
-            vals_b = fy * (v_rb - v_lb) + v_lb
-            d = d_out[b, p]
-            d_vals_b = fx * d
-            d_vals_t = (one - fx) * d
-            d_fx = (vals_b - vals_t) * d
-            d_fy = (v_rt - v_lt) * d_vals_t + (v_rb - v_lb) * d_vals_b
-            d_x[b, i0, j0] += (one - fy) * d_vals_t
-            d_x[b, i1, j0] += fy * d_vals_t
-            d_x[b, i0, j1] += (one - fy) * d_vals_b
-            d_x[b, i1, j1] += fy * d_vals_b
-            # torch.clamp passes the gradient on [lo, hi] (bounds included); at an integer
-            # coordinate floor == ceil, so v_rt == v_lt and the seed's formula gives 0.
-            d_coords[b, p, 0] = d_fy if (y >= 0 and y <= hmax) else zero
-            d_coords[b, p, 1] = d_fx if (xq >= 0 and xq <= wmax) else zero
+            i0, i1, j0, j1, d_lt, d_rt, d_lb, d_rb, d_y, d_xq = _clamped_point_backward(
+                x, b, coords[b, p, 0], coords[b, p, 1], d_out[b, p], hmax, wmax, tp)
+            d_x[b, i0, j0] += d_lt
+            d_x[b, i1, j0] += d_rt
+            d_x[b, i0, j1] += d_lb
+            d_x[b, i1, j1] += d_rb
+            d_coords[b, p, 0] = d_y
+            d_coords[b, p, 1] = d_xq
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,6 +17,13 @@ see ``numpy.py`` for the semantics. Every kernel is a grid-stride loop:
 * ``map_coordinates_clamped``: one thread per (b, p); its backward writes d_coords
   directly and scatters d_x with float64 atomics.
 
+The scalar arithmetic (support test, cell and weights, the bilinear blend, its position
+derivatives, the seed's clamped sampling) is ``_bilinear.py``'s, the same Python functions
+that cpu.py compiles for the CPU, here compiled as inlined device functions. A kernel
+splits its flat thread index into (n, g, k, oy, ox) with unsigned 32-bit divisions when
+the call has fewer than 2**32 sampling positions (every realistic one), else with 64-bit
+ones; array indexing stays 64-bit.
+
 The float64 atomic scatters add in an unspecified order, so ``d_x`` may differ from run to
 run in the last bits of float64 (for float32 inputs the final rounding almost always hides
 it); everything else is deterministic. The arithmetic is written in numpy.py's order and
@@ -49,8 +56,9 @@ import math
 
 import numpy as np
 
-from numba import cuda, float32, float64, int64, boolean
+from numba import cuda, float32, float64, int64, uint32, boolean
 
+from . import _bilinear
 from . import check_border_grad
 from . import cpu as _cpu  # argument checks shared with the CPU backend
 
@@ -118,10 +126,80 @@ def _probe() -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# device functions: the scalar arithmetic shared with cpu.py (_bilinear.py), and the flat
+# index of a sampling position. inline="always" inlines them into each kernel when it is
+# typed, so compile_ptx needs no GPU.
+
+
+def _device(pyfunc):
+    return cuda.jit(device=True, inline="always")(pyfunc)
+
+
+_in_support = _device(_bilinear.in_support)
+_cell = _device(_bilinear.cell)
+_corner_weights = _device(_bilinear.corner_weights)
+_bilinear_value = _device(_bilinear.bilinear)
+_position_grads = _device(_bilinear.position_grads)
+_clamped_point = _device(_bilinear.clamped_point)
+_clamped_point_backward = _device(_bilinear.clamped_point_backward)
+
+
+@_device
+def _unravel(t, ow, oh, K, G, narrow):
+    # (n, g, k, oy, ox) of flat position t in the row-major order (N, G, K, oh, ow). With
+    # narrow (set by the host when N G K oh ow < 2**32) the divisions are unsigned 32-bit
+    # ones, which a GPU does several times faster than 64-bit ones; results are int64.
+    if narrow:
+        t32 = uint32(t)
+        ow32 = uint32(ow)
+        oh32 = uint32(oh)
+        k32 = uint32(K)
+        g32 = uint32(G)
+        q1 = uint32(t32 // ow32)
+        q2 = uint32(q1 // oh32)
+        q3 = uint32(q2 // k32)
+        q4 = uint32(q3 // g32)
+        return (int64(q4), int64(q3 - q4 * g32), int64(q2 - q3 * k32), int64(q1 - q2 * oh32),
+                int64(t32 - q1 * ow32))
+    q1 = t // ow
+    q2 = q1 // oh
+    q3 = q2 // K
+    q4 = q3 // G
+    return q4, q3 - q4 * G, q2 - q3 * K, q1 - q2 * oh, t - q1 * ow
+
+
+@_device
+def _position(offset, n, g, k, oy, ox, K, kw, sh, sw, ph, pw, dh, dw, tp):
+    # (ch, p_y, p_x): the offset channel of tap k of group g and the sample position
+    i = k // kw
+    j = k - i * kw
+    ch = 2 * (g * K + k)
+    py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
+    px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
+    return ch, py, px
+
+
+@_device
+def _inside_corners(y0, x0, H, W):
+    # which rows / columns of the cell at (y0, x0) lie in the image: (up, down, left, right)
+    return y0 >= 0, y0 + 1 <= H - 1, x0 >= 0, x0 + 1 <= W - 1
+
+
+@_device
+def _corners(x, n, c, y0, x0, up, down, left, right, zero):
+    # the four corner values of channel c, 0 for a corner outside the image (not read)
+    v00 = x[n, c, y0, x0] if (up and left) else zero
+    v01 = x[n, c, y0, x0 + 1] if (up and right) else zero
+    v10 = x[n, c, y0 + 1, x0] if (down and left) else zero
+    v11 = x[n, c, y0 + 1, x0 + 1] if (down and right) else zero
+    return v00, v01, v10, v11
+
+
+# ---------------------------------------------------------------------------------------
 # kernels: deformable convolution
 
 
-def _im2col_k(x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, cols):
+def _im2col_k(x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, narrow, cols):
     # One thread per sampling position (n, g, k, oy, ox): the position, its corners and
     # bilinear weights are computed once, then the group's channels are sampled in turn.
     # Neighbouring threads differ in ox, so every read of offset / mask and every write of
@@ -142,44 +220,23 @@ def _im2col_k(x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, cols
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for t in range(start, total, step):
-        ox = t % ow
-        u = t // ow
-        oy = u % oh
-        u = u // oh
-        k = u % K
-        u = u // K
-        g = u % G
-        n = u // G
-        i = k // kw
-        j = k - i * kw
-        ch = 2 * (g * K + k)
-        py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
-        px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
+        n, g, k, oy, ox = _unravel(t, ow, oh, K, G, narrow)
+        ch, py, px = _position(offset, n, g, k, oy, ox, K, kw, sh, sw, ph, pw, dh, dw, tp)
         m = mask[n, g * K + k, oy, ox] if has_mask else one
-        if py > -1 and py < H and px > -1 and px < W:  # false for NaN and inf
-            y0 = int(math.floor(py))  # in [-1, H-1]
-            x0 = int(math.floor(px))  # in [-1, W-1]
-            ly = py - tp(y0)
-            lx = px - tp(x0)
-            hy = one - ly
-            hx = one - lx
-            up = y0 >= 0
-            down = y0 + 1 <= H - 1
-            left = x0 >= 0
-            right = x0 + 1 <= W - 1
+        if _in_support(py, px, H, W, False):  # false for NaN and inf
+            y0, x0, ly, lx, hy, hx = _cell(py, px, tp)  # y0 in [-1, H-1], x0 in [-1, W-1]
+            w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
+            up, down, left, right = _inside_corners(y0, x0, H, W)
             for c in range(g * cpg, (g + 1) * cpg):
-                v00 = x[n, c, y0, x0] if (up and left) else zero  # corners outside read nothing
-                v01 = x[n, c, y0, x0 + 1] if (up and right) else zero
-                v10 = x[n, c, y0 + 1, x0] if (down and left) else zero
-                v11 = x[n, c, y0 + 1, x0 + 1] if (down and right) else zero
-                v = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+                v00, v01, v10, v11 = _corners(x, n, c, y0, x0, up, down, left, right, zero)
+                v = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
                 cols[n, c, k, oy, ox] = m * v if has_mask else v
         else:
             for c in range(g * cpg, (g + 1) * cpg):
                 cols[n, c, k, oy, ox] = m * zero if has_mask else zero
 
 
-def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, d_x):
+def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, narrow, d_x):
     # One thread per sampling position (n, g, k, oy, ox), looping over the group's
     # channels: each adds w * (m * D) to the in-image corners with float64 atomics.
     # d_cols (N, C, K, oh, ow); d_x (N, C, H, W) float64, zero on entry
@@ -197,47 +254,29 @@ def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G,
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for t in range(start, total, step):
-        ox = t % ow
-        u = t // ow
-        oy = u % oh
-        u = u // oh
-        k = u % K
-        u = u // K
-        g = u % G
-        n = u // G
-        i = k // kw
-        j = k - i * kw
-        ch = 2 * (g * K + k)
-        py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
-        px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
-        if py > -1 and py < H and px > -1 and px < W:
+        n, g, k, oy, ox = _unravel(t, ow, oh, K, G, narrow)
+        ch, py, px = _position(offset, n, g, k, oy, ox, K, kw, sh, sw, ph, pw, dh, dw, tp)
+        if _in_support(py, px, H, W, False):
             m = mask[n, g * K + k, oy, ox] if has_mask else one
-            y0 = int(math.floor(py))
-            x0 = int(math.floor(px))
-            ly = py - tp(y0)
-            lx = px - tp(x0)
-            hy = one - ly
-            hx = one - lx
-            up = y0 >= 0
-            down = y0 + 1 <= H - 1
-            left = x0 >= 0
-            right = x0 + 1 <= W - 1
+            y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
+            w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
+            up, down, left, right = _inside_corners(y0, x0, H, W)
             for c in range(g * cpg, (g + 1) * cpg):
                 d = d_cols[n, c, k, oy, ox]
                 if has_mask:
                     d = m * d
                 if up and left:
-                    cuda.atomic.add(d_x, (n, c, y0, x0), float64((hy * hx) * d))
+                    cuda.atomic.add(d_x, (n, c, y0, x0), float64(w00 * d))
                 if up and right:
-                    cuda.atomic.add(d_x, (n, c, y0, x0 + 1), float64((hy * lx) * d))
+                    cuda.atomic.add(d_x, (n, c, y0, x0 + 1), float64(w01 * d))
                 if down and left:
-                    cuda.atomic.add(d_x, (n, c, y0 + 1, x0), float64((ly * hx) * d))
+                    cuda.atomic.add(d_x, (n, c, y0 + 1, x0), float64(w10 * d))
                 if down and right:
-                    cuda.atomic.add(d_x, (n, c, y0 + 1, x0 + 1), float64((ly * lx) * d))
+                    cuda.atomic.add(d_x, (n, c, y0 + 1, x0 + 1), float64(w11 * d))
 
 
-def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, d_mask, border_mmcv,
-            write_cols, cols):
+def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, narrow, d_offset, d_mask,
+            border_mmcv, write_cols, cols):
     # One thread per position (n, g, k, oy, ox); sums over the group's channels in order.
     # border_mmcv: the offset gradient's support is (-1, H) x (-1, W) (mmcv), else
     # [-1, H) x [-1, W) (torchvision); they differ only at p exactly -1. write_cols: also
@@ -258,52 +297,24 @@ def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, 
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for t in range(start, total, step):
-        ox = t % ow
-        u = t // ow
-        oy = u % oh
-        u = u // oh
-        k = u % K
-        u = u // K
-        g = u % G
-        n = u // G
-        i = k // kw
-        j = k - i * kw
-        ch = 2 * (g * K + k)
-        py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
-        px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
+        n, g, k, oy, ox = _unravel(t, ow, oh, K, G, narrow)
+        ch, py, px = _position(offset, n, g, k, oy, ox, K, kw, sh, sw, ph, pw, dh, dw, tp)
         m = mask[n, g * K + k, oy, ox] if has_mask else one
         acc_y = zero
         acc_x = zero
         acc_m = zero
-        # the gradient support [-1, H) x [-1, W), or (-1, H) x (-1, W) for mmcv; false for
-        # NaN and inf
-        if border_mmcv:
-            low_ok = py > -1 and px > -1
-        else:
-            low_ok = py >= -1 and px >= -1
-        sample = py > -1 and px > -1 and py < H and px < W
-        if low_ok and py < H and px < W:
-            y0 = int(math.floor(py))
-            x0 = int(math.floor(px))
-            ly = py - tp(y0)
-            lx = px - tp(x0)
-            hy = one - ly
-            hx = one - lx
-            up = y0 >= 0
-            down = y0 + 1 <= H - 1
-            left = x0 >= 0
-            right = x0 + 1 <= W - 1
+        sample = _in_support(py, px, H, W, False)
+        if _in_support(py, px, H, W, not border_mmcv):  # the gradient's support; false for NaN and inf
+            y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
+            w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
+            up, down, left, right = _inside_corners(y0, x0, H, W)
             for c in range(g * cpg, (g + 1) * cpg):
-                v00 = x[n, c, y0, x0] if (up and left) else zero  # corners outside read nothing
-                v01 = x[n, c, y0, x0 + 1] if (up and right) else zero
-                v10 = x[n, c, y0 + 1, x0] if (down and left) else zero
-                v11 = x[n, c, y0 + 1, x0 + 1] if (down and right) else zero
+                v00, v01, v10, v11 = _corners(x, n, c, y0, x0, up, down, left, right, zero)
                 d = d_cols[n, c, k, oy, ox]
-                gy = lx * (v11 - v01) + hx * (v10 - v00)
-                gx = ly * (v11 - v10) + hy * (v01 - v00)
+                gy, gx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)
                 v = zero
                 if sample:
-                    v = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+                    v = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
                 if has_mask:
                     acc_y += (m * gy) * d
                     acc_x += (m * gx) * d
@@ -328,88 +339,40 @@ def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, 
 
 
 def _map_k(x, coords, out):
-    B = x.shape[0]
-    H = x.shape[1]
-    W = x.shape[2]
+    # one thread per (b, p); x (B, H, W), coords (B, P, 2), out (B, P)
+    B, H, W = x.shape
     P = coords.shape[1]
     tp = x.dtype.type
-    zero = tp(0)
     hmax = tp(H - 1)
     wmax = tp(W - 1)
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for t in range(start, B * P, step):
-        p = t % P
         b = t // P
-        y = coords[b, p, 0]
-        xq = coords[b, p, 1]
-        if math.isnan(y) or math.isnan(xq):
-            out[b, p] = zero
-            continue
-        yc = min(max(y, zero), hmax)  # +-inf clamp like any other value
-        xc = min(max(xq, zero), wmax)
-        i0 = int(math.floor(yc))
-        i1 = int(math.ceil(yc))
-        j0 = int(math.floor(xc))
-        j1 = int(math.ceil(xc))
-        fy = yc - tp(i0)
-        fx = xc - tp(j0)
-        v_lt = x[b, i0, j0]
-        v_rb = x[b, i1, j1]
-        v_lb = x[b, i0, j1]
-        v_rt = x[b, i1, j0]
-        vals_t = fy * (v_rt - v_lt) + v_lt
-        vals_b = fy * (v_rb - v_lb) + v_lb
-        out[b, p] = fx * (vals_b - vals_t) + vals_t
+        p = t - b * P
+        out[b, p] = _clamped_point(x, b, coords[b, p, 0], coords[b, p, 1], hmax, wmax, tp)
 
 
 def _map_backward_k(d_out, x, coords, d_x, d_coords):
-    # d_x (B, H, W) float64, zero on entry
-    B = x.shape[0]
-    H = x.shape[1]
-    W = x.shape[2]
+    # one thread per (b, p); d_x (B, H, W) float64, zero on entry, added to with atomics
+    B, H, W = x.shape
     P = coords.shape[1]
     tp = x.dtype.type
-    zero = tp(0)
-    one = tp(1)
     hmax = tp(H - 1)
     wmax = tp(W - 1)
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for t in range(start, B * P, step):
-        p = t % P
         b = t // P
-        y = coords[b, p, 0]
-        xq = coords[b, p, 1]
-        if math.isnan(y) or math.isnan(xq):
-            d_coords[b, p, 0] = zero
-            d_coords[b, p, 1] = zero
-            continue
-        yc = min(max(y, zero), hmax)
-        xc = min(max(xq, zero), wmax)
-        i0 = int(math.floor(yc))
-        i1 = int(math.ceil(yc))
-        j0 = int(math.floor(xc))
-        j1 = int(math.ceil(xc))
-        fy = yc - tp(i0)
-        fx = xc - tp(j0)
-        v_lt = x[b, i0, j0]
-        v_rb = x[b, i1, j1]
-        v_lb = x[b, i0, j1]
-        v_rt = x[b, i1, j0]
-        vals_t = fy * (v_rt - v_lt) + v_lt
-        vals_b = fy * (v_rb - v_lb) + v_lb
-        d = d_out[b, p]
-        d_vals_b = fx * d
-        d_vals_t = (one - fx) * d
-        d_fx = (vals_b - vals_t) * d
-        d_fy = (v_rt - v_lt) * d_vals_t + (v_rb - v_lb) * d_vals_b
-        cuda.atomic.add(d_x, (b, i0, j0), float64((one - fy) * d_vals_t))
-        cuda.atomic.add(d_x, (b, i1, j0), float64(fy * d_vals_t))
-        cuda.atomic.add(d_x, (b, i0, j1), float64((one - fy) * d_vals_b))
-        cuda.atomic.add(d_x, (b, i1, j1), float64(fy * d_vals_b))
-        d_coords[b, p, 0] = d_fy if (y >= 0 and y <= hmax) else zero
-        d_coords[b, p, 1] = d_fx if (xq >= 0 and xq <= wmax) else zero
+        p = t - b * P
+        i0, i1, j0, j1, d_lt, d_rt, d_lb, d_rb, d_y, d_xq = _clamped_point_backward(
+            x, b, coords[b, p, 0], coords[b, p, 1], d_out[b, p], hmax, wmax, tp)
+        cuda.atomic.add(d_x, (b, i0, j0), float64(d_lt))
+        cuda.atomic.add(d_x, (b, i1, j0), float64(d_rt))
+        cuda.atomic.add(d_x, (b, i0, j1), float64(d_lb))
+        cuda.atomic.add(d_x, (b, i1, j1), float64(d_rb))
+        d_coords[b, p, 0] = d_y
+        d_coords[b, p, 1] = d_xq
 
 
 def _zero_k(dst):
@@ -459,9 +422,9 @@ def ptx_kernels(dtype):
     acc4, acc3 = float64[:, :, :, ::1], float64[:, :, ::1]
     geo = (int64,) * 9
     return {
-        "im2col": (_im2col_k, (a4, a4, a4, boolean, *geo, a5)),
-        "col2im": (_col2im_k, (a5, a4, a4, boolean, *geo, acc4)),
-        "coord": (_coord_k, (a5, a4, a4, a4, boolean, *geo, a4, a4, boolean, boolean, a5)),
+        "im2col": (_im2col_k, (a4, a4, a4, boolean, *geo, boolean, a5)),
+        "col2im": (_col2im_k, (a5, a4, a4, boolean, *geo, boolean, acc4)),
+        "coord": (_coord_k, (a5, a4, a4, a4, boolean, *geo, boolean, a4, a4, boolean, boolean, a5)),
         "map": (_map_k, (a3, a3, a2)),
         "map_backward": (_map_backward_k, (a2, a3, a3, acc3, a3)),
         "cast": (_cast_k, (float64[::1], ft[::1])),
@@ -487,6 +450,14 @@ def _launch(name, total, *args):
 
 # ---------------------------------------------------------------------------------------
 # host wrappers
+
+NARROW_LIMIT = 2**32  # flat sampling positions below this are unravelled in 32-bit arithmetic
+
+
+def _narrow(total):
+    """Whether the deformable kernels may unravel their flat positions (all < ``total``)
+    with unsigned 32-bit divisions; else 64-bit ones (the fallback for huge calls)."""
+    return total < NARROW_LIMIT
 
 
 def _is_device_array(a):
@@ -591,8 +562,9 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     if cols.size:
         x_d, off_d = io.dev(x), io.dev(offset)
         m_d = io.dev(mask) if mask is not None else io.dummy(dtype)
-        _launch("im2col", N * G * kh * kw * oh * ow, x_d, off_d, m_d, mask is not None, kh, kw, sh, sw, ph, pw,
-                dh, dw, G, cols.reshape(N, C, kh * kw, oh, ow))
+        total = N * G * kh * kw * oh * ow
+        _launch("im2col", total, x_d, off_d, m_d, mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G,
+                _narrow(total), cols.reshape(N, C, kh * kw, oh, ow))
     return io.out(cols)
 
 
@@ -609,8 +581,9 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     if acc.size and d_cols.size:
         dc_d, off_d = io.dev(d_cols), io.dev(offset)
         m_d = io.dev(mask) if mask is not None else io.dummy(dtype)
-        _launch("col2im", N * G * kh * kw * oh * ow, dc_d.reshape(N, C, kh * kw, oh, ow), off_d, m_d,
-                mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G, acc)
+        total = N * G * kh * kw * oh * ow
+        _launch("col2im", total, dc_d.reshape(N, C, kh * kw, oh, ow), off_d, m_d, mask is not None, kh, kw, sh, sw,
+                ph, pw, dh, dw, G, _narrow(total), acc)
     return io.out(io.rounded(acc, dtype))
 
 
@@ -642,9 +615,9 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
         m_d = io.dev(mask) if mask is not None else io.dummy(dtype)
         dm_d = d_mask if d_mask is not None else io.dummy(dtype)
         c_d = cols_d.reshape(N, C, kh * kw, oh, ow) if cols_d is not None else io.dummy(dtype, 5)
-        _launch("coord", N * G * kh * kw * oh * ow, dc_d.reshape(N, C, kh * kw, oh, ow), x_d, off_d, m_d,
-                mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G, d_offset, dm_d, border_mmcv,
-                cols_d is not None, c_d)
+        total = N * G * kh * kw * oh * ow
+        _launch("coord", total, dc_d.reshape(N, C, kh * kw, oh, ow), x_d, off_d, m_d, mask is not None, kh, kw, sh,
+                sw, ph, pw, dh, dw, G, _narrow(total), d_offset, dm_d, border_mmcv, cols_d is not None, c_d)
     if cols_host and cols_d.size:
         cols_out[...] = cols_d.copy_to_host() if hasattr(cols_d, "copy_to_host") else cols_d.get()
     return io.out(d_offset), io.out(d_mask)

@@ -215,3 +215,25 @@ def test_coord_kernel_border_grad_matches_numpy_backend(name, dtype, border_grad
         assert np.all(got[0][differ] == 0.0)
     with pytest.raises(ValueError, match="border_grad must be one of"):
         cu.deform_col2im_coord(d_cols, x, offset, mask, *geo, g, border_grad="torch")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", ["uneven", "W1"])
+def test_64_bit_index_fallback_gives_the_same_numbers(name, dtype, monkeypatch):
+    # The deformable kernels unravel flat positions with 32-bit divisions when the call
+    # has fewer than NARROW_LIMIT positions, else with 64-bit ones. Both paths must give
+    # the same numbers: force the 64-bit path and compare with the 32-bit one and with
+    # numpy.py. (The decision itself is also checked: a real call takes the 32-bit path.)
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng([37, list(CONFIGS).index(name)])
+    x, offset, mask, d_cols = make_inputs(rng, cfg, dtype, True)
+    assert cu._narrow(x.shape[0] * offset.shape[1] // 2 * int(np.prod(out_hw(cfg))))
+    narrow = run_all(cu, x, offset, mask, d_cols, cfg)
+    monkeypatch.setattr(cu, "NARROW_LIMIT", 0)
+    assert not cu._narrow(1)
+    wide = run_all(cu, x, offset, mask, d_cols, cfg)
+    want = run_all(ref, x, offset, mask, d_cols, cfg)
+    for what, a, b, r in zip(("cols", "d_x", "d_offset", "d_mask"), wide, narrow, want):
+        assert_matches(a, r, dtype, what)
+        if what != "d_x" or SIMULATOR:  # d_x: float64 atomics add in any order on a GPU
+            np.testing.assert_array_equal(a, b, err_msg=f"{what}: 64-bit and 32-bit indexing differ")
