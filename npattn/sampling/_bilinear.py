@@ -12,6 +12,10 @@ scalar type, e.g. ``x.dtype.type``: float32 stays float32); changing the order c
 results in the last bit. A helper never calls another helper, because each is compiled
 separately for each target.
 
+cpu.py's kernels are cached on disk (``cache=True``), and Numba keys a kernel's cache on its
+own file: after editing this file, clear ``npattn/sampling/__pycache__`` (or touch cpu.py)
+so that the kernels are compiled again with the new helpers.
+
 Notation, for a sample position (p_y, p_x) inside the image's support::
 
     y0 = floor(p_y), x0 = floor(p_x), ly = p_y - y0, lx = p_x - x0, hy = 1 - ly, hx = 1 - lx
