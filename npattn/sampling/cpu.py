@@ -17,9 +17,11 @@ result does not depend on the number of threads or their timing (identical run t
 * ``deform_im2col``: one iteration per output row (n, g, k, oy); it computes the positions,
   corner index and weights of the row once and then fills ``cols[n, c, i, j, oy, :]``
   for the channels c of group g.
-* ``deform_col2im``: one iteration per (n, g, block of channels); the iteration owns the
-  planes ``d_x[n, c]`` of its channels and adds into them in a fixed order (k, oy, ox),
-  in float64 like numpy.py.
+* ``deform_col2im``: first the cells of every sample (corner index and weights), once,
+  one iteration per output row; then one iteration per (n, g, block of channels), which
+  owns the planes ``d_x[n, c]`` of its channels and adds into them in a fixed order
+  (k, oy, ox), in float64 like numpy.py. The blocks shrink as threads are added (more
+  tasks), and since the cells are computed once, that adds no arithmetic.
 * ``deform_col2im_coord``: one iteration per output row (n, g, k, oy); it owns
   ``d_offset[n, 2*(g*K+k) : 2*(g*K+k)+2, oy, :]`` and ``d_mask[n, g*K+k, oy, :]`` and sums
   over the channels of the group in increasing order.
@@ -431,14 +433,40 @@ def _im2col_kernel(xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh,
 
 
 @njit(cache=True, parallel=True)
-def _col2im_kernel(d_cols, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, cblock, d_xp):
-    # d_cols (N, C, K, oh, ow); d_xp (N, C, (H+3)*(W+2)) float64, zero on entry, with the
-    # zero border (cropped by the caller). Iteration (n, g, block of channels) owns the
-    # planes d_xp[n, c] of its channels and adds into them in (k, oy, ox) order. Each term
-    # w * (m * D) is formed in the dtype of d_cols and accumulated in float64, as numpy.py.
+def _sample_cells(offset, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, base, wts):
+    # The cells of every sample, once: base (N, G, K, oh, ow) the padded index of the
+    # upper-left corner (the all-zero block outside the support), wts (N, G, K, oh, 4, ow)
+    # the corner weights (0 outside). One iteration per row (n, g, k, oy).
+    N, _, K, oh, ow = base.shape
+    for r in prange(N * G * K * oh):
+        oy = r % oh
+        t = r // oh
+        k = t % K
+        t = t // K
+        g = t % G
+        n = t // G
+        i = k // kw
+        j = k - i * kw
+        row_w = wts[n, g, k, oy]
+        frac = np.empty((4, ow), wts.dtype)
+        _row_cells(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, False,
+                   base[n, g, k, oy], frac)
+        for ox in range(ow):
+            row_w[0, ox], row_w[1, ox], row_w[2, ox], row_w[3, ox] = _corner_weights(frac[0, ox], frac[1, ox],
+                                                                                     frac[2, ox], frac[3, ox])
+
+
+@njit(cache=True, parallel=True)
+def _col2im_kernel(d_cols, mask, has_mask, base, wts, W, cblock, d_xp):
+    # d_cols (N, C, K, oh, ow); base, wts: _sample_cells; d_xp (N, C, (H+3)*(W+2))
+    # float64, zero on entry, with the zero border (cropped by the caller). Iteration
+    # (n, g, block of channels) owns the planes d_xp[n, c] of its channels and adds into
+    # them in (k, oy, ox) order, whatever the blocks. Each term w * (m * D) is formed in
+    # the dtype of d_cols and accumulated in float64, as numpy.py.
     N = d_xp.shape[0]
     C = d_xp.shape[1]
-    K = kh * kw
+    G = base.shape[1]
+    K = base.shape[2]
     oh = d_cols.shape[3]
     ow = d_cols.shape[4]
     cpg = C // G
@@ -451,17 +479,10 @@ def _col2im_kernel(d_cols, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw,
         n = u // G
         c_lo = g * cpg + b_ * cblock
         c_hi = min(c_lo + cblock, (g + 1) * cpg)
-        base = np.empty(ow, np.int64)
-        frac = np.empty((4, ow), d_cols.dtype)
-        wts = np.empty((4, ow), d_cols.dtype)
         for k in range(K):
-            i = k // kw
-            j = k - i * kw
             for oy in range(oh):
-                _row_cells(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, False, base, frac)
-                for ox in range(ow):
-                    wts[0, ox], wts[1, ox], wts[2, ox], wts[3, ox] = _corner_weights(frac[0, ox], frac[1, ox],
-                                                                                     frac[2, ox], frac[3, ox])
+                row_b = base[n, g, k, oy]
+                row_w = wts[n, g, k, oy]
                 for c in range(c_lo, c_hi):
                     acc = d_xp[n, c]
                     dc = d_cols[n, c, k, oy]
@@ -469,11 +490,11 @@ def _col2im_kernel(d_cols, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw,
                         d = dc[ox]
                         if has_mask:
                             d = mask[n, g * K + k, oy, ox] * d
-                        b = base[ox]
-                        acc[b] += wts[0, ox] * d
-                        acc[b + 1] += wts[1, ox] * d
-                        acc[b + Wp] += wts[2, ox] * d
-                        acc[b + Wp + 1] += wts[3, ox] * d
+                        b = row_b[ox]
+                        acc[b] += row_w[0, ox] * d
+                        acc[b + 1] += row_w[1, ox] * d
+                        acc[b + Wp] += row_w[2, ox] * d
+                        acc[b + Wp + 1] += row_w[3, ox] * d
 
 
 @njit(cache=True, parallel=True)
@@ -749,7 +770,7 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
 
 def _channel_block(N, G, cpg):
     """Channels per col2im task: enough tasks to keep every thread busy, few enough that
-    the corner computation of a row is shared by several channels."""
+    a row's cells are read once for several channels."""
     tasks_wanted = 8 * max(1, numba.get_num_threads())
     blocks_per_group = min(cpg, max(1, -(-tasks_wanted // max(1, N * G))))
     return max(1, -(-cpg // blocks_per_group))
@@ -765,8 +786,10 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     d_xp = np.zeros((N, C, (H + 3) * (W + 2)), dtype=np.float64)  # accumulated in float64, zero border
     m, has_mask = _mask_or_dummy(mask, d_cols.dtype)
     cblock = _channel_block(N, G, C // G)
-    _col2im_kernel(_c(d_cols).reshape(N, C, kh * kw, oh, ow), _c(offset), m, has_mask, H, W, kh, kw, sh, sw, ph,
-                   pw, dh, dw, G, cblock, d_xp)
+    base = np.empty((N, G, kh * kw, oh, ow), dtype=np.int64)
+    wts = np.empty((N, G, kh * kw, oh, 4, ow), dtype=d_cols.dtype)
+    _sample_cells(_c(offset), H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, base, wts)
+    _col2im_kernel(_c(d_cols).reshape(N, C, kh * kw, oh, ow), m, has_mask, base, wts, W, cblock, d_xp)
     d_x = d_xp.reshape(N, C, H + 3, W + 2)[:, :, 1 : H + 1, 1 : W + 1]  # crop the border
     return np.array(d_x, dtype=d_cols.dtype, order="C")
 
