@@ -260,8 +260,9 @@ def speed_and_memory(shape_name, repeat, have_torch):
     return rows
 
 
-def breakdown(repeat):
-    """Each piece of npattn's numba forward+backward on shape (a), alone."""
+def breakdown(repeat, only_npattn=False):
+    """Each piece of npattn's numba forward+backward on shape (a), alone (with
+    ``only_npattn``, without the np.matmul comparisons), in ms."""
     from npattn.sampling import cpu
 
     n, c_in, c_out, h, w = SHAPES["a"]
@@ -289,6 +290,8 @@ def breakdown(repeat):
         "coord + columns for d_weight (backward)": lambda: cpu.deform_col2im_coord(
             d_cols, a["x"], a["offset"], a["mask"], *geo, 1, cols_out=np.empty_like(cols)),
     }
+    if only_npattn:
+        pieces = {name: f for name, f in pieces.items() if not name.startswith("np.matmul")}
     from npattn import sampling
 
     with sampling.blas_context("numba"):  # as inside deform_conv2d
@@ -417,6 +420,7 @@ def scaling(repeat, counts, have_torch):
             row["blas_threads_in_kernels"] = info["blas_threads_in_kernels"]
             if have_torch:
                 row["torch_threads"] = torch.get_num_threads()
+            row["kernels_best_ms"] = breakdown(repeat, only_npattn=True)  # which piece stops scaling
             table[t] = row
     finally:
         numba.set_num_threads(saved)
@@ -448,6 +452,16 @@ def print_scaling(table, repeat):
                      f"npattn f+b speed-up over 1 thread {first / a['fwdbwd_best_ms']:.2f}")
     if tv:
         print("  (f+b x: torchvision's best forward+backward / npattn's, same thread count)")
+    names = list(next(iter(table.values()))["kernels_best_ms"])
+    print(f"\neach piece alone on all {n} images (best of {repeat}, ms; speed-up over 1 thread in brackets)")
+    print(f"{'threads':>7} " + " ".join(f"{i + 1:>14}" for i in range(len(names))))
+    base = None
+    for t, r in table.items():
+        ks = r["kernels_best_ms"]
+        base = base or ks
+        print(f"{t:7d} " + " ".join(f"{ks[k]:7.1f} ({base[k] / ks[k]:4.1f})" for k in names))
+    for i, k in enumerate(names):
+        print(f"  {i + 1}: {k}")
 
 
 # ---- report ---------------------------------------------------------------------------
