@@ -519,7 +519,7 @@ def test_deform_conv2d_runs_its_kernels_with_single_threaded_blas_and_restores_i
         return wrapped
 
     before = cpu.threading_info()["blas_threads"]
-    monkeypatch.setattr(cpu, "deform_im2col", spy(cpu.deform_im2col))  # forward
+    monkeypatch.setattr(cpu, "deform_conv_forward", spy(cpu.deform_conv_forward))  # forward (no column array)
     monkeypatch.setattr(cpu, "deform_col2im_coord", spy(cpu.deform_col2im_coord))  # backward
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 2, 5, 4))
@@ -689,7 +689,7 @@ def test_deform_conv2d_products_run_with_every_openblas_on_one_thread(monkeypatc
             return real(*a, **kw)
         return wrapped
 
-    for name in ("products_forward", "products_d_cols", "products_d_weight"):
+    for name in ("deform_conv_forward", "products_d_cols", "products_d_weight"):
         monkeypatch.setattr(cpu, name, spy(getattr(cpu, name)))
     before = [lib["threads"] for lib in cpu.threading_info()["blas_libraries"]]
     rng = np.random.default_rng(6)
@@ -697,7 +697,7 @@ def test_deform_conv2d_products_run_with_every_openblas_on_one_thread(monkeypatc
     y, cache = npattn.functional.deform_conv2d_forward(x, rng.standard_normal((2, 18, 5, 4)),
                                                        rng.standard_normal((3, 2, 3, 3)), padding=1, backend="numba")
     npattn.functional.deform_conv2d_backward(np.ones_like(y), cache)
-    assert len(seen) == 3  # forward, d_cols, d_weight (one chunk)
+    assert len(seen) == 3  # forward (sampling and product tiles), d_cols, d_weight (one chunk)
     assert all(t == 1 for threads in seen for t in threads), seen
     assert [lib["threads"] for lib in cpu.threading_info()["blas_libraries"]] == before
 
@@ -735,3 +735,59 @@ def test_offset_gradient_mmcv_border_matches_numpy_backend(name, dtype, with_mas
     assert np.all(got[0][differ] == 0.0)  # where they differ, mmcv's is the 0 at p = -1
     if x.shape[0]:  # the sample on p_y = -1 (tap (0, 0), oy = 0, p_x = 0.3 - pw)
         assert got[0][0, 0, 0, 0] == 0.0 and differ[0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    "case",
+    [  # (N, C, H, W, M, kernel, stride, padding, dilation, offset groups, weight groups)
+        (2, 6, 7, 9, 4, (3, 2), (2, 1), (1, 0), (2, 1), 3, 2),  # weight groups cross offset groups
+        (3, 8, 20, 17, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, 1),  # 340 pixels: two tiles, the second short
+        (2, 12, 19, 23, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, 3),
+        (1, 4, 1, 5, 2, (1, 3), (1, 1), (0, 1), (1, 1), 4, 2),  # H = 1, one channel per offset group
+    ],
+    ids=["groups", "two-tiles", "g3", "H1"],
+)
+def test_fused_forward_equals_im2col_then_product_tiles(case, dtype, with_mask):
+    # The numba forward samples each tile's columns into a buffer next to its product
+    # (deform_conv_forward). Its columns are deform_im2col's arithmetic and its product
+    # the same single-threaded gemm call on the same tile as products_forward (only the
+    # buffer's leading dimension differs). BLAS may pick another kernel for another
+    # leading dimension, so both are held to the dot-product rounding bound around the
+    # float64 product of numpy.py's columns, not compared bit for bit.
+    n, c, h, w, m, (kh, kw), stride, padding, dilation, g, g_w = case
+    rng = np.random.default_rng([41, h, w])
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    offset = rng.uniform(-3, 3, (n, 2 * g * kh * kw, oh, ow)).astype(dtype)
+    mask = rng.uniform(-0.5, 1.5, (n, g * kh * kw, oh, ow)).astype(dtype) if with_mask else None
+    ck = c // g_w * kh * kw
+    w_g = rng.standard_normal((g_w, m // g_w, ck)).astype(dtype)
+    geo = ((kh, kw), stride, padding, dilation)
+    cols = cpu.deform_im2col(x, offset, mask, *geo, (oh, ow), g).reshape(n, g_w, ck, oh * ow)
+    tiles = np.empty((n, g_w, m // g_w, oh * ow), dtype)
+    cpu.products_forward(w_g, np.ascontiguousarray(cols), tiles)
+    fused = np.full_like(tiles, np.nan)
+    assert cpu.deform_conv_forward(x, offset, mask, w_g, *geo, g, fused) is fused
+    ref_cols = ref.deform_im2col(x, offset, mask, *geo, (oh, ow), g).reshape(n, g_w, ck, oh * ow).astype(np.float64)
+    exact = np.einsum("gmk,ngkl->ngml", w_g.astype(np.float64), ref_cols)
+    bound = ck * np.finfo(dtype).eps * np.einsum("gmk,ngkl->ngml", np.abs(w_g.astype(np.float64)), np.abs(ref_cols))
+    for got in (fused, tiles):
+        assert np.all(np.abs(got - exact) <= bound + np.finfo(dtype).tiny)
+
+
+def test_fused_forward_checks_its_arguments():
+    x = np.zeros((2, 4, 5, 5))
+    offset = np.zeros((2, 18, 5, 5))
+    w_g = np.zeros((2, 3, 18))
+    geo = ((3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu.deform_conv_forward(x, offset, None, w_g, *geo, 1, np.zeros((2, 2, 3, 24)))
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu.deform_conv_forward(x, offset, None, np.zeros((2, 3, 17)), *geo, 1, np.zeros((2, 2, 3, 25)))
+    with pytest.raises(TypeError, match="dtype of x"):
+        cpu.deform_conv_forward(x, offset, None, w_g.astype(np.float32), *geo, 1, np.zeros((2, 2, 3, 25), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        cpu.deform_conv_forward(x, offset, None, w_g, *geo, 1, [[0.0]])

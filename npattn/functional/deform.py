@@ -143,7 +143,10 @@ def deform_conv2d_forward(
         on it. None: 16 MiB on the CPU (``DEFAULT_COLUMN_BUDGET_BYTES``), 256 MiB on the
         GPU (``DEVICE_COLUMN_BUDGET_BYTES``). The NumPy backend's temporaries are a few
         times this buffer (measured: about 4x in the forward and 10x in the backward,
-        float32).
+        float32). The numba backend's forward makes no column array at all: each of its
+        tasks samples the columns of one tile of output pixels next to that tile's
+        product (:func:`npattn.sampling.cpu.deform_conv_forward`, the same arithmetic); its
+        backward uses the budget.
 
     Arrays may be NumPy arrays or, all of them, CUDA arrays (CuPy arrays, PyTorch CUDA
     tensors, Numba device arrays: anything with ``__cuda_array_interface__``; needs CuPy).
@@ -284,8 +287,12 @@ def deform_conv2d_forward(
     w_g = xp.ascontiguousarray(weight.reshape(weight_groups, c_out // weight_groups, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
     out = xp.empty((n, c_out, out_h, out_w), dtype=input.dtype)
     prod = sampling.products(backend_name, xp)  # numba: tiles on the kernels' threads (npattn.sampling.products)
+    fused = getattr(be, "deform_conv_forward", None)  # numba: the columns of each tile sampled next to its product
     with sampling.blas_context(backend_name):  # kernels and BLAS share the cores: see blas_context
-        for s in range(0, n, chunk):
+        if fused is not None:  # the arithmetic of the chunks below, without a column array
+            fused(input, offset, mask, w_g, *geometry, offset_groups,
+                  out.reshape(n, weight_groups, c_out // weight_groups, out_h * out_w))  # (N, G_w, C_out/G_w, L)
+        for s in range(0, n if fused is None else 0, chunk):
             sl = slice(s, min(s + chunk, n))
             m = len(range(*sl.indices(n)))
             cols = be.deform_im2col(

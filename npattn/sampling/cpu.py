@@ -89,6 +89,7 @@ __all__ = [
     "map_coordinates_clamped",
     "map_coordinates_clamped_backward",
     "products_forward",
+    "deform_conv_forward",
     "products_d_cols",
     "products_d_weight",
     "single_threaded_blas",
@@ -647,6 +648,15 @@ def _tile_d_weight(dy, cols, d_w, n, g, lo, hi):
           dy.reshape(N, G, M * L)[n, g], L, 1.0, d_w.reshape(G, M * Ck)[g, lo:], Ck)
 
 
+@njit(cache=True)
+def _tile_forward_buffer(w_g, buf, out, n, g, lo, hi):
+    # out[n, g][:, lo:hi] = w_g[g] @ buf, buf (Ck, hi - lo) C-contiguous
+    N, G, M, L = out.shape
+    Ck = w_g.shape[2]
+    _gemm(_NOTRANS, _NOTRANS, hi - lo, M, Ck, buf.reshape(Ck * (hi - lo)), hi - lo, w_g.reshape(G, M * Ck)[g], Ck,
+          0.0, out.reshape(N, G, M * L)[n, g, lo:], L)
+
+
 if numba.config.DISABLE_JIT:  # plain Python (NUMBA_DISABLE_JIT=1): the same tiles through NumPy
     def _tile_forward(w_g, cols, out, n, g, lo, hi):  # noqa: F811
         out[n, g, :, lo:hi] = w_g[g] @ cols[n, g, :, lo:hi]
@@ -656,6 +666,9 @@ if numba.config.DISABLE_JIT:  # plain Python (NUMBA_DISABLE_JIT=1): the same til
 
     def _tile_d_weight(dy, cols, d_w, n, g, lo, hi):  # noqa: F811
         d_w[g, :, lo:hi] += dy[n, g] @ cols[n, g, lo:hi, :].T
+
+    def _tile_forward_buffer(w_g, buf, out, n, g, lo, hi):  # noqa: F811
+        out[n, g, :, lo:hi] = w_g[g] @ buf
 
 
 @njit(cache=True, parallel=True)
@@ -695,6 +708,84 @@ def _d_weight_products(dy, cols, d_w, tile):
         g = t // nt
         for n in range(N):
             _tile_d_weight(dy, cols, d_w, n, g, q * tile, min(q * tile + tile, Ck))
+
+
+@njit(cache=True)
+def _range_cells(offset, n, ch, lo, hi, ow, sh, sw, ph, pw, i, j, dh, dw, H, W, base, wts):
+    """Cells of the samples at the flat output pixels lo <= l < hi (oy, ox = divmod(l, ow))
+    of tap (i, j) and offset channels (ch, ch + 1): ``base[l - lo]`` the padded corner
+    index (the all-zero block outside the support) and ``wts[:, l - lo]`` the corner
+    weights (0 outside); the arithmetic of :func:`_row_cells` and _im2col_kernel."""
+    tp = wts.dtype.type
+    zero = tp(0)
+    Wp = W + 2
+    empty = (H + 1) * Wp
+    for l in range(lo, hi):
+        oy = l // ow
+        ox = l - oy * ow
+        py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
+        px = tp(j * dw - pw + ox * sw) + offset[n, ch + 1, oy, ox]
+        q = l - lo
+        if _in_support(py, px, H, W, False):  # false for NaN and +-inf
+            y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
+            base[q] = (y0 + 1) * Wp + x0 + 1
+            wts[0, q], wts[1, q], wts[2, q], wts[3, q] = _corner_weights(ly, lx, hy, hx)
+        else:
+            base[q] = empty
+            for r in range(4):
+                wts[r, q] = zero
+
+
+@njit(cache=True, parallel=True)
+def _fused_forward_kernel(xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, ow, w_g, out, tile):
+    # The forward without a column array: iteration (n, weight group gw, tile of output
+    # pixels) samples the columns of its tile, (Ck, tile) with Ck = C/Gw * K, into a
+    # buffer of its own (the arithmetic of _im2col_kernel), then computes
+    # out[n, gw][:, tile] = w_g[gw] @ buffer with one single-threaded gemm (as
+    # _tile_forward). xp (N, C, (H+3)*(W+2)) zero-bordered; offset (N, 2*G*K, oh, ow);
+    # mask (N, G*K, oh, ow) (read only if has_mask); w_g (Gw, M, Ck); out (N, Gw, M, L).
+    N = xp.shape[0]
+    C = xp.shape[1]
+    Gw = w_g.shape[0]
+    Ck = w_g.shape[2]
+    L = out.shape[3]
+    K = kh * kw
+    cpw = C // Gw  # channels per weight group
+    cpo = C // G  # channels per offset group
+    Wp = W + 2
+    nt = (L + tile - 1) // tile
+    for t in prange(N * Gw * nt):
+        q = t % nt
+        u = t // nt
+        gw = u % Gw
+        n = u // Gw
+        lo = q * tile
+        hi = min(lo + tile, L)
+        T = hi - lo
+        buf = np.empty((Ck, T), xp.dtype)
+        base = np.empty(T, np.int64)
+        wts = np.empty((4, T), xp.dtype)
+        mrow = np.empty(T, xp.dtype)
+        c_lo = gw * cpw
+        c_hi = c_lo + cpw
+        for k in range(K):
+            i = k // kw
+            j = k - i * kw
+            for g in range(c_lo // cpo, (c_hi - 1) // cpo + 1):  # the offset groups the weight group meets
+                _range_cells(offset, n, 2 * (g * K + k), lo, hi, ow, sh, sw, ph, pw, i, j, dh, dw, H, W, base, wts)
+                if has_mask:
+                    m_flat = mask[n, g * K + k].reshape(L)
+                    for l in range(T):
+                        mrow[l] = m_flat[lo + l]
+                for c in range(max(c_lo, g * cpo), min(c_hi, (g + 1) * cpo)):
+                    xc = xp[n, c]
+                    row = buf[(c - c_lo) * K + k]
+                    for l in range(T):
+                        b = base[l]
+                        v = _bilinear_value(wts[0, l], wts[1, l], wts[2, l], wts[3, l], xc[b], xc[b + 1], xc[b + Wp],
+                                            xc[b + Wp + 1])
+                        row[l] = mrow[l] * v if has_mask else v
+        _tile_forward_buffer(w_g, buf, out, n, gw, lo, hi)
 
 
 # ---------------------------------------------------------------------------------------
@@ -874,6 +965,39 @@ def products_forward(w_g, cols, out):
         return out
     _ensure_gemm()
     _forward_products(w_g, cols, out, PRODUCT_COLUMNS)
+    return out
+
+
+def deform_conv_forward(x, offset, mask, w_g, kernel_hw, stride, padding, dilation, offset_groups, out):
+    """The deformable convolution's product without a column array:
+    ``out[n, g] = w_g[g] @ deform_im2col(x, ...)[n, g]`` for w_g (G_w, M, Ck),
+    Ck = C/G_w * kh * kw, into ``out`` (N, G_w, M, out_h * out_w), C-contiguous, dtype
+    of x. Each task (image, weight group, tile of ``PRODUCT_COLUMNS`` output pixels)
+    samples its tile's columns into a buffer of its own, with deform_im2col's
+    arithmetic, and multiplies with one single-threaded gemm, as
+    :func:`products_forward` does with the same tile: so the result never depends on
+    the thread count, and the columns never travel through main memory."""
+    op = "deform_conv_forward"
+    if not isinstance(out, np.ndarray) or out.ndim != 4:
+        raise ValueError(f"{op}: out must be a 4-d ndarray (N, G_w, M, L), got {type(out).__name__}")
+    N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, G = check_deform_args(
+        op, None, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups)
+    _check_products(op, w_g, out, out)
+    if w_g.dtype != x.dtype:
+        raise TypeError(f"{op}: w_g and out must have the dtype of x ({x.dtype}), got {w_g.dtype}")
+    Gw = w_g.shape[0]
+    if Gw < 1 or C % Gw or w_g.shape[2] != C // Gw * kh * kw or out.shape != (N, Gw, w_g.shape[1], oh * ow):
+        raise ValueError(f"{op}: shapes w_g {w_g.shape}, out {out.shape} do not fit x {x.shape} and a "
+                         f"{kh}x{kw} kernel with {oh}x{ow} outputs")
+    if out.size == 0:
+        return out
+    if w_g.shape[2] == 0:
+        out[...] = 0
+        return out
+    _ensure_gemm()
+    m, has_mask = _mask_or_dummy(mask, x.dtype)
+    _fused_forward_kernel(_padded(x), _c(offset), m, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, ow, w_g, out,
+                          PRODUCT_COLUMNS)
     return out
 
 
