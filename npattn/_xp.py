@@ -1,9 +1,10 @@
 """The array module of a call's arrays: NumPy for host arrays, CuPy for CUDA arrays.
 
-npattn's deformable convolution and sampling are written once against an array module
-``xp`` (reshapes, products, sums), the way SciPy's array-API support does it, so the same
-function runs on NumPy arrays and, with the sampling kernels of the "cuda" backend, on
-CUDA arrays without leaving the device. A CUDA array is anything with
+npattn's deformable convolution and sampling, ``conv2d``, ``sigmoid`` and the deformable
+blocks are written once against an array module ``xp`` (reshapes, products, sums), the
+way SciPy's array-API support does it, so the same function runs on NumPy arrays and,
+with the sampling kernels of the "cuda" backend, on CUDA arrays without leaving the
+device. A CUDA array is anything with
 ``__cuda_array_interface__``: CuPy arrays, PyTorch CUDA tensors, Numba device arrays;
 the last two are viewed as CuPy arrays without a copy (``cupy.asarray``), and results are
 CuPy arrays (zero-copy to PyTorch and JAX through DLPack: ``torch.from_dlpack(out)``).
