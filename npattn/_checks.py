@@ -46,10 +46,11 @@ def same_dtype(op: str, ref_name: str, ref: np.ndarray, **others) -> None:
             )
 
 
-def upstream(op: str, name: str, dy, shape: tuple, dtype) -> np.ndarray:
+def upstream(op: str, name: str, dy, shape: tuple, dtype, *, xp=np) -> np.ndarray:
     """A backward's upstream gradient: a float ndarray of the forward output's ``shape``
-    and of the forward's ``dtype`` (so every gradient keeps its argument's dtype)."""
-    dy = float_array(op, name, dy)
+    and of the forward's ``dtype`` (so every gradient keeps its argument's dtype);
+    ``xp`` as in :func:`float_array`."""
+    dy = float_array(op, name, dy, xp=xp)
     if dy.dtype != dtype:
         raise TypeError(f"{op}: {name} must have the forward's dtype {np.dtype(dtype)}, got {dy.dtype}")
     if tuple(dy.shape) != tuple(shape):

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import functional as F
 from .._checks import FLOAT_DTYPES
+from .._xp import array_module, device_namespace, is_cuda_array
 
 
 def make_rng(rng):
@@ -151,9 +152,18 @@ class Block:
     def __getitem__(self, key):
         return self._state[key]
 
-    def zero_grads(self):
-        """A gradient dict with zeros for every parameter (the starting point of backward)."""
-        return {k: np.zeros_like(self._state[k]) for k in self._param_keys}
+    def zero_grads(self, xp=np):
+        """A gradient dict with zeros for every parameter (the starting point of backward),
+        arrays of the module ``xp`` (NumPy, or CuPy for a forward that ran on the device)."""
+        if xp is np:
+            return {k: np.zeros_like(self._state[k]) for k in self._param_keys}
+        return {k: xp.zeros(self._state[k].shape, dtype=self._state[k].dtype) for k in self._param_keys}
+
+    def _param(self, key, xp=np):
+        """The array under ``key`` (None when absent) as an array of ``xp``: itself for NumPy,
+        a device copy for CuPy (the block's state stays NumPy)."""
+        a = self._state.get(key)
+        return a if (a is None or xp is np) else xp.asarray(a)
 
     # ---- input checks -------------------------------------------------------------
     def _check_input(self, name, x, ndim=4, channels=None, *, xp=np):
@@ -173,6 +183,14 @@ class Block:
             raise ValueError(f"{op}: {name} must have {channels} channels, got shape {tuple(x.shape)}")
         return x
 
+    def _placed_input(self, name, x, ndim=4, channels=None):
+        """``(xp, x)``: ``x`` checked by :meth:`_check_input`, a NumPy array (``xp`` NumPy) or
+        a CUDA array (``__cuda_array_interface__``), viewed as a CuPy array (``xp`` CuPy)."""
+        if is_cuda_array(x):
+            xp, arrays = device_namespace(type(self).__name__, {name: x})
+            return xp, self._check_input(name, arrays[name], ndim, channels, xp=xp)
+        return np, self._check_input(name, x, ndim, channels)
+
     def _check_image(self, name, x, why):
         """An empty image (H or W = 0) refused with a ValueError naming ``name``; ``why``:
         what PyTorch's module does there (e.g. its 1x1 convolution refuses it)."""
@@ -181,9 +199,9 @@ class Block:
 
     # ---- sub-layers stored under a prefix -----------------------------------------
     def _conv(self, prefix, x, **conv_args):
-        s = self._state
-        bias = s.get(f"{prefix}bias")
-        return F.conv2d_forward(x, s[f"{prefix}weight"], bias, **conv_args)
+        """A conv sub-layer on ``x``; for a CUDA ``x`` its parameters are copied to the device."""
+        xp = array_module(x)
+        return F.conv2d_forward(x, self._param(f"{prefix}weight", xp), self._param(f"{prefix}bias", xp), **conv_args)
 
     def _conv_backward(self, prefix, dy, cache, param_grads, next_bn=None):
         """Backward of a conv sub-layer. ``next_bn``: the cache of the BatchNorm that

@@ -63,7 +63,7 @@ import numpy as np
 from .. import functional as F
 from .. import sampling
 from .._checks import pair, positive_int
-from .._xp import device_namespace, is_cuda_array
+from .._xp import array_module, like_forward
 from ..functional.deform import (
     batch_map_offsets_backward,
     batch_map_offsets_forward,
@@ -138,16 +138,9 @@ class DeformConv2d(Block):
         :func:`npattn.functional.deform_conv2d_forward`): the block's parameters, NumPy
         arrays, are then copied to the device for the call, and the output and every
         gradient (parameter gradients included) are CuPy arrays."""
-        s = self._state
-        weight, bias = s["weight"], s.get("bias")
-        if is_cuda_array(x):
-            xp, arrays = device_namespace(type(self).__name__, {"x": x})
-            x = self._check_input("x", arrays["x"], 4, self.in_channels, xp=xp)
-            weight, bias = xp.asarray(weight), (None if bias is None else xp.asarray(bias))
-        else:
-            x = self._check_input("x", x, 4, self.in_channels)
+        xp, x = self._placed_input("x", x, 4, self.in_channels)
         return deform_conv2d_forward(
-            x, offset, weight, bias, self.stride, self.padding, self.dilation, mask,
+            x, offset, self._param("weight", xp), self._param("bias", xp), self.stride, self.padding, self.dilation, mask,
             backend=self.backend, border_grad=self.border_grad,
         )
 
@@ -190,6 +183,12 @@ class DeformConv2dPack(Block):
 
     ``forward(x, training=False)``; the module docstring gives the equations.
     ``backward`` returns ``((d_x,), params)``.
+
+    ``x`` may be a CUDA array (CuPy array, PyTorch CUDA tensor, Numba device array; needs
+    CuPy): as :class:`DeformConv2d`, the parameters are copied to the device for the call,
+    the offset convolution runs in CuPy and the deformable convolution on the "cuda"
+    backend, and the output and every gradient are CuPy arrays (``grad_out`` must then be
+    a CUDA array: a NumPy one raises ``TypeError``).
     """
 
     def __init__(
@@ -219,18 +218,18 @@ class DeformConv2dPack(Block):
         self._add_param("conv_offset.bias", np.zeros(n_offset))
 
     def forward(self, x, *, training=False):
-        x = self._check_input("x", x, 4, self.in_channels)
+        xp, x = self._placed_input("x", x, 4, self.in_channels)
         offset, conv_cache = self._conv(
             "conv_offset.", x, stride=self.stride, padding=self.padding, dilation=self.dilation
         )  # (N, 2 G K, out_h, out_w)
         y, deform_cache = deform_conv2d_forward(
-            x, offset, self._state["weight"], None, self.stride, self.padding, self.dilation, None,
+            x, offset, self._param("weight", xp), None, self.stride, self.padding, self.dilation, None,
             backend=self.backend, border_grad=self.border_grad,
         )  # (N, C_out, out_h, out_w)
         return y, DeformConv2dPackCache(conv_cache, deform_cache)
 
     def backward(self, grad_out, cache):
-        params = self.zero_grads()
+        params = self.zero_grads(array_module(cache.conv_offset.weight))  # on the forward's side
         g = deform_conv2d_backward(grad_out, cache.deform)
         params["weight"] += g["weight"]
         d_x_offset = self._conv_backward("conv_offset.", g["offset"], cache.conv_offset, params)  # (N, C_in, H, W)
@@ -270,6 +269,11 @@ class ModulatedDeformConv2dPack(Block):
 
     ``forward(x, training=False)``; the module docstring gives the equations.
     ``backward`` returns ``((d_x,), params)``.
+
+    ``x`` may be a CUDA array (needs CuPy): the parameters are copied to the device for
+    the call, the offset convolution, the sigmoid and the concatenation run in CuPy, the
+    deformable convolution on the "cuda" backend, and the output and every gradient are
+    CuPy arrays (``grad_out`` must then be a CUDA array), as :class:`DeformConv2dPack`.
     """
 
     def __init__(
@@ -299,8 +303,7 @@ class ModulatedDeformConv2dPack(Block):
         self._add_param("conv_offset.bias", np.zeros(n_offset))
 
     def forward(self, x, *, training=False):
-        x = self._check_input("x", x, 4, self.in_channels)
-        s = self._state
+        xp, x = self._placed_input("x", x, 4, self.in_channels)
         gk = self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
         t, conv_cache = self._conv(
             "conv_offset.", x, stride=self.stride, padding=self.padding, dilation=self.dilation
@@ -308,19 +311,20 @@ class ModulatedDeformConv2dPack(Block):
         offset = t[:, : 2 * gk]  # cat(o1, o2): (N, 2 G K, out_h, out_w)
         mask, sig_cache = F.sigmoid_forward(t[:, 2 * gk :])  # (N, G K, out_h, out_w)
         y, deform_cache = deform_conv2d_forward(
-            x, offset, s["weight"], s.get("bias"), self.stride, self.padding, self.dilation, mask,
+            x, offset, self._param("weight", xp), self._param("bias", xp), self.stride, self.padding, self.dilation, mask,
             backend=self.backend, border_grad=self.border_grad,
         )
         return y, ModulatedDeformConv2dPackCache(conv_cache, sig_cache, deform_cache)
 
     def backward(self, grad_out, cache):
-        params = self.zero_grads()
+        xp = array_module(cache.conv_offset.weight)  # the forward's side: NumPy or CuPy
+        params = self.zero_grads(xp)
         g = deform_conv2d_backward(grad_out, cache.deform)
         params["weight"] += g["weight"]
         if "bias" in g:
             params["bias"] += g["bias"]
         d_m = F.sigmoid_backward(g["mask"], cache.sigmoid)["x"]  # (N, G K, out_h, out_w)
-        d_t = np.concatenate([g["offset"], d_m], axis=1)  # (N, 3 G K, out_h, out_w)
+        d_t = xp.concatenate([g["offset"], d_m], axis=1)  # (N, 3 G K, out_h, out_w)
         d_x_offset = self._conv_backward("conv_offset.", d_t, cache.conv_offset, params)  # (N, C_in, H, W)
         d_x = g["input"] + d_x_offset  # (N, C_in, H, W)
         return (d_x,), params
@@ -368,6 +372,11 @@ class ConvOffset2D(Block):
     State: ``weight`` (2 filters, filters, 3, 3).
     ``forward(x, training=False)``; ``backward`` returns ``((d_x,), {"weight": ...})``,
     d_x including the path through the offset conv.
+
+    ``x`` may be a CUDA array (needs CuPy): the weight is copied to the device for the
+    call, the offset convolution runs in CuPy and the sampling on the "cuda" backend, and
+    the output and every gradient are CuPy arrays (``grad_out`` must then be a CUDA array),
+    as :class:`DeformConv2dPack`.
     """
 
     def __init__(self, filters, init_normal_stddev=0.01, *, rng=None, dtype=np.float32, backend=None):
@@ -380,7 +389,7 @@ class ConvOffset2D(Block):
         self._add_param("weight", rng.normal(0.0, self.init_normal_stddev, (2 * self.filters, self.filters, 3, 3)))
 
     def forward(self, x, *, training=False):
-        x = self._check_input("x", x, 4, self.filters)
+        _, x = self._placed_input("x", x, 4, self.filters)
         self._check_image("x", x, "the seed's 3x3 offset convolution, padding 1, refuses an empty image in PyTorch")
         b, c, h, w = x.shape
         t, conv_cache = self._conv("", x, stride=1, padding=1)  # (b, 2c, h, w)
@@ -390,8 +399,10 @@ class ConvOffset2D(Block):
 
     def backward(self, grad_out, cache):
         b, c, h, w = cache.x_shape
-        params = self.zero_grads()
-        grad_out = self._check_input("grad_out", grad_out, 4, c)
+        xp = array_module(cache.conv.weight)  # the forward's side: NumPy or CuPy
+        params = self.zero_grads(xp)
+        grad_out = like_forward(type(self).__name__, "grad_out", grad_out, xp)
+        grad_out = self._check_input("grad_out", grad_out, 4, c, xp=xp)
         if grad_out.shape != (b, c, h, w):
             raise ValueError(f"{type(self).__name__}: grad_out must have shape {(b, c, h, w)}, got {tuple(grad_out.shape)}")
         g = batch_map_offsets_backward(grad_out.reshape(b * c, h, w), cache.sampling)

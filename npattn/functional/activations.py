@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._checks import float_array, upstream
+from .._xp import array_module, like_forward, namespace
 
 
 @dataclass(frozen=True)
@@ -51,24 +52,31 @@ def sigmoid(x):
     limit (the overflow is expected and silenced); for x >= 0 the exponent is <= 0.
     Relative accuracy is kept for negative x, where ``1 - sigmoid(-x)`` would cancel.
     (No ``np.where`` over the two signs: it is ~10x slower on a random sign pattern.)
+    ``x``: a NumPy or a CuPy array; the result is of the same module.
     """
-    e = np.negative(x, out=np.empty_like(x))  # one buffer, updated in place: fewer fresh pages
+    xp = array_module(x)
+    e = xp.negative(x, out=xp.empty_like(x))  # one buffer, updated in place: fewer fresh pages
     with np.errstate(over="ignore"):
-        np.exp(e, out=e)  # exp(-x) in (0, inf]
+        xp.exp(e, out=e)  # exp(-x) in (0, inf]
     e += 1
-    return np.reciprocal(e, out=e)
+    return xp.reciprocal(e, out=e)
 
 
 def sigmoid_forward(x):
-    """``y = 1 / (1 + exp(-x))``. Backward: ``dx = dy * y * (1 - y)``."""
-    x = float_array("sigmoid", "x", x)
+    """``y = 1 / (1 + exp(-x))``. Backward: ``dx = dy * y * (1 - y)``.
+
+    ``x``: a NumPy array or a CUDA array (viewed as CuPy; ``y`` and the backward's
+    ``dx`` are then CuPy arrays, and the backward's ``dy`` must be a CUDA array too)."""
+    xp, a = namespace("sigmoid", {"x": x})
+    x = float_array("sigmoid", "x", a["x"], xp=xp)
     y = sigmoid(x)
     return y, SigmoidCache(y)
 
 
 def sigmoid_backward(dy, cache: SigmoidCache):
     y = cache.y
-    dy = upstream("sigmoid_backward", "dy", dy, y.shape, y.dtype)
+    xp = array_module(y)
+    dy = upstream("sigmoid_backward", "dy", like_forward("sigmoid_backward", "dy", dy, xp), y.shape, y.dtype, xp=xp)
     return {"x": dy * y * (1 - y)}  # shape of x
 
 

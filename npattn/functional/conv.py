@@ -1,4 +1,7 @@
-"""2-D convolution (cross-correlation, as ``torch.nn.functional.conv2d``) by im2col + matmul."""
+"""2-D convolution (cross-correlation, as ``torch.nn.functional.conv2d``) by im2col + matmul.
+
+Written once against the array module of the arguments (``xp``, see ``npattn/_xp.py``):
+NumPy arrays run in NumPy, CUDA arrays (all of a call's arrays) in CuPy on the device."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._checks import conv_out_size, float_array, pair, positive_int, same_dtype
+from .._xp import array_module, like_forward, namespace
 
 
 def im2col(x, kernel, stride, padding, dilation):
@@ -14,7 +18,7 @@ def im2col(x, kernel, stride, padding, dilation):
 
     Parameters
     ----------
-    x : ndarray (N, C, H, W)
+    x : ndarray (N, C, H, W), NumPy or CuPy (the result is of the same module)
     kernel, stride, padding, dilation : pairs of ints (h, w)
 
     Returns
@@ -24,6 +28,7 @@ def im2col(x, kernel, stride, padding, dilation):
         ``x_pad`` is ``x`` with ``pad_h`` zero rows above and below and ``pad_w`` zero
         columns left and right.
     """
+    xp = array_module(x)
     n, c, h, w = x.shape
     weight_h, weight_w = kernel
     stride_h, stride_w = stride
@@ -31,8 +36,8 @@ def im2col(x, kernel, stride, padding, dilation):
     dilation_h, dilation_w = dilation
     out_h = (h + 2 * pad_h - dilation_h * (weight_h - 1) - 1) // stride_h + 1
     out_w = (w + 2 * pad_w - dilation_w * (weight_w - 1) - 1) // stride_w + 1
-    x_pad = np.pad(x, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w))) if (pad_h or pad_w) else x
-    cols = np.empty((n, c, weight_h, weight_w, out_h, out_w), dtype=x.dtype)
+    x_pad = xp.pad(x, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)), mode="constant") if (pad_h or pad_w) else x
+    cols = xp.empty((n, c, weight_h, weight_w, out_h, out_w), dtype=x.dtype)
     for i in range(weight_h):
         y0 = i * dilation_h
         for j in range(weight_w):
@@ -50,12 +55,13 @@ def col2im(d_cols, x_shape, stride, padding, dilation):
     Within one tap (i, j) the strided slice visits distinct pixels, so a plain ``+=`` per
     tap is exact; different taps that hit the same pixel are added one after the other.
     """
+    xp = array_module(d_cols)
     n, c, h, w = x_shape
     _, _, weight_h, weight_w, out_h, out_w = d_cols.shape
     stride_h, stride_w = stride
     pad_h, pad_w = padding
     dilation_h, dilation_w = dilation
-    d_x_pad = np.zeros((n, c, h + 2 * pad_h, w + 2 * pad_w), dtype=d_cols.dtype)
+    d_x_pad = xp.zeros((n, c, h + 2 * pad_h, w + 2 * pad_w), dtype=d_cols.dtype)
     for i in range(weight_h):
         y0 = i * dilation_h
         for j in range(weight_w):
@@ -63,10 +69,10 @@ def col2im(d_cols, x_shape, stride, padding, dilation):
             d_x_pad[
                 :, :, y0 : y0 + stride_h * (out_h - 1) + 1 : stride_h, x0 : x0 + stride_w * (out_w - 1) + 1 : stride_w
             ] += d_cols[:, :, i, j]
-    return np.ascontiguousarray(d_x_pad[:, :, pad_h : pad_h + h, pad_w : pad_w + w])
+    return xp.ascontiguousarray(d_x_pad[:, :, pad_h : pad_h + h, pad_w : pad_w + w])
 
 
-def _flat_padded(x, padding, extra):
+def _flat_padded(xp, x, padding, extra):
     """``x`` zero-padded, each (n, c) image flattened to one row of ``Hp * Wp`` values
     followed by ``extra`` zeros: (N, C, Hp * Wp + extra). A view of ``x`` when there is
     nothing to add."""
@@ -75,7 +81,7 @@ def _flat_padded(x, padding, extra):
     if not (pad_h or pad_w or extra):
         return x.reshape(n, c, h * w)
     hp, wp = h + 2 * pad_h, w + 2 * pad_w
-    flat = np.zeros((n, c, hp * wp + extra), dtype=x.dtype)
+    flat = xp.zeros((n, c, hp * wp + extra), dtype=x.dtype)
     flat[:, :, : hp * wp].reshape(n, c, hp, wp)[:, :, pad_h : pad_h + h, pad_w : pad_w + w] = x
     return flat
 
@@ -109,6 +115,11 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     bias : ndarray (C_out,) or None
     stride, padding, dilation : int or pair (h, w); stride, dilation >= 1, padding >= 0
     groups : int dividing both C_in and C_out
+
+    The arrays are NumPy arrays or, all of them, CUDA arrays (``__cuda_array_interface__``:
+    CuPy arrays, PyTorch CUDA tensors, Numba device arrays; needs CuPy): the convolution
+    then runs in CuPy on the device and ``y`` and the backward's gradients are CuPy
+    arrays. A NumPy array among CUDA arrays raises ``TypeError`` naming it.
 
     Returns
     -------
@@ -151,10 +162,12 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         dx                             = dx_rows cropped to the image
     """
     op = "conv2d"
-    x = float_array(op, "x", x, 4, "(N, C, H, W)")
-    weight = float_array(op, "weight", weight, 4, "(C_out, C_in/groups, kh, kw)")
+    xp, a = namespace(op, {"x": x, "weight": weight, "bias": bias})
+    x = float_array(op, "x", a["x"], 4, "(N, C, H, W)", xp=xp)
+    weight = float_array(op, "weight", a["weight"], 4, "(C_out, C_in/groups, kh, kw)", xp=xp)
+    bias = a["bias"]
     if bias is not None:
-        bias = float_array(op, "bias", bias, 1, "(C_out,)")
+        bias = float_array(op, "bias", bias, 1, "(C_out,)", xp=xp)
     same_dtype(op, "x", x, weight=weight, bias=bias)
     stride = pair(op, "stride", stride, 1)
     padding = pair(op, "padding", padding, 0)
@@ -182,24 +195,24 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         pad_h, pad_w = padding
         row_w = w + 2 * pad_w  # Wp
         length = out_h * row_w  # L
-        x_rows = _flat_padded(x, padding, (weight_w - 1) * dilation[1])  # (N, C_in, Hp * Wp + extra)
+        x_rows = _flat_padded(xp, x, padding, (weight_w - 1) * dilation[1])  # (N, C_in, Hp * Wp + extra)
         w_taps = weight.reshape(g, c_out // g, c_per_group, weight_h, weight_w)  # (G, C_out/G, C_in/G, kh, kw)
         y = tmp = None
         for i, j, start in _tap_offsets((weight_h, weight_w), dilation, row_w):
             x_tap = x_rows[:, :, start : start + length].reshape(n, g, c_per_group, length)  # a view
             if y is None:
-                y = np.matmul(w_taps[None, :, :, :, i, j], x_tap)  # (N, G, C_out/G, L)
+                y = xp.matmul(w_taps[None, :, :, :, i, j], x_tap)  # (N, G, C_out/G, L)
             else:
-                tmp = np.matmul(w_taps[None, :, :, :, i, j], x_tap, out=tmp)
+                tmp = xp.matmul(w_taps[None, :, :, :, i, j], x_tap, out=tmp)
                 y += tmp
         y = y.reshape(n, c_out, out_h, row_w)
         if row_w != out_w:
-            y = np.ascontiguousarray(y[:, :, :, :out_w])  # drop the junk columns
+            y = xp.ascontiguousarray(y[:, :, :, :out_w])  # drop the junk columns
         cols = None
     else:
         cols = im2col(x, (weight_h, weight_w), stride, padding, dilation)  # (N, C_in, kh, kw, out_h, out_w)
         cols = cols.reshape(n, g, c_per_group * weight_h * weight_w, out_h * out_w)  # (N, G, Ck, L)
-        y = np.matmul(w_g[None], cols)  # (N, G, C_out/G, L)
+        y = xp.matmul(w_g[None], cols)  # (N, G, C_out/G, L)
         y = y.reshape(n, c_out, out_h, out_w)
         x_rows = None
     if bias is not None:
@@ -209,12 +222,15 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 
 
 def conv2d_backward(dy, cache: Conv2dCache):
-    """Gradients of :func:`conv2d_forward`: dict with ``x``, ``weight`` and ``bias`` (when given)."""
+    """Gradients of :func:`conv2d_forward`: dict with ``x``, ``weight`` and ``bias`` (when given).
+    ``dy`` is on the forward's side: a NumPy array, or a CUDA array when the forward ran
+    on the device (then the gradients are CuPy arrays); the other side raises ``TypeError``."""
+    xp = array_module(cache.weight)
     n, c_in, h, w = cache.x_shape
     c_out, c_per_group, weight_h, weight_w = cache.weight.shape
     g = cache.groups
     out_h, out_w = cache.out_hw
-    dy = float_array("conv2d_backward", "dy", dy, 4)
+    dy = float_array("conv2d_backward", "dy", like_forward("conv2d_backward", "dy", dy, xp), 4, xp=xp)
     same_dtype("conv2d_backward", "the forward's weight", cache.weight, dy=dy)
     if dy.shape != (n, c_out, out_h, out_w):
         raise ValueError(f"conv2d_backward: dy must have shape {(n, c_out, out_h, out_w)}, got {tuple(dy.shape)}")
@@ -225,7 +241,7 @@ def conv2d_backward(dy, cache: Conv2dCache):
         row_w = w + 2 * pad_w  # Wp
         length = out_h * row_w  # L
         if row_w != out_w:  # the junk columns get a zero gradient
-            dy_rows = np.zeros((n, c_out, out_h, row_w), dtype=dy.dtype)
+            dy_rows = xp.zeros((n, c_out, out_h, row_w), dtype=dy.dtype)
             dy_rows[:, :, :, :out_w] = dy
         else:
             dy_rows = dy
@@ -233,32 +249,32 @@ def conv2d_backward(dy, cache: Conv2dCache):
         w_taps = cache.weight.reshape(g, c_out // g, c_per_group, weight_h, weight_w)  # (G, C_out/G, C_in/G, kh, kw)
         # tiny per-group matrices: einsum's loop beats N*G small BLAS calls
         small = (c_out // g) * c_per_group <= 16
-        d_w = np.empty_like(w_taps)  # (G, C_out/G, C_in/G, kh, kw)
+        d_w = xp.empty_like(w_taps)  # (G, C_out/G, C_in/G, kh, kw)
         taps = _tap_offsets((weight_h, weight_w), cache.dilation, row_w)
         for i, j, start in taps:
             x_tap = cache.x_rows[:, :, start : start + length].reshape(n, g, c_per_group, length)  # a view
             if small:
-                d_w[:, :, :, i, j] = np.einsum("ngol,ngcl->goc", dy_g, x_tap)
+                d_w[:, :, :, i, j] = xp.einsum("ngol,ngcl->goc", dy_g, x_tap)
             else:
-                d_w[:, :, :, i, j] = np.matmul(dy_g, x_tap.transpose(0, 1, 3, 2)).sum(axis=0)
+                d_w[:, :, :, i, j] = xp.matmul(dy_g, x_tap.transpose(0, 1, 3, 2)).sum(axis=0)
         if weight_h == weight_w == 1 and not (pad_h or pad_w):
-            d_rows = np.matmul(w_taps[None, :, :, :, 0, 0].transpose(0, 1, 3, 2), dy_g)  # (N, G, C_in/G, HW)
+            d_rows = xp.matmul(w_taps[None, :, :, :, 0, 0].transpose(0, 1, 3, 2), dy_g)  # (N, G, C_in/G, HW)
             grads["x"] = d_rows.reshape(cache.x_shape)  # (N, C_in, H, W)
         else:
             hp = h + 2 * pad_h
-            d_rows = np.zeros((n, c_in, hp * row_w + (weight_w - 1) * cache.dilation[1]), dtype=dy.dtype)
+            d_rows = xp.zeros((n, c_in, hp * row_w + (weight_w - 1) * cache.dilation[1]), dtype=dy.dtype)
             d_tap = None
             for i, j, start in taps:
-                d_tap = np.matmul(w_taps[None, :, :, :, i, j].transpose(0, 1, 3, 2), dy_g, out=d_tap)  # (N, G, C_in/G, L)
+                d_tap = xp.matmul(w_taps[None, :, :, :, i, j].transpose(0, 1, 3, 2), dy_g, out=d_tap)  # (N, G, C_in/G, L)
                 d_rows[:, :, start : start + length] += d_tap.reshape(n, c_in, length)
             d_pad = d_rows[:, :, : hp * row_w].reshape(n, c_in, hp, row_w)  # (N, C_in, Hp, Wp)
-            grads["x"] = np.ascontiguousarray(d_pad[:, :, pad_h : pad_h + h, pad_w : pad_w + w])  # (N, C_in, H, W)
+            grads["x"] = xp.ascontiguousarray(d_pad[:, :, pad_h : pad_h + h, pad_w : pad_w + w])  # (N, C_in, H, W)
     else:
         dy_g = dy.reshape(n, g, c_out // g, out_h * out_w)  # (N, G, C_out/G, L)
-        d_cols = np.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (N, G, Ck, L)
+        d_cols = xp.matmul(w_g.transpose(0, 2, 1)[None], dy_g)  # (N, G, Ck, L)
         d_cols = d_cols.reshape(n, c_in, weight_h, weight_w, out_h, out_w)  # (N, C_in, kh, kw, out_h, out_w)
         grads["x"] = col2im(d_cols, cache.x_shape, cache.stride, cache.padding, cache.dilation)  # (N, C_in, H, W)
-        d_w = np.matmul(dy_g, cache.cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, C_out/G, Ck)
+        d_w = xp.matmul(dy_g, cache.cols.transpose(0, 1, 3, 2)).sum(axis=0)  # (G, C_out/G, Ck)
     grads["weight"] = d_w.reshape(cache.weight.shape)  # (C_out, C_in/G, kh, kw)
     if cache.has_bias:
         grads["bias"] = dy.sum(axis=(0, 2, 3))  # (C_out,)
