@@ -25,12 +25,16 @@ result does not depend on the number of threads or their timing (identical run t
 * ``deform_col2im_coord``: one iteration per output row (n, g, k, oy); it owns
   ``d_offset[n, 2*(g*K+k) : 2*(g*K+k)+2, oy, :]`` and ``d_mask[n, g*K+k, oy, :]`` and sums
   over the channels of the group in increasing order.
+* ``deform_conv_forward`` (deform_conv2d's forward on this backend): one iteration per
+  (n, weight group, tile of ``PRODUCT_COLUMNS`` output pixels); it samples the tile's
+  columns into a buffer of its own, with im2col's arithmetic, and owns the tile of the
+  output, which it computes with one gemm call (see "the matrix products" below).
 * ``map_coordinates_clamped`` and its backward: one iteration per map b (the backward
   owns ``d_x[b]`` and ``d_coords[b]``).
 
 The scalar arithmetic is ``_bilinear.py``'s, shared with cuda.py (compiled here with
-``njit``). The deformable kernels read the image (and accumulate its gradient) through a copy with
-a zero border, so a corner outside the image reads 0 without a test per corner; the
+``njit``). The deformable kernels read the image (and accumulate its gradient) through a
+copy with a zero border, so a corner outside the image reads 0 without a test per corner; the
 arithmetic is numpy.py's, in the same order and dtype, so im2col and the offset/mask
 gradients agree with it bit for bit and the scatters to rounding (summation order).
 
