@@ -93,6 +93,11 @@ class FakeDeviceArray:
     itemsize = property(lambda self: self._a.itemsize)
 
     @property
+    def flags(self):  # CuPy's ndarray.flags: c_contiguous, f_contiguous, owndata
+        f = self._a.flags
+        return types.SimpleNamespace(c_contiguous=f.c_contiguous, f_contiguous=f.f_contiguous, owndata=f.owndata)
+
+    @property
     def __cuda_array_interface__(self):
         a = self._a
         return {

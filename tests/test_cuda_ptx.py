@@ -23,9 +23,10 @@ if not SIMULATOR:
 
 # the oldest compute capability this NVVM accepts, the A100's and the H100's
 CCS = [(7, 5), (8, 0), (9, 0)]
-KERNELS = ["im2col", "col2im", "coord", "map", "map_backward", "cast", "zero"]
+# the deformable kernels twice: 32-bit index arithmetic, and the 64-bit fallback ("/64")
+KERNELS = ["im2col", "col2im", "coord", "im2col/64", "col2im/64", "coord/64", "map", "map_backward", "cast", "zero"]
 # the float64 accumulators of the scatters use atomic adds
-ATOMIC = {"col2im", "map_backward"}
+ATOMIC = {"col2im", "col2im/64", "map_backward"}
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
@@ -41,6 +42,8 @@ def test_kernel_compiles_to_ptx(name, dtype, cc):
     assert ".entry" in ptx
     has_atomic = "atom.global.add.f64" in ptx
     assert has_atomic == (name in ATOMIC), f"{name}: float64 atomic add {'missing' if not has_atomic else 'unexpected'}"
+    if name in ("im2col", "col2im", "coord"):  # the 32-bit variants split their flat index with 32-bit divisions
+        assert re.search(r"\b(div|rem)\.u32\b", ptx), f"{name}: no 32-bit division"
     if np.dtype(dtype) == np.float32 and name not in ("cast", "zero"):
         # float32 kernels compute in float32: no silent promotion of the arithmetic to
         # float64 (only the accumulators of the scatters are float64, via atomics)

@@ -6,7 +6,8 @@ see ``numpy.py`` for the semantics. Every kernel is a grid-stride loop:
 * ``deform_im2col``: one thread per sampling position (n, g, k, oy, ox): it computes the
   position, its corners and bilinear weights once, then samples the group's channels in
   turn; neighbouring threads differ in ox, so the reads of offset / mask and the writes
-  of the columns are coalesced;
+  of the columns are coalesced. The deformable kernels take flat (1-D) views of
+  C-contiguous arrays and advance their indices by one plane per channel;
 * ``deform_col2im``: one thread per sampling position, looping over the group's
   channels; it adds ``w * (m * D)`` to each in-image corner with ``cuda.atomic.add`` into
   a float64 buffer (as numpy.py sums in float64), which is then rounded to the dtype of
@@ -19,10 +20,11 @@ see ``numpy.py`` for the semantics. Every kernel is a grid-stride loop:
 
 The scalar arithmetic (support test, cell and weights, the bilinear blend, its position
 derivatives, the seed's clamped sampling) is ``_bilinear.py``'s, the same Python functions
-that cpu.py compiles for the CPU, here compiled as inlined device functions. A kernel
-splits its flat thread index into (n, g, k, oy, ox) with unsigned 32-bit divisions when
-the call has fewer than 2**32 sampling positions (every realistic one), else with 64-bit
-ones; array indexing stays 64-bit.
+that cpu.py compiles for the CPU, here compiled as inlined device functions. The
+deformable kernels are built twice: with their index arithmetic (splitting the thread
+index into (n, g, k, oy, ox), the flat indices of x, columns, offset and mask) in
+unsigned 32-bit integers, used when every flat index of the call is below 2**32 (every
+realistic call), and in 64-bit integers, the fallback ("<name>/64").
 
 The float64 atomic scatters add in an unspecified order, so ``d_x`` may differ from run to
 run in the last bits of float64 (for float32 inputs the final rounding almost always hides
@@ -145,38 +147,28 @@ _clamped_point_backward = _device(_bilinear.clamped_point_backward)
 
 
 @_device
-def _unravel(t, ow, oh, K, G, narrow):
-    # (n, g, k, oy, ox) of flat position t in the row-major order (N, G, K, oh, ow). With
-    # narrow (set by the host when N G K oh ow < 2**32) the divisions are unsigned 32-bit
-    # ones, which a GPU does several times faster than 64-bit ones; results are int64.
-    if narrow:
-        t32 = uint32(t)
-        ow32 = uint32(ow)
-        oh32 = uint32(oh)
-        k32 = uint32(K)
-        g32 = uint32(G)
-        q1 = uint32(t32 // ow32)
-        q2 = uint32(q1 // oh32)
-        q3 = uint32(q2 // k32)
-        q4 = uint32(q3 // g32)
-        return (int64(q4), int64(q3 - q4 * g32), int64(q2 - q3 * k32), int64(q1 - q2 * oh32),
-                int64(t32 - q1 * ow32))
-    q1 = t // ow
-    q2 = q1 // oh
-    q3 = q2 // K
-    q4 = q3 // G
-    return q4, q3 - q4 * G, q2 - q3 * K, q1 - q2 * oh, t - q1 * ow
+def _divmod(a, b, ity):
+    # (a // b, a % b) for non-negative a, b, in the integer type ity
+    q = ity(a // b)
+    return q, ity(a - q * b)
 
 
 @_device
-def _position(offset, n, g, k, oy, ox, K, kw, sh, sw, ph, pw, dh, dw, tp):
-    # (ch, p_y, p_x): the offset channel of tap k of group g and the sample position
-    i = k // kw
-    j = k - i * kw
-    ch = 2 * (g * K + k)
-    py = tp(oy * sh - ph + i * dh) + offset[n, ch, oy, ox]
-    px = tp(ox * sw - pw + j * dw) + offset[n, ch + 1, oy, ox]
-    return ch, py, px
+def _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity):
+    # Flat sampling position t in the row-major order (N, G, K, oh, ow) -> (n, g, k, q,
+    # pix, p_y, p_x): q = (n G + g) K + k, pix = oy ow + ox; the offset pair is at
+    # 2 q L + pix and (2 q + 1) L + pix of the flat offset (N, 2 G K, oh, ow), and the
+    # mask entry at t itself. Index arithmetic in ity (uint32 or int64), positions in
+    # int64 (they may be negative), the sample position in tp.
+    q, pix = _divmod(ity(t), ity(L), ity)
+    oy, ox = _divmod(pix, ity(ow), ity)
+    u, k = _divmod(q, ity(K), ity)
+    n, g = _divmod(u, ity(G), ity)
+    i, j = _divmod(k, ity(kw), ity)
+    oi = ity(ity(2) * q * ity(L) + pix)
+    py = tp(int64(oy) * sh - ph + int64(i) * dh) + offset[oi]
+    px = tp(int64(ox) * sw - pw + int64(j) * dw) + offset[oi + ity(L)]
+    return n, g, k, q, pix, py, px
 
 
 @_device
@@ -186,152 +178,167 @@ def _inside_corners(y0, x0, H, W):
 
 
 @_device
-def _corners(x, n, c, y0, x0, up, down, left, right, zero):
-    # the four corner values of channel c, 0 for a corner outside the image (not read)
-    v00 = x[n, c, y0, x0] if (up and left) else zero
-    v01 = x[n, c, y0, x0 + 1] if (up and right) else zero
-    v10 = x[n, c, y0 + 1, x0] if (down and left) else zero
-    v11 = x[n, c, y0 + 1, x0 + 1] if (down and right) else zero
+def _corners(x, b11, W, up, down, left, right, zero):
+    # the four corner values of a cell whose lower-right corner (y0 + 1, x0 + 1) is at flat
+    # index b11 (never negative: y0, x0 >= -1); a corner outside the image is not read
+    # (its index, which may wrap around in unsigned arithmetic, is not even formed)
+    v00 = x[b11 - W - 1] if (up and left) else zero
+    v01 = x[b11 - W] if (up and right) else zero
+    v10 = x[b11 - 1] if (down and left) else zero
+    v11 = x[b11] if (down and right) else zero
     return v00, v01, v10, v11
 
 
 # ---------------------------------------------------------------------------------------
 # kernels: deformable convolution
+#
+# All arrays are flat (1-D views of C-contiguous arrays). One thread per sampling position
+# (n, g, k, oy, ox): the position, its corners and bilinear weights are computed once,
+# then the group's channels are visited in turn, the flat indices of x and of the columns
+# advancing by H W and K L per channel. Neighbouring threads differ in ox, so the reads of
+# offset / mask / columns and the writes of the columns are coalesced. The kernels are
+# built twice by _deform_kernels: with unsigned 32-bit index arithmetic (every flat index
+# of the call below 2**32) and with 64-bit arithmetic (the fallback).
 
 
-def _im2col_k(x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, narrow, cols):
-    # One thread per sampling position (n, g, k, oy, ox): the position, its corners and
-    # bilinear weights are computed once, then the group's channels are sampled in turn.
-    # Neighbouring threads differ in ox, so every read of offset / mask and every write of
-    # cols is coalesced. x (N, C, H, W); offset (N, 2*G*K, oh, ow); mask (N, G*K, oh, ow)
-    # (read only if has_mask); cols (N, C, K, oh, ow)
-    N = x.shape[0]
-    C = x.shape[1]
-    H = x.shape[2]
-    W = x.shape[3]
-    K = kh * kw
-    oh = cols.shape[3]
-    ow = cols.shape[4]
-    cpg = C // G
-    tp = x.dtype.type
-    zero = tp(0)
-    one = tp(1)
-    total = N * G * K * oh * ow
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    for t in range(start, total, step):
-        n, g, k, oy, ox = _unravel(t, ow, oh, K, G, narrow)
-        ch, py, px = _position(offset, n, g, k, oy, ox, K, kw, sh, sw, ph, pw, dh, dw, tp)
-        m = mask[n, g * K + k, oy, ox] if has_mask else one
-        if _in_support(py, px, H, W, False):  # false for NaN and inf
-            y0, x0, ly, lx, hy, hx = _cell(py, px, tp)  # y0 in [-1, H-1], x0 in [-1, W-1]
-            w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
-            up, down, left, right = _inside_corners(y0, x0, H, W)
-            for c in range(g * cpg, (g + 1) * cpg):
-                v00, v01, v10, v11 = _corners(x, n, c, y0, x0, up, down, left, right, zero)
-                v = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
-                cols[n, c, k, oy, ox] = m * v if has_mask else v
-        else:
-            for c in range(g * cpg, (g + 1) * cpg):
-                cols[n, c, k, oy, ox] = m * zero if has_mask else zero
+def _deform_kernels(ity):
+    """The three deformable kernels with index arithmetic in ``ity`` (uint32 or int64)."""
 
-
-def _col2im_k(d_cols, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, narrow, d_x):
-    # One thread per sampling position (n, g, k, oy, ox), looping over the group's
-    # channels: each adds w * (m * D) to the in-image corners with float64 atomics.
-    # d_cols (N, C, K, oh, ow); d_x (N, C, H, W) float64, zero on entry
-    N = d_cols.shape[0]
-    C = d_cols.shape[1]
-    H = d_x.shape[2]
-    W = d_x.shape[3]
-    K = kh * kw
-    oh = d_cols.shape[3]
-    ow = d_cols.shape[4]
-    cpg = C // G
-    tp = d_cols.dtype.type
-    one = tp(1)
-    total = N * G * K * oh * ow
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    for t in range(start, total, step):
-        n, g, k, oy, ox = _unravel(t, ow, oh, K, G, narrow)
-        ch, py, px = _position(offset, n, g, k, oy, ox, K, kw, sh, sw, ph, pw, dh, dw, tp)
-        if _in_support(py, px, H, W, False):
-            m = mask[n, g * K + k, oy, ox] if has_mask else one
-            y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
-            w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
-            up, down, left, right = _inside_corners(y0, x0, H, W)
-            for c in range(g * cpg, (g + 1) * cpg):
-                d = d_cols[n, c, k, oy, ox]
-                if has_mask:
-                    d = m * d
-                if up and left:
-                    cuda.atomic.add(d_x, (n, c, y0, x0), float64(w00 * d))
-                if up and right:
-                    cuda.atomic.add(d_x, (n, c, y0, x0 + 1), float64(w01 * d))
-                if down and left:
-                    cuda.atomic.add(d_x, (n, c, y0 + 1, x0), float64(w10 * d))
-                if down and right:
-                    cuda.atomic.add(d_x, (n, c, y0 + 1, x0 + 1), float64(w11 * d))
-
-
-def _coord_k(d_cols, x, offset, mask, has_mask, kh, kw, sh, sw, ph, pw, dh, dw, G, narrow, d_offset, d_mask,
-            border_mmcv, write_cols, cols):
-    # One thread per position (n, g, k, oy, ox); sums over the group's channels in order.
-    # border_mmcv: the offset gradient's support is (-1, H) x (-1, W) (mmcv), else
-    # [-1, H) x [-1, W) (torchvision); they differ only at p exactly -1. write_cols: also
-    # write the forward's columns (N, C, K, oh, ow) into cols, the same numbers as
-    # _im2col_k (the backward needs them for the weight gradient).
-    N = x.shape[0]
-    C = x.shape[1]
-    H = x.shape[2]
-    W = x.shape[3]
-    K = kh * kw
-    oh = d_cols.shape[3]
-    ow = d_cols.shape[4]
-    cpg = C // G
-    tp = x.dtype.type
-    zero = tp(0)
-    one = tp(1)
-    total = N * G * K * oh * ow
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    for t in range(start, total, step):
-        n, g, k, oy, ox = _unravel(t, ow, oh, K, G, narrow)
-        ch, py, px = _position(offset, n, g, k, oy, ox, K, kw, sh, sw, ph, pw, dh, dw, tp)
-        m = mask[n, g * K + k, oy, ox] if has_mask else one
-        acc_y = zero
-        acc_x = zero
-        acc_m = zero
-        sample = _in_support(py, px, H, W, False)
-        if _in_support(py, px, H, W, not border_mmcv):  # the gradient's support; false for NaN and inf
-            y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
-            w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
-            up, down, left, right = _inside_corners(y0, x0, H, W)
-            for c in range(g * cpg, (g + 1) * cpg):
-                v00, v01, v10, v11 = _corners(x, n, c, y0, x0, up, down, left, right, zero)
-                d = d_cols[n, c, k, oy, ox]
-                gy, gx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)
-                v = zero
-                if sample:
+    def im2col(x, offset, mask, has_mask, N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, oh, ow, cols):
+        # x (N, C, H, W); offset (N, 2 G K, oh, ow); mask (N, G K, oh, ow) (read only if
+        # has_mask); cols (N, C, K, oh, ow): every element written
+        K = kh * kw
+        L = oh * ow
+        cpg = C // G
+        tp = x.dtype.type
+        zero = tp(0)
+        one = tp(1)
+        HW = ity(H * W)
+        KL = ity(K * L)
+        start = cuda.grid(1)
+        step = cuda.gridsize(1)
+        for t in range(start, N * G * K * L, step):
+            n, g, k, q, pix, py, px = _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity)
+            m = mask[ity(t)] if has_mask else one
+            c0 = ity(n * ity(C) + g * ity(cpg))  # first channel of the group, as (n, c)
+            ci = ity(ity(c0 * ity(K) + k) * ity(L) + pix)  # cols[n, c0, k, oy, ox]
+            if _in_support(py, px, H, W, False):  # false for NaN and inf
+                y0, x0, ly, lx, hy, hx = _cell(py, px, tp)  # y0 in [-1, H-1], x0 in [-1, W-1]
+                w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
+                up, down, left, right = _inside_corners(y0, x0, H, W)
+                b11 = ity(c0 * HW + ity(y0 + 1) * ity(W) + ity(x0 + 1))  # x[n, c0, y0 + 1, x0 + 1]
+                for _ in range(cpg):
+                    v00, v01, v10, v11 = _corners(x, b11, ity(W), up, down, left, right, zero)
                     v = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
-                if has_mask:
-                    acc_y += (m * gy) * d
-                    acc_x += (m * gx) * d
+                    cols[ci] = m * v if has_mask else v
+                    b11 = ity(b11 + HW)
+                    ci = ity(ci + KL)
+            else:
+                for _ in range(cpg):
+                    cols[ci] = m * zero if has_mask else zero
+                    ci = ity(ci + KL)
+
+    def col2im(d_cols, offset, mask, has_mask, N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, oh, ow, d_x):
+        # d_cols (N, C, K, oh, ow); d_x (N, C, H, W) float64, zero on entry: each term
+        # w * (m * D) is formed in the dtype of d_cols and added with a float64 atomic
+        K = kh * kw
+        L = oh * ow
+        cpg = C // G
+        tp = d_cols.dtype.type
+        one = tp(1)
+        HW = ity(H * W)
+        KL = ity(K * L)
+        start = cuda.grid(1)
+        step = cuda.gridsize(1)
+        for t in range(start, N * G * K * L, step):
+            n, g, k, q, pix, py, px = _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity)
+            if _in_support(py, px, H, W, False):
+                m = mask[ity(t)] if has_mask else one
+                c0 = ity(n * ity(C) + g * ity(cpg))
+                ci = ity(ity(c0 * ity(K) + k) * ity(L) + pix)
+                y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
+                w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
+                up, down, left, right = _inside_corners(y0, x0, H, W)
+                b11 = ity(c0 * HW + ity(y0 + 1) * ity(W) + ity(x0 + 1))
+                for _ in range(cpg):
+                    d = d_cols[ci]
+                    if has_mask:
+                        d = m * d
+                    if up and left:
+                        cuda.atomic.add(d_x, b11 - ity(W) - ity(1), float64(w00 * d))
+                    if up and right:
+                        cuda.atomic.add(d_x, b11 - ity(W), float64(w01 * d))
+                    if down and left:
+                        cuda.atomic.add(d_x, b11 - ity(1), float64(w10 * d))
+                    if down and right:
+                        cuda.atomic.add(d_x, b11, float64(w11 * d))
+                    b11 = ity(b11 + HW)
+                    ci = ity(ci + KL)
+
+    def coord(d_cols, x, offset, mask, has_mask, N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, oh, ow, d_offset,
+              d_mask, border_mmcv, write_cols, cols):
+        # Sums over the group's channels in increasing order. border_mmcv: the offset
+        # gradient's support is (-1, H) x (-1, W) (mmcv), else [-1, H) x [-1, W)
+        # (torchvision); they differ only at p exactly -1. write_cols: also write the
+        # forward's columns into cols, the numbers of im2col (for the weight gradient).
+        K = kh * kw
+        L = oh * ow
+        cpg = C // G
+        tp = x.dtype.type
+        zero = tp(0)
+        one = tp(1)
+        HW = ity(H * W)
+        KL = ity(K * L)
+        start = cuda.grid(1)
+        step = cuda.gridsize(1)
+        for t in range(start, N * G * K * L, step):
+            n, g, k, q, pix, py, px = _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity)
+            m = mask[ity(t)] if has_mask else one
+            c0 = ity(n * ity(C) + g * ity(cpg))
+            ci = ity(ity(c0 * ity(K) + k) * ity(L) + pix)
+            acc_y = zero
+            acc_x = zero
+            acc_m = zero
+            sample = _in_support(py, px, H, W, False)
+            if _in_support(py, px, H, W, not border_mmcv):  # the gradient's support; false for NaN and inf
+                y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
+                w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
+                up, down, left, right = _inside_corners(y0, x0, H, W)
+                b11 = ity(c0 * HW + ity(y0 + 1) * ity(W) + ity(x0 + 1))
+                for _ in range(cpg):
+                    v00, v01, v10, v11 = _corners(x, b11, ity(W), up, down, left, right, zero)
+                    d = d_cols[ci]
+                    gy, gx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)
+                    v = zero
                     if sample:
-                        acc_m += v * d
-                else:
-                    acc_y += gy * d
-                    acc_x += gx * d
-                if write_cols:
-                    cols[n, c, k, oy, ox] = m * v if has_mask else v
-        elif write_cols:
-            for c in range(g * cpg, (g + 1) * cpg):
-                cols[n, c, k, oy, ox] = m * zero if has_mask else zero
-        d_offset[n, ch, oy, ox] = acc_y
-        d_offset[n, ch + 1, oy, ox] = acc_x
-        if has_mask:
-            d_mask[n, g * K + k, oy, ox] = acc_m
+                        v = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
+                    if has_mask:
+                        acc_y += (m * gy) * d
+                        acc_x += (m * gx) * d
+                        if sample:
+                            acc_m += v * d
+                    else:
+                        acc_y += gy * d
+                        acc_x += gx * d
+                    if write_cols:
+                        cols[ci] = m * v if has_mask else v
+                    b11 = ity(b11 + HW)
+                    ci = ity(ci + KL)
+            elif write_cols:
+                for _ in range(cpg):
+                    cols[ci] = m * zero if has_mask else zero
+                    ci = ity(ci + KL)
+            oi = ity(ity(2) * q * ity(L) + pix)
+            d_offset[oi] = acc_y
+            d_offset[oi + ity(L)] = acc_x
+            if has_mask:
+                d_mask[ity(t)] = acc_m
+
+    return {"im2col": im2col, "col2im": col2im, "coord": coord}
+
+
+_NARROW_KERNELS = _deform_kernels(uint32)  # every flat index of the call < 2**32
+_WIDE_KERNELS = _deform_kernels(int64)
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,9 +402,8 @@ def _cast_k(src, dst):
 # compilation: lazily, once per kernel (the simulator and PTX checks use the same source)
 
 _PYFUNCS = {
-    "im2col": _im2col_k,
-    "col2im": _col2im_k,
-    "coord": _coord_k,
+    **{name: f for name, f in _NARROW_KERNELS.items()},
+    **{name + "/64": f for name, f in _WIDE_KERNELS.items()},
     "map": _map_k,
     "map_backward": _map_backward_k,
     "cast": _cast_k,
@@ -416,15 +422,20 @@ def _kernel(name):
 def ptx_kernels(dtype):
     """``{name: (python function, signature)}`` of every kernel for ``dtype`` (float32 or
     float64), for ``numba.cuda.compile_ptx``; the signatures are those the host wrappers
-    launch with C-contiguous arrays."""
+    launch with (flat C-contiguous arrays for the deformable kernels, whose 64-bit-index
+    variants are named "<name>/64")."""
     ft = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}[np.dtype(dtype)]
-    a4, a5, a3, a2 = ft[:, :, :, ::1], ft[:, :, :, :, ::1], ft[:, :, ::1], ft[:, ::1]
-    acc4, acc3 = float64[:, :, :, ::1], float64[:, :, ::1]
-    geo = (int64,) * 9
+    a1, a3, a2 = ft[::1], ft[:, :, ::1], ft[:, ::1]
+    acc1, acc3 = float64[::1], float64[:, :, ::1]
+    geo = (int64,) * 15  # N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, oh, ow
+    deform = {
+        "im2col": (a1, a1, a1, boolean, *geo, a1),
+        "col2im": (a1, a1, a1, boolean, *geo, acc1),
+        "coord": (a1, a1, a1, a1, boolean, *geo, a1, a1, boolean, boolean, a1),
+    }
     return {
-        "im2col": (_im2col_k, (a4, a4, a4, boolean, *geo, boolean, a5)),
-        "col2im": (_col2im_k, (a5, a4, a4, boolean, *geo, boolean, acc4)),
-        "coord": (_coord_k, (a5, a4, a4, a4, boolean, *geo, boolean, a4, a4, boolean, boolean, a5)),
+        **{name: (_NARROW_KERNELS[name], sig) for name, sig in deform.items()},
+        **{name + "/64": (_WIDE_KERNELS[name], sig) for name, sig in deform.items()},
         "map": (_map_k, (a3, a3, a2)),
         "map_backward": (_map_backward_k, (a2, a3, a3, acc3, a3)),
         "cast": (_cast_k, (float64[::1], ft[::1])),
@@ -451,19 +462,31 @@ def _launch(name, total, *args):
 # ---------------------------------------------------------------------------------------
 # host wrappers
 
-NARROW_LIMIT = 2**32  # flat sampling positions below this are unravelled in 32-bit arithmetic
+NARROW_LIMIT = 2**32  # calls whose flat indices all stay below this use 32-bit index arithmetic
 
 
-def _narrow(total):
-    """Whether the deformable kernels may unravel their flat positions (all < ``total``)
-    with unsigned 32-bit divisions; else 64-bit ones (the fallback for huge calls)."""
-    return total < NARROW_LIMIT
+def _narrow(*sizes):
+    """Whether the deformable kernels may do their index arithmetic in unsigned 32 bits:
+    every flat index of the call (below the largest array's size) fits; else the
+    64-bit kernels run (the fallback for huge calls)."""
+    return max(sizes) < NARROW_LIMIT
+
+
+def _deform_name(name, *sizes):
+    return name if _narrow(*sizes) else name + "/64"
 
 
 def _is_device_array(a):
     if hasattr(cuda, "is_cuda_array"):
         return cuda.is_cuda_array(a)  # anything with __cuda_array_interface__
     return cuda.devicearray.is_cuda_ndarray(a)  # Numba's CUDA simulator
+
+
+def _c_contiguous(a):
+    flags = getattr(a, "flags", None)
+    if flags is not None and hasattr(flags, "c_contiguous"):
+        return bool(flags.c_contiguous)  # NumPy, CuPy
+    return bool(a.is_c_contiguous())  # Numba device arrays
 
 
 def _is_cupy(a):
@@ -514,6 +537,24 @@ class _Io:
             return a
         return cuda.as_cuda_array(a)  # e.g. PyTorch CUDA tensors
 
+    def flat(self, a):
+        """``a`` on the device as a flat 1-D view of C-contiguous data (the deformable
+        kernels index flat memory). A non-contiguous device array is copied into a
+        contiguous one on the device when CuPy is at hand, else refused."""
+        d = self.dev(a)
+        if _is_cupy(d):
+            return (d if d.flags.c_contiguous else d.copy()).reshape(-1)  # copy(): C order, on the device
+        if not d.is_c_contiguous():
+            try:
+                import cupy
+            except ImportError:
+                raise ValueError(
+                    "the cuda sampling kernels read C-contiguous device arrays; got a non-contiguous "
+                    f"{type(a).__name__} of shape {tuple(a.shape)} (make it contiguous, or install CuPy)"
+                ) from None
+            return cupy.ascontiguousarray(cupy.asarray(d)).reshape(-1)
+        return d.reshape(d.size)
+
     def empty(self, shape, dtype):
         if self.cupy is not None:
             return self.cupy.empty(shape, dtype=dtype)
@@ -560,11 +601,10 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     dtype = np.dtype(x.dtype)
     cols = io.empty((N, C, kh, kw, oh, ow), dtype)
     if cols.size:
-        x_d, off_d = io.dev(x), io.dev(offset)
-        m_d = io.dev(mask) if mask is not None else io.dummy(dtype)
-        total = N * G * kh * kw * oh * ow
-        _launch("im2col", total, x_d, off_d, m_d, mask is not None, kh, kw, sh, sw, ph, pw, dh, dw, G,
-                _narrow(total), cols.reshape(N, C, kh * kw, oh, ow))
+        x_d, off_d = io.flat(x), io.flat(offset)
+        m_d = io.flat(mask) if mask is not None else io.dummy(dtype, 1)
+        _launch(_deform_name("im2col", cols.size, x_d.size, off_d.size), N * G * kh * kw * oh * ow, x_d, off_d, m_d,
+                mask is not None, N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, oh, ow, cols.reshape(cols.size))
     return io.out(cols)
 
 
@@ -579,11 +619,10 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     dtype = np.dtype(d_cols.dtype)
     acc = io.zeros64((N, C, H, W))
     if acc.size and d_cols.size:
-        dc_d, off_d = io.dev(d_cols), io.dev(offset)
-        m_d = io.dev(mask) if mask is not None else io.dummy(dtype)
-        total = N * G * kh * kw * oh * ow
-        _launch("col2im", total, dc_d.reshape(N, C, kh * kw, oh, ow), off_d, m_d, mask is not None, kh, kw, sh, sw,
-                ph, pw, dh, dw, G, _narrow(total), acc)
+        dc_d, off_d = io.flat(d_cols), io.flat(offset)
+        m_d = io.flat(mask) if mask is not None else io.dummy(dtype, 1)
+        _launch(_deform_name("col2im", dc_d.size, acc.size, off_d.size), N * G * kh * kw * oh * ow, dc_d, off_d, m_d,
+                mask is not None, N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, oh, ow, acc.reshape(acc.size))
     return io.out(io.rounded(acc, dtype))
 
 
@@ -608,16 +647,18 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
     d_mask = None if mask is None else io.empty(tuple(mask.shape), dtype)
     cols_host = cols_out is not None and isinstance(cols_out, np.ndarray)
     cols_d = None
+    if cols_out is not None and not cols_host and not _c_contiguous(cols_out):
+        raise ValueError(f"{op}: cols_out must be C-contiguous (the kernel writes it as flat memory)")
     if cols_out is not None:
         cols_d = io.empty(tuple(d_cols.shape), dtype) if cols_host else cols_out
     if d_offset.size:
-        dc_d, x_d, off_d = io.dev(d_cols), io.dev(x), io.dev(offset)
-        m_d = io.dev(mask) if mask is not None else io.dummy(dtype)
-        dm_d = d_mask if d_mask is not None else io.dummy(dtype)
-        c_d = cols_d.reshape(N, C, kh * kw, oh, ow) if cols_d is not None else io.dummy(dtype, 5)
-        total = N * G * kh * kw * oh * ow
-        _launch("coord", total, dc_d.reshape(N, C, kh * kw, oh, ow), x_d, off_d, m_d, mask is not None, kh, kw, sh,
-                sw, ph, pw, dh, dw, G, _narrow(total), d_offset, dm_d, border_mmcv, cols_d is not None, c_d)
+        dc_d, x_d, off_d = io.flat(d_cols), io.flat(x), io.flat(offset)
+        m_d = io.flat(mask) if mask is not None else io.dummy(dtype, 1)
+        dm_d = d_mask.reshape(d_mask.size) if d_mask is not None else io.dummy(dtype, 1)
+        c_d = io.flat(cols_d) if cols_d is not None else io.dummy(dtype, 1)
+        _launch(_deform_name("coord", dc_d.size, x_d.size, off_d.size), N * G * kh * kw * oh * ow, dc_d, x_d, off_d,
+                m_d, mask is not None, N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, oh, ow,
+                d_offset.reshape(d_offset.size), dm_d, border_mmcv, cols_d is not None, c_d)
     if cols_host and cols_d.size:
         cols_out[...] = cols_d.copy_to_host() if hasattr(cols_d, "copy_to_host") else cols_d.get()
     return io.out(d_offset), io.out(d_mask)

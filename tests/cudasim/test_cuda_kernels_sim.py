@@ -220,10 +220,11 @@ def test_coord_kernel_border_grad_matches_numpy_backend(name, dtype, border_grad
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("name", ["uneven", "W1"])
 def test_64_bit_index_fallback_gives_the_same_numbers(name, dtype, monkeypatch):
-    # The deformable kernels unravel flat positions with 32-bit divisions when the call
-    # has fewer than NARROW_LIMIT positions, else with 64-bit ones. Both paths must give
-    # the same numbers: force the 64-bit path and compare with the 32-bit one and with
-    # numpy.py. (The decision itself is also checked: a real call takes the 32-bit path.)
+    # The deformable kernels do their index arithmetic in unsigned 32 bits when every flat
+    # index of the call is below NARROW_LIMIT, else in 64 bits (the "/64" kernels). Both
+    # must give the same numbers: force the 64-bit kernels and compare with the 32-bit
+    # ones and with numpy.py. (The decision itself is also checked: a real call takes the
+    # 32-bit path.)
     cfg = CONFIGS[name]
     rng = np.random.default_rng([37, list(CONFIGS).index(name)])
     x, offset, mask, d_cols = make_inputs(rng, cfg, dtype, True)
@@ -237,3 +238,27 @@ def test_64_bit_index_fallback_gives_the_same_numbers(name, dtype, monkeypatch):
         assert_matches(a, r, dtype, what)
         if what != "d_x" or SIMULATOR:  # d_x: float64 atomics add in any order on a GPU
             np.testing.assert_array_equal(a, b, err_msg=f"{what}: 64-bit and 32-bit indexing differ")
+
+
+def test_non_contiguous_device_arrays_are_copied_or_refused_by_name():
+    # The deformable kernels read flat C-contiguous memory. A non-contiguous device input
+    # is copied into a contiguous one on the device when CuPy is installed; without CuPy
+    # (the simulator) it is refused with a ValueError that says what to do.
+    cfg = CONFIGS["square"]
+    rng = np.random.default_rng(43)
+    x, offset, mask, _ = make_inputs(rng, cfg, np.float64, True)
+    wide = np.zeros(x.shape[:3] + (2 * x.shape[3],))
+    wide[..., ::2] = x
+    x_strided = nbcuda.to_device(wide)[:, :, :, ::2]  # x's values, every other column of a wider array
+    assert not x_strided.is_c_contiguous()
+    geo = cfg[4:8]
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="C-contiguous"):
+            cu.deform_im2col(x_strided, nbcuda.to_device(offset), nbcuda.to_device(mask), *geo, out_hw(cfg), cfg[8])
+        return
+    got = cu.deform_im2col(x_strided, nbcuda.to_device(offset), nbcuda.to_device(mask), *geo, out_hw(cfg), cfg[8])
+    want = ref.deform_im2col(x, offset, mask, *geo, out_hw(cfg), cfg[8])
+    got = got.get() if hasattr(got, "get") else got.copy_to_host()
+    assert_matches(got, want, np.float64, "cols from a strided x")
