@@ -398,6 +398,18 @@ def _row_cells(offset, n, ch, oy, base_y, base_x, sw, H, W, inclusive, base, fra
                 frac[q, ox] = zero
 
 
+@njit(cache=True)
+def _row_index(r, oh, K, G, kw):
+    """``(n, g, k, oy, i, j)`` of output row r in the row-major order (N, G, K, oh), with
+    tap k = i kw + j."""
+    oy = r % oh
+    q = r // oh
+    k = q % K
+    q = q // K
+    i = k // kw
+    return q // G, q % G, k, oy, i, k - i * kw
+
+
 @njit(cache=True, parallel=True)
 def _im2col_kernel(xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, cols):
     # xp (N, C, (H+3)*(W+2)) zero-bordered; offset (N, 2*G*K, oh, ow); mask (N, G*K, oh,
@@ -410,14 +422,7 @@ def _im2col_kernel(xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, pw, dh,
     cpg = C // G
     Wp = W + 2
     for r in prange(N * G * K * oh):
-        oy = r % oh
-        t = r // oh
-        k = t % K
-        t = t // K
-        g = t % G
-        n = t // G
-        i = k // kw
-        j = k - i * kw
+        n, g, k, oy, i, j = _row_index(r, oh, K, G, kw)
         base = np.empty(ow, np.int64)
         frac = np.empty((4, ow), xp.dtype)
         wts = np.empty((4, ow), xp.dtype)
@@ -444,14 +449,7 @@ def _sample_cells(offset, H, W, kh, kw, sh, sw, ph, pw, dh, dw, G, base, wts):
     # the corner weights (0 outside). One iteration per row (n, g, k, oy).
     N, _, K, oh, ow = base.shape
     for r in prange(N * G * K * oh):
-        oy = r % oh
-        t = r // oh
-        k = t % K
-        t = t // K
-        g = t % G
-        n = t // G
-        i = k // kw
-        j = k - i * kw
+        n, g, k, oy, i, j = _row_index(r, oh, K, G, kw)
         row_w = wts[n, g, k, oy]
         frac = np.empty((4, ow), wts.dtype)
         _row_cells(offset, n, 2 * (g * K + k), oy, oy * sh - ph + i * dh, j * dw - pw, sw, H, W, False,
@@ -524,14 +522,7 @@ def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, 
     zero = tp(0)
     one = tp(1)
     for r in prange(N * G * K * oh):
-        oy = r % oh
-        t = r // oh
-        k = t % K
-        t = t // K
-        g = t % G
-        n = t // G
-        i = k // kw
-        j = k - i * kw
+        n, g, k, oy, i, j = _row_index(r, oh, K, G, kw)
         ch = 2 * (g * K + k)
         # torchvision's get_coordinate_weight has no range test of its own: the offset
         # gradient lives on the support [-1, H) x [-1, W) (outside it all four corners

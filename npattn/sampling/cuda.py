@@ -172,9 +172,23 @@ def _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity):
 
 
 @_device
-def _inside_corners(y0, x0, H, W):
-    # which rows / columns of the cell at (y0, x0) lie in the image: (up, down, left, right)
-    return y0 >= 0, y0 + 1 <= H - 1, x0 >= 0, x0 + 1 <= W - 1
+def _channel_walk(n, g, k, pix, C, cpg, K, L, ity):
+    # (c0, ci): channel c0 = n C + g cpg, the group's first, as a flat (n, c) index, and
+    # the flat index of cols[n, c0, k, oy, ox]; a channel step adds K L to ci
+    c0 = ity(n * ity(C) + g * ity(cpg))
+    return c0, ity(ity(c0 * ity(K) + k) * ity(L) + pix)
+
+
+@_device
+def _cell_walk(py, px, H, W, c0, tp, ity):
+    # The cell of a position inside the support: (ly, lx, hy, hx), the corner weights,
+    # which rows / columns of the cell lie in the image (up, down, left, right), and b11,
+    # the flat index in x of corner (y0 + 1, x0 + 1) of channel c0 (never negative:
+    # y0, x0 >= -1); a channel step adds H W to b11
+    y0, x0, ly, lx, hy, hx = _cell(py, px, tp)  # y0 in [-1, H-1], x0 in [-1, W-1]
+    w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
+    b11 = ity(c0 * ity(H * W) + ity(y0 + 1) * ity(W) + ity(x0 + 1))
+    return (ly, lx, hy, hx, w00, w01, w10, w11, y0 >= 0, y0 + 1 <= H - 1, x0 >= 0, x0 + 1 <= W - 1, b11)
 
 
 @_device
@@ -220,13 +234,9 @@ def _deform_kernels(ity):
         for t in range(start, N * G * K * L, step):
             n, g, k, q, pix, py, px = _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity)
             m = mask[ity(t)] if has_mask else one
-            c0 = ity(n * ity(C) + g * ity(cpg))  # first channel of the group, as (n, c)
-            ci = ity(ity(c0 * ity(K) + k) * ity(L) + pix)  # cols[n, c0, k, oy, ox]
+            c0, ci = _channel_walk(n, g, k, pix, C, cpg, K, L, ity)
             if _in_support(py, px, H, W, False):  # false for NaN and inf
-                y0, x0, ly, lx, hy, hx = _cell(py, px, tp)  # y0 in [-1, H-1], x0 in [-1, W-1]
-                w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
-                up, down, left, right = _inside_corners(y0, x0, H, W)
-                b11 = ity(c0 * HW + ity(y0 + 1) * ity(W) + ity(x0 + 1))  # x[n, c0, y0 + 1, x0 + 1]
+                ly, lx, hy, hx, w00, w01, w10, w11, up, down, left, right, b11 = _cell_walk(py, px, H, W, c0, tp, ity)
                 for _ in range(cpg):
                     v00, v01, v10, v11 = _corners(x, b11, ity(W), up, down, left, right, zero)
                     v = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
@@ -254,12 +264,8 @@ def _deform_kernels(ity):
             n, g, k, q, pix, py, px = _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity)
             if _in_support(py, px, H, W, False):
                 m = mask[ity(t)] if has_mask else one
-                c0 = ity(n * ity(C) + g * ity(cpg))
-                ci = ity(ity(c0 * ity(K) + k) * ity(L) + pix)
-                y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
-                w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
-                up, down, left, right = _inside_corners(y0, x0, H, W)
-                b11 = ity(c0 * HW + ity(y0 + 1) * ity(W) + ity(x0 + 1))
+                c0, ci = _channel_walk(n, g, k, pix, C, cpg, K, L, ity)
+                ly, lx, hy, hx, w00, w01, w10, w11, up, down, left, right, b11 = _cell_walk(py, px, H, W, c0, tp, ity)
                 for _ in range(cpg):
                     d = d_cols[ci]
                     if has_mask:
@@ -294,17 +300,13 @@ def _deform_kernels(ity):
         for t in range(start, N * G * K * L, step):
             n, g, k, q, pix, py, px = _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity)
             m = mask[ity(t)] if has_mask else one
-            c0 = ity(n * ity(C) + g * ity(cpg))
-            ci = ity(ity(c0 * ity(K) + k) * ity(L) + pix)
+            c0, ci = _channel_walk(n, g, k, pix, C, cpg, K, L, ity)
             acc_y = zero
             acc_x = zero
             acc_m = zero
             sample = _in_support(py, px, H, W, False)
             if _in_support(py, px, H, W, not border_mmcv):  # the gradient's support; false for NaN and inf
-                y0, x0, ly, lx, hy, hx = _cell(py, px, tp)
-                w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
-                up, down, left, right = _inside_corners(y0, x0, H, W)
-                b11 = ity(c0 * HW + ity(y0 + 1) * ity(W) + ity(x0 + 1))
+                ly, lx, hy, hx, w00, w01, w10, w11, up, down, left, right, b11 = _cell_walk(py, px, H, W, c0, tp, ity)
                 for _ in range(cpg):
                     v00, v01, v10, v11 = _corners(x, b11, ity(W), up, down, left, right, zero)
                     d = d_cols[ci]
