@@ -791,3 +791,25 @@ def test_fused_forward_checks_its_arguments():
         cpu.deform_conv_forward(x, offset, None, w_g.astype(np.float32), *geo, 1, np.zeros((2, 2, 3, 25), np.float32))
     with pytest.raises(ValueError, match="out must be"):
         cpu.deform_conv_forward(x, offset, None, w_g, *geo, 1, [[0.0]])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e30, -1e30], ids=["nan", "inf", "-inf", "1e30", "-1e30"])
+def test_fused_forward_samples_zero_at_non_finite_and_huge_offsets(bad):
+    # As deform_im2col: a position outside the support (NaN and +-inf included) samples 0
+    # and never indexes memory; the fused forward must give the product of those columns.
+    rng = np.random.default_rng(47)
+    n, c, h, w, m = 2, 4, 6, 5, 3
+    x = rng.standard_normal((n, c, h, w))
+    offset = rng.uniform(-2, 2, (n, 18, h, w))
+    offset[0, 0, 0, 0] = bad
+    offset[1, 17, h - 1, w - 1] = bad
+    offset[1, 4:6, 2, 3] = bad
+    mask = rng.uniform(0, 1, (n, 9, h, w))
+    w_g = rng.standard_normal((1, m, c * 9))
+    geo = ((3, 3), (1, 1), (1, 1), (1, 1))
+    cols = cpu.deform_im2col(x, offset, mask, *geo, (h, w), 1).reshape(n, 1, c * 9, h * w)
+    assert np.all(np.isfinite(cols))
+    want = np.einsum("gmk,ngkl->ngml", w_g, cols)
+    got = cpu.deform_conv_forward(x, offset, mask, w_g, *geo, 1, np.empty((n, 1, m, h * w)))
+    bound = c * 9 * np.finfo(np.float64).eps * np.einsum("gmk,ngkl->ngml", np.abs(w_g), np.abs(cols))
+    assert np.all(np.abs(got - want) <= bound)
