@@ -12,7 +12,11 @@ Asking for a backend that cannot run (numba not installed, no CUDA device) raise
 
 Every backend module (``numpy.py``, ``cpu.py`` for "numba", ``cuda.py``) defines the same
 functions with the same signatures; ``numpy.py`` is the definition the others are
-checked against. See ``numpy.py`` for the semantics of each function.
+checked against. See ``numpy.py`` for the semantics of each function. The "numba"
+backend has more, which ``deform_conv2d`` uses when they are there: the product tiles
+on its threads (:func:`products`) and ``deform_conv_forward``, the forward's sampling
+and product without a column array (the same arithmetic as ``deform_im2col`` followed
+by ``products_forward``).
 
 Border convention of the offset gradient. ``deform_col2im_coord`` of every backend takes
 ``border_grad``, one of :data:`BORDER_GRADS`:
