@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import functional as F
 from .._checks import FLOAT_DTYPES
-from .._xp import array_module, device_namespace, is_cuda_array
+from .._xp import array_module, namespace
 
 
 def make_rng(rng):
@@ -155,8 +155,6 @@ class Block:
     def zero_grads(self, xp=np):
         """A gradient dict with zeros for every parameter (the starting point of backward),
         arrays of the module ``xp`` (NumPy, or CuPy for a forward that ran on the device)."""
-        if xp is np:
-            return {k: np.zeros_like(self._state[k]) for k in self._param_keys}
         return {k: xp.zeros(self._state[k].shape, dtype=self._state[k].dtype) for k in self._param_keys}
 
     def _param(self, key, xp=np):
@@ -186,10 +184,8 @@ class Block:
     def _placed_input(self, name, x, ndim=4, channels=None):
         """``(xp, x)``: ``x`` checked by :meth:`_check_input`, a NumPy array (``xp`` NumPy) or
         a CUDA array (``__cuda_array_interface__``), viewed as a CuPy array (``xp`` CuPy)."""
-        if is_cuda_array(x):
-            xp, arrays = device_namespace(type(self).__name__, {name: x})
-            return xp, self._check_input(name, arrays[name], ndim, channels, xp=xp)
-        return np, self._check_input(name, x, ndim, channels)
+        xp, arrays = namespace(type(self).__name__, {name: x})
+        return xp, self._check_input(name, arrays[name], ndim, channels, xp=xp)
 
     def _check_image(self, name, x, why):
         """An empty image (H or W = 0) refused with a ValueError naming ``name``; ``why``:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import sampling
 from .._checks import conv_out_size, float_array, pair, same_dtype
-from .._xp import cupy_or_reason, device_namespace, is_cuda_array
+from .._xp import cupy_or_reason, device_namespace, is_cuda_array, like_forward
 
 __all__ = [
     "DEFAULT_COLUMN_BUDGET_BYTES",
@@ -94,10 +94,8 @@ def _grad_placement(op, grad_out, cache, ndim, layout):
         xp, _ = cupy_or_reason()
         if cache.to_host:  # the forward took NumPy arrays: so does the backward
             grad_out = xp.asarray(float_array(op, "grad_out", grad_out, ndim, layout))
-        elif not is_cuda_array(grad_out):
-            raise TypeError(f"{op}: grad_out must be a CUDA array like the forward's input, got {type(grad_out).__name__}")
         else:
-            grad_out = xp.asarray(grad_out)
+            grad_out = like_forward(op, "grad_out", grad_out, xp)
     return xp, float_array(op, "grad_out", grad_out, ndim, layout, xp=xp)
 
 

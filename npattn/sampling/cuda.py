@@ -60,6 +60,7 @@ import numpy as np
 
 from numba import cuda, float32, float64, int64, uint32, boolean
 
+from .._xp import cupy_or_reason
 from . import _bilinear
 from . import check_border_grad
 from . import cpu as _cpu  # argument checks shared with the CPU backend
@@ -547,13 +548,12 @@ class _Io:
         if _is_cupy(d):
             return (d if d.flags.c_contiguous else d.copy()).reshape(-1)  # copy(): C order, on the device
         if not d.is_c_contiguous():
-            try:
-                import cupy
-            except ImportError:
+            cupy, why = cupy_or_reason()
+            if cupy is None:
                 raise ValueError(
                     "the cuda sampling kernels read C-contiguous device arrays; got a non-contiguous "
-                    f"{type(a).__name__} of shape {tuple(a.shape)} (make it contiguous, or install CuPy)"
-                ) from None
+                    f"{type(a).__name__} of shape {tuple(a.shape)} (make it contiguous, or install CuPy: {why})"
+                )
             return cupy.ascontiguousarray(cupy.asarray(d)).reshape(-1)
         return d.reshape(d.size)
 
