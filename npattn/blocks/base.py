@@ -70,6 +70,24 @@ class Block:
         self.dtype = dtype
         self._state = {}  # key -> ndarray, in PyTorch's registration order
         self._param_keys = []  # keys of trainable parameters, in order
+        # BatchNorm settings of every BatchNorm sub-layer (PyTorch's defaults); a block
+        # with BatchNorms takes them as ``bn_momentum`` / ``bn_eps`` (``_set_bn``)
+        self.bn_momentum = 0.1
+        self.bn_eps = 1e-5
+
+    def _set_bn(self, bn_momentum, bn_eps):
+        """Check and keep the BatchNorm settings (momentum of the running-statistics
+        update, eps added to the variance) shared by the block's BatchNorm layers."""
+        name = type(self).__name__
+        for arg, value in (("bn_momentum", bn_momentum), ("bn_eps", bn_eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise TypeError(f"{name}: {arg} must be a real number, got {type(value).__name__}")
+        if not 0.0 <= float(bn_momentum) <= 1.0:
+            raise ValueError(f"{name}: bn_momentum must lie in [0, 1], got {bn_momentum}")
+        if not float(bn_eps) > 0.0:
+            raise ValueError(f"{name}: bn_eps must be positive, got {bn_eps}")
+        self.bn_momentum = float(bn_momentum)
+        self.bn_eps = float(bn_eps)
 
     # ---- registration -------------------------------------------------------------
     def _add_param(self, key, value):
@@ -231,6 +249,8 @@ class Block:
             s[f"{prefix}running_mean"],
             s[f"{prefix}running_var"],
             training=training,
+            momentum=self.bn_momentum,
+            eps=self.bn_eps,
         )
         if training:
             s[f"{prefix}running_mean"] = cache.running_mean
