@@ -39,8 +39,9 @@ import sys
 import tempfile
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
-# measured on a 2-core machine: the first deform_conv2d forward + backward in float64
-COMPILE_SECONDS = "about 30 s"
+# the first deform_conv2d forward + backward on a 2-core machine: 51 s measured while it was
+# loaded; `npattn verify` has compiled in about 25 s on an idle one
+COMPILE_SECONDS = "30 s to a minute"
 
 _installed = False
 _announced = False
