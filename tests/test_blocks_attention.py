@@ -639,16 +639,19 @@ def test_vit_exact_zeros_with_and_without_qk_norm():
 
 def test_vit_qk_norm_head_dim_1_gives_beta_and_exact_zeros():
     """A LayerNorm of one value is its beta: q and k no longer depend on x, the query and
-    key rows of qkv and the LayerNorm weights get exact zero gradients."""
+    key rows of qkv and the LayerNorm weights get exact zero gradients; every score of a
+    row is beta_q beta_k / sqrt(d), so the weights are uniform and beta_q has none either."""
     blk = make_vit_options(dim=3, num_heads=3, qkv_bias=True, qk_norm=True)
     x = np.random.default_rng(9).standard_normal((2, 4, 3))
     y, cache = blk.forward(x)
     np.testing.assert_array_equal(cache.att.q, np.broadcast_to(blk["q_norm.bias"], cache.att.q.shape))
     _, grads = blk.backward(np.random.default_rng(10).standard_normal(y.shape), cache)
     assert np.all(grads["qkv.weight"][:6] == 0.0) and np.all(grads["qkv.bias"][:6] == 0.0)
-    for k in ("q_norm.weight", "k_norm.weight", "k_norm.bias"):
+    np.testing.assert_allclose(cache.att.p, 0.25, rtol=1e-15)
+    for k in ("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias"):
         assert np.all(grads[k] == 0.0), k
-    assert np.all(grads["q_norm.bias"] != 0.0) and np.all(grads["qkv.weight"][6:] != 0.0)
+    assert np.all(grads["qkv.weight"][6:] != 0.0)
+    check_gradients(blk, [x], training=False, zero_keys=("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias"))
 
 
 def test_vit_fully_masked_query_gives_zero_attention_and_no_gradient_through_it():

@@ -115,8 +115,11 @@ zeros: ``k_norm.bias`` (beta_k adds c Q'_i . beta_k to every score of row i, a s
 softmax ignores), and the key third of ``qkv.bias`` without ``qk_norm`` (the same shift);
 with ``qk_norm`` that key bias passes through K's normalisation, which is not a shift, and
 its gradient is not zero. With d = 1 and ``qk_norm``, Q_hat = K_hat = 0 (a LayerNorm of
-one value), so Q' = beta_q and K' = beta_k, and the gradients of ``qkv.weight``'s query
-and key rows are exact zeros.
+one value), so Q' = beta_q and K' = beta_k: the query and key rows of ``qkv`` get exact
+zero gradients (LN' of one value is 0), and so do ``q_norm.weight`` and ``k_norm.weight``
+(their gradients are sums of dQ' * Q_hat). Every score of a row is then the same number
+c beta_q beta_k, a shift the softmax ignores (P = 1 / T where unmasked): the gradient of
+``q_norm.bias`` is zero as well, and npattn returns it exactly.
 """
 
 from __future__ import annotations
@@ -374,6 +377,8 @@ class ViTAttention(Block):
             d_q = self._layer_norm_backward("q_norm.", d_q, cache.q_norm, grads)  # (N, h, T, d) dQ
             d_k = self._layer_norm_backward("k_norm.", d_k, cache.k_norm, grads)  # (N, h, T, d) dK
             grads["k_norm.bias"][...] = 0  # beta_k shifts every score row by a constant
+            if d == 1:
+                grads["q_norm.bias"][...] = 0  # Q' = beta_q, K' = beta_k: every score of a row equal
         d_qkv = np.stack([d_q, d_k, d_v])  # (3, N, h, T, d)
         d_qkv = d_qkv.transpose(1, 3, 0, 2, 4).reshape(n * t, 3 * a)  # (N T, 3A), qkv's layout
         d_x = self._linear_backward("qkv.", d_qkv, cache.qkv, grads)  # (N T, dim)
