@@ -95,31 +95,41 @@ The mask M (``forward(x, attn_mask=..., is_causal=...)``), timm's semantics, whi
 Backward, for dout = dL/dout (N T, D_out), in the order the code computes it; each line
 is the chain rule through the forward line named on its right::
 
-    dY  = dout W_p;  dW_p = dout^T Y;  db_p = sum_rows dout            out = Y W_p^T + b_p
-    dU  = dY * G                       (N T, A)                        Y = U * G (product rule)
-    dG  = dY * U                       (N T, A)                        Y = U * G
-    dA_g = dG * G (1 - G)              (N T, A)                        sigmoid' = G (1 - G)
-    dW_g = dA_g^T X;  db_g = sum_rows dA_g;  dX_g = dA_g W_g           the gate's linear layer
-    dO  = LN_A'(dU)                    (N T, A)                        U = LN_A(O)
-    dgamma_n = sum_rows dU * O_hat;    dbeta_n = sum_rows dU           (A,) each
-    dQ', dK', dV = attention'(dO)      (N, h, T, d)                    the per-head backward above
-    dQ  = LN_d'(dQ');  dK = LN_d'(dK')                                 Q' = LN_d(Q), K' = LN_d(K)
-    dgamma_q = sum_{N, h, T} dQ' * Q_hat;  dbeta_q = sum_{N, h, T} dQ' (d,) each
-    dgamma_k = sum_{N, h, T} dK' * K_hat;  dbeta_k = 0 exactly          (d,) each
-    dQKV = dQ, dK, dV joined           (N T, 3A)                       the split is a permutation
-    dW_qkv = dQKV^T X;  db_qkv = sum_rows dQKV;  dX = dQKV W_qkv + dX_g  x feeds qkv and gate
+    dY       = dout W_p                  (N T, A)       out = Y W_p^T + b_p
+    dW_p     = dout^T Y                  (D_out, A)     the same line
+    db_p     = sum_rows dout             (D_out,)       the same line
+    dU       = dY * G                    (N T, A)       Y = U * G, product rule
+    dG       = dY * U                    (N T, A)       the same line
+    dA_g     = dG * G (1 - G)            (N T, A)       G = sigmoid(A_g), sigmoid' = G (1 - G)
+    dW_g     = dA_g^T X                  (A, dim)       A_g = X W_g^T + b_g
+    db_g     = sum_rows dA_g             (A,)           the same line
+    dX_g     = dA_g W_g                  (N T, dim)     the same line
+    dgamma_n = sum_rows dU * O_hat       (A,)           U = gamma_n O_hat + beta_n
+    dbeta_n  = sum_rows dU               (A,)           the same line
+    dO       = LN_A'(dU)                 (N T, A)       U = LN_A(O), through mean and variance
+    dQ', dK', dV = attention'(dO)        (N, h, T, d)   O = softmax(Q' K'^T / sqrt(d) + M) V, above
+    dgamma_q = sum_{N,h,T} dQ' * Q_hat   (d,)           Q' = gamma_q Q_hat + beta_q
+    dbeta_q  = sum_{N,h,T} dQ'           (d,)           the same line
+    dQ       = LN_d'(dQ')                (N, h, T, d)   Q' = LN_d(Q)
+    dgamma_k = sum_{N,h,T} dK' * K_hat   (d,)           K' = gamma_k K_hat + beta_k
+    dbeta_k  = 0 exactly                 (d,)           a shift of every score row (below)
+    dK       = LN_d'(dK')                (N, h, T, d)   K' = LN_d(K)
+    dQKV     = dQ, dK, dV joined         (N T, 3A)      the split into heads is a permutation
+    dW_qkv   = dQKV^T X                  (3A, dim)      QKV = X W_qkv^T + b_qkv
+    db_qkv   = sum_rows dQKV             (3A,)          the same line
+    dX       = dQKV W_qkv + dX_g         (N T, dim)     x feeds both qkv and gate: the sum
 
 with LN'(g) = r (g gamma - mean(g gamma) - y_hat mean(g gamma y_hat)) over the normalised
 axis, r = 1 / sqrt(var + eps) (derived in ``npattn/functional/layer_norm.py``). Exact
-zeros: ``k_norm.bias`` (beta_k adds c Q'_i . beta_k to every score of row i, a shift the
-softmax ignores), and the key third of ``qkv.bias`` without ``qk_norm`` (the same shift);
-with ``qk_norm`` that key bias passes through K's normalisation, which is not a shift, and
-its gradient is not zero. With d = 1 and ``qk_norm``, Q_hat = K_hat = 0 (a LayerNorm of
-one value), so Q' = beta_q and K' = beta_k: the query and key rows of ``qkv`` get exact
-zero gradients (LN' of one value is 0), and so do ``q_norm.weight`` and ``k_norm.weight``
-(their gradients are sums of dQ' * Q_hat). Every score of a row is then the same number
-c beta_q beta_k, a shift the softmax ignores (P = 1 / T where unmasked): the gradient of
-``q_norm.bias`` is zero as well, and npattn returns it exactly.
+zeros: ``k_norm.bias`` (beta_k adds Q'_i . beta_k / sqrt(d) to every score of row i, a
+shift the softmax ignores), and the key third of ``qkv.bias`` without ``qk_norm`` (the
+same shift); with ``qk_norm`` that key bias passes through K's normalisation, which is
+not a shift, and its gradient is not zero. With d = 1 and ``qk_norm``, Q_hat = K_hat = 0
+(a LayerNorm of one value), so Q' = beta_q and K' = beta_k: the query and key rows of
+``qkv`` get exact zero gradients (LN' of one value is 0), and so do ``q_norm.weight`` and
+``k_norm.weight`` (their gradients are sums of dQ' * Q_hat). The scores of row i are then
+beta_q beta_k / sqrt(d) + M_ij: beta_q shifts the whole row (without a mask P = 1 / T), so
+the gradient of ``q_norm.bias`` is zero as well, and npattn returns it exactly.
 """
 
 from __future__ import annotations
