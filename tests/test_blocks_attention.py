@@ -706,6 +706,8 @@ def test_vit_options_errors_name_the_argument():
         blk.forward(x, attn_mask=np.ones((3, 3), bool), is_causal=True)
     with pytest.raises(TypeError, match="is_causal must be a bool"):
         blk.forward(x, is_causal=1)
+    with pytest.raises(TypeError, match="training must be a bool, got ndarray; pass a mask as attn_mask="):
+        blk.forward(x, np.ones((3, 3), bool))  # timm's positional order: forward(x, attn_mask)
     with pytest.raises(TypeError, match="attn_mask must be None or a numpy.ndarray"):
         blk.forward(x, attn_mask=[[True]])
     with pytest.raises(TypeError, match="attn_mask must be boolean"):

@@ -328,6 +328,8 @@ class ViTAttention(Block):
         the same). ``attn_mask``: boolean (True = may attend) or float (added),
         broadcastable to (N, num_heads, T, T); ``is_causal``: token i attends to 0 ... i."""
         op = "ViTAttention"
+        if not isinstance(training, (bool, np.bool_)):  # timm's forward(x, attn_mask, is_causal) takes the mask second
+            raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}; pass a mask as attn_mask=...")
         x = _check_tokens(op, "x", x, self.dtype, self.dim, "dim", "(N, tokens, dim)")
         n, t, e = x.shape
         h, d, a = self.num_heads, self.head_dim, self.attn_dim
