@@ -47,6 +47,8 @@ def _demo_cases():
         ("amax(axis=(2, 3))", lambda x: F.amax_forward(x, (2, 3)), F.amax_backward, {"x": x}),
         ("layer_norm2d", F.layer_norm2d_forward, F.layer_norm2d_backward,
          {"x": x, "weight": r.uniform(0.5, 1.5, x.shape[1]), "bias": r.standard_normal(x.shape[1])}),
+        ("layer_norm (last axis)", F.layer_norm_forward, F.layer_norm_backward,
+         {"x": r.standard_normal((3, 4, 5)), "weight": r.uniform(0.5, 1.5, 5), "bias": r.standard_normal(5)}),
         ("hardswish", F.hardswish_forward, F.hardswish_backward, {"x": 2 * away}),
         ("scaled_dot_product_attention", lambda q, k, v: F.scaled_dot_product_attention_forward(q, k, v, attn_mask=allowed),
          F.scaled_dot_product_attention_backward, {"q": r.standard_normal((2, 4, 3)), "k": r.standard_normal((2, 6, 3)), "v": r.standard_normal((2, 6, 2))}),

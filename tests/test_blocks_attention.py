@@ -489,3 +489,259 @@ def test_vit_attention_zero_tokens_as_timm(n):
     assert y.shape == dx.shape == (n, 0, 4)
     for k, g in grads.items():
         assert g.shape == blk[k].shape and g.dtype == np.float64 and not g.any(), k
+
+
+# ------------------------------------------------------- ViTAttention: timm's options
+
+
+def layer_norm_rows_loop(a, gamma, beta, eps):
+    """LayerNorm over the last axis, by loops (biased variance, as torch)."""
+    out = np.zeros(a.shape)
+    for idx in np.ndindex(*a.shape[:-1]):
+        vals = [float(v) for v in a[idx]]
+        mu = sum(vals) / len(vals)
+        var = sum((v - mu) ** 2 for v in vals) / len(vals)
+        out[idx] = [(v - mu) / math.sqrt(var + eps) * float(g) + float(b) for v, g, b in zip(vals, gamma, beta)]
+    return out
+
+
+def vit_options_oracle(blk, x, attn_mask=None, is_causal=False):
+    """timm's Attention.forward with its default (fused) path, from its source: gate from
+    x, qkv, per-head q_norm / k_norm, softmax with the mask (boolean True = attend, float
+    added, is_causal: keys j <= i), a query with no key left gives 0 (as
+    F.scaled_dot_product_attention), norm, gate, proj."""
+    s = blk.state_dict()
+    n, t, _ = x.shape
+    h, d, a = blk.num_heads, blk.head_dim, blk.attn_dim
+    qkv = x @ s["qkv.weight"].T + (s["qkv.bias"] if blk.qkv_bias else 0.0)
+    q, k, v = qkv[..., :a], qkv[..., a : 2 * a], qkv[..., 2 * a :]
+    if blk.qk_norm:
+        eps = blk.norm_eps
+        q = layer_norm_rows_loop(q.reshape(n, t, h, d), s["q_norm.weight"], s["q_norm.bias"], eps).reshape(n, t, a)
+        k = layer_norm_rows_loop(k.reshape(n, t, h, d), s["k_norm.weight"], s["k_norm.bias"], eps).reshape(n, t, a)
+    add = np.zeros((n, h, t, t))
+    if is_causal:
+        add += np.where(np.arange(t)[None, :] > np.arange(t)[:, None], -np.inf, 0.0)
+    elif attn_mask is not None:
+        add += np.where(attn_mask, 0.0, -np.inf) if attn_mask.dtype == bool else attn_mask
+    o, _ = heads_attention_loop(q, k, v, h, add)
+    o = np.where(np.isnan(o), 0.0, o)  # the loop's 0/0 for a query with no key: 0, as torch's fused path
+    if blk.scale_norm:
+        o = layer_norm_rows_loop(o, s["norm.weight"], s["norm.bias"], blk.norm_eps)
+    if blk.gated:
+        pre = x @ s["gate.weight"].T + (s["gate.bias"] if blk.qkv_bias else 0.0)
+        o = o * (1.0 / (1.0 + np.exp(-pre)))
+    return o @ s["proj.weight"].T + (s["proj.bias"] if blk.proj_bias else 0.0)
+
+
+def make_vit_options(seed=0, **cfg):
+    """Every parameter random, the LayerNorm weights around 1."""
+    rng = np.random.default_rng(seed)
+    blk = ViTAttention(**cfg, rng=rng, dtype=np.float64)
+    state = blk.state_dict()
+    for k, v in state.items():
+        state[k] = rng.uniform(0.5, 1.5, v.shape) if k.endswith("norm.weight") else rng.normal(0.0, 0.5, v.shape)
+    blk.load_state_dict(state)
+    return blk
+
+
+class WithForwardArgs:
+    """A block whose forward always gets the given keywords (masks, is_causal): what the
+    gradient checks call."""
+
+    def __init__(self, block, **kw):
+        self.block, self.kw = block, kw
+
+    def __getattr__(self, name):
+        return getattr(self.block, name)
+
+    def forward(self, *inputs, training=False):
+        return self.block.forward(*inputs, training=training, **self.kw)
+
+
+VIT_OPTION_CASES = {
+    # name: (constructor kwargs, x shape); odd token counts, head widths and widths
+    "head_dim_3_dim_out_7": (dict(dim=5, num_heads=2, attn_head_dim=3, dim_out=7, qkv_bias=True), (3, 5, 5)),
+    "qk_norm": (dict(dim=6, num_heads=2, qkv_bias=True, qk_norm=True), (2, 5, 6)),
+    "scale_norm_no_proj_bias": (dict(dim=6, num_heads=3, scale_norm=True, proj_bias=False), (3, 3, 6)),
+    "gated_qkv_bias": (dict(dim=6, num_heads=3, gated=True, qkv_bias=True), (2, 5, 6)),
+    "gated_no_bias": (dict(dim=4, num_heads=1, gated=True), (1, 3, 4)),
+    "all_eps_1e-5": (dict(dim=5, num_heads=3, attn_head_dim=3, dim_out=4, qkv_bias=True, qk_norm=True, scale_norm=True,
+                          gated=True, proj_bias=False, norm_eps=1e-5), (3, 5, 5)),
+}
+
+
+def vit_mask(kind, blk, n, t, seed=0):
+    """Forward keywords: a boolean mask (N, 1, T, T) True = attend, with sample 0's query 1
+    fully masked; a float mask (h, T, T) with -inf entries; or is_causal."""
+    rng = np.random.default_rng(seed)
+    if kind == "bool":
+        m = rng.random((n, 1, t, t)) < 0.6
+        m[..., 0] = True
+        m[0, 0, 1] = False
+        return {"attn_mask": m}
+    if kind == "float":
+        m = rng.normal(0.0, 1.0, (blk.num_heads, t, t))
+        m[..., 1:][rng.random(m[..., 1:].shape) < 0.3] = -np.inf
+        return {"attn_mask": m}
+    return {"is_causal": True} if kind == "causal" else {}
+
+
+@pytest.mark.parametrize("name", list(VIT_OPTION_CASES))
+@pytest.mark.parametrize("kind", [None, "bool", "float", "causal"])
+def test_vit_options_forward_matches_loop_oracle(name, kind):
+    cfg, shape = VIT_OPTION_CASES[name]
+    blk = make_vit_options(**cfg)
+    x = np.random.default_rng(1).standard_normal(shape)
+    kw = vit_mask(kind, blk, shape[0], shape[1])
+    out, _ = blk.forward(x, **kw)
+    assert out.shape == shape[:2] + (blk.dim_out,)
+    np.testing.assert_allclose(out, vit_options_oracle(blk, x, **kw), rtol=1e-12, atol=1e-13)
+
+
+def vit_zero_keys(blk):
+    return ("k_norm.bias",) if blk.qk_norm else ()
+
+
+@pytest.mark.parametrize("name", list(VIT_OPTION_CASES))
+@pytest.mark.parametrize("training", [False, True])
+def test_vit_options_gradients(name, training):
+    cfg, shape = VIT_OPTION_CASES[name]
+    blk = make_vit_options(seed=2, **cfg)
+    x = np.random.default_rng(3).standard_normal(shape)
+    check_gradients(blk, [x], training=training, zero_keys=vit_zero_keys(blk))
+
+
+@pytest.mark.parametrize("name", ["qk_norm", "all_eps_1e-5", "head_dim_3_dim_out_7"])
+@pytest.mark.parametrize("kind", ["bool", "float", "causal"])
+@pytest.mark.parametrize("training", [False, True])
+def test_vit_options_gradients_with_masks(name, kind, training):
+    cfg, shape = VIT_OPTION_CASES[name]
+    blk = make_vit_options(seed=4, **cfg)
+    x = np.random.default_rng(5).standard_normal(shape)
+    check_gradients(WithForwardArgs(blk, **vit_mask(kind, blk, shape[0], shape[1], seed=6)), [x], training=training,
+                    zero_keys=vit_zero_keys(blk))
+
+
+def test_vit_exact_zeros_with_and_without_qk_norm():
+    """The key bias shifts each score row by a constant only without qk_norm; k_norm's
+    beta always does."""
+    x = np.random.default_rng(7).standard_normal((2, 5, 6))
+    for qk_norm in (False, True):
+        blk = make_vit_options(dim=6, num_heads=2, qkv_bias=True, qk_norm=qk_norm, gated=True)
+        y, cache = blk.forward(x, is_causal=True)
+        _, grads = blk.backward(np.random.default_rng(8).standard_normal(y.shape), cache)
+        key_bias = grads["qkv.bias"][6:12]
+        assert np.all(key_bias != 0.0) if qk_norm else np.all(key_bias == 0.0)
+        if qk_norm:
+            assert np.all(grads["k_norm.bias"] == 0.0) and np.all(grads["q_norm.bias"] != 0.0)
+
+
+def test_vit_qk_norm_head_dim_1_gives_beta_and_exact_zeros():
+    """A LayerNorm of one value is its beta: q and k no longer depend on x, the query and
+    key rows of qkv and the LayerNorm weights get exact zero gradients; every score of a
+    row is beta_q beta_k / sqrt(d), so the weights are uniform and beta_q has none either."""
+    blk = make_vit_options(dim=3, num_heads=3, qkv_bias=True, qk_norm=True)
+    x = np.random.default_rng(9).standard_normal((2, 4, 3))
+    y, cache = blk.forward(x)
+    v = x @ blk["qkv.weight"][6:].T + blk["qkv.bias"][6:]  # (N, T, 3)
+    uniform = np.broadcast_to(v.mean(axis=1, keepdims=True), v.shape)  # every query: the mean of the values
+    np.testing.assert_allclose(y, uniform @ blk["proj.weight"].T + blk["proj.bias"], rtol=1e-13, atol=1e-14)
+    _, grads = blk.backward(np.random.default_rng(10).standard_normal(y.shape), cache)
+    assert np.all(grads["qkv.weight"][:6] == 0.0) and np.all(grads["qkv.bias"][:6] == 0.0)
+    for k in ("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias"):
+        assert np.all(grads[k] == 0.0), k
+    assert np.all(grads["qkv.weight"][6:] != 0.0)
+    check_gradients(blk, [x], training=False, zero_keys=("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias"))
+
+
+def test_vit_fully_masked_query_gives_zero_attention_and_no_gradient_through_it():
+    blk = make_vit_options(dim=4, num_heads=2, qkv_bias=True)
+    x = np.random.default_rng(11).standard_normal((2, 3, 4))
+    m = np.ones((2, 2, 3, 3), bool)
+    m[1, :, 2] = False  # sample 1, query 2: no key in either head
+    y, cache = blk.forward(x, attn_mask=m)
+    np.testing.assert_array_equal(y[1, 2], blk["proj.bias"])  # O = 0: only the projection's bias
+    dy = np.zeros_like(y)
+    dy[1, 2] = 1.0
+    (dx,), grads = blk.backward(dy, cache)
+    assert not dx.any() and not grads["qkv.weight"].any() and np.all(grads["proj.weight"] == 0.0)
+
+
+def test_vit_options_state_dict_layout_and_initialisation():
+    blk = ViTAttention(5, 2, qkv_bias=True, attn_head_dim=3, dim_out=7, qk_norm=True, scale_norm=True, gated=True,
+                       proj_bias=False, rng=0)
+    assert [(k, v.shape) for k, v in blk.state_dict().items()] == [
+        ("qkv.weight", (18, 5)), ("qkv.bias", (18,)), ("q_norm.weight", (3,)), ("q_norm.bias", (3,)),
+        ("k_norm.weight", (3,)), ("k_norm.bias", (3,)), ("norm.weight", (6,)), ("norm.bias", (6,)),
+        ("gate.weight", (6, 5)), ("gate.bias", (6,)), ("proj.weight", (7, 6)),
+    ]
+    for k in ("q_norm.", "k_norm.", "norm."):
+        assert np.all(blk[k + "weight"] == 1.0) and np.all(blk[k + "bias"] == 0.0)
+    assert blk.attn_dim == 6 and blk.scale == 3 ** -0.5 and blk.norm_eps == 1e-6
+    assert list(ViTAttention(8, 2, gated=True, rng=0).state_dict()) == ["qkv.weight", "gate.weight", "proj.weight", "proj.bias"]
+    # the defaults draw what they drew before the options existed
+    plain, explicit = ViTAttention(8, 2, rng=3), ViTAttention(8, 2, rng=3, attn_head_dim=4, dim_out=8, proj_bias=True)
+    for k, v in plain.state_dict().items():
+        np.testing.assert_array_equal(v, explicit[k])
+
+
+def test_vit_options_errors_name_the_argument():
+    with pytest.raises(ValueError, match="num_heads must divide dim"):
+        ViTAttention(8, 3)
+    assert ViTAttention(8, 3, attn_head_dim=2).attn_dim == 6  # no divisibility needed then
+    for name, bad in (("qk_norm", 1), ("scale_norm", None), ("gated", "yes"), ("proj_bias", 0)):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            ViTAttention(8, 2, **{name: bad})
+    with pytest.raises(ValueError, match="attn_head_dim must be"):
+        ViTAttention(8, 2, attn_head_dim=0)
+    with pytest.raises(ValueError, match="dim_out must be"):
+        ViTAttention(8, 2, dim_out=-1)
+    with pytest.raises(ValueError, match="norm_eps must be a finite number >= 0"):
+        ViTAttention(8, 2, norm_eps=-1e-6)
+    with pytest.raises(TypeError, match="norm_eps must be a real number"):
+        ViTAttention(8, 2, norm_eps="1e-6")
+    blk = ViTAttention(6, 2, dim_out=4, rng=0)
+    x = np.zeros((2, 3, 6), np.float32)
+    with pytest.raises(ValueError, match="give attn_mask or is_causal=True, not both"):
+        blk.forward(x, attn_mask=np.ones((3, 3), bool), is_causal=True)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        blk.forward(x, is_causal=1)
+    with pytest.raises(TypeError, match="training must be a bool, got ndarray; pass a mask as attn_mask="):
+        blk.forward(x, np.ones((3, 3), bool))  # timm's positional order: forward(x, attn_mask)
+    with pytest.raises(TypeError, match="attn_mask must be None or a numpy.ndarray"):
+        blk.forward(x, attn_mask=[[True]])
+    with pytest.raises(TypeError, match="attn_mask must be boolean"):
+        blk.forward(x, attn_mask=np.ones((3, 3), np.int64))
+    with pytest.raises(TypeError, match="a float attn_mask must have the block's dtype float32"):
+        blk.forward(x, attn_mask=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"attn_mask must be broadcastable to \(N, num_heads, tokens, tokens\) = \(2, 2, 3, 3\)"):
+        blk.forward(x, attn_mask=np.ones((3, 4), bool))
+    y, cache = blk.forward(x)
+    assert y.shape == (2, 3, 4)
+    with pytest.raises(ValueError, match=r"grad_out must have shape \(2, 3, 4\)"):
+        blk.backward(np.zeros((2, 3, 6), np.float32), cache)
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_vit_options_zero_tokens(n):
+    blk = make_vit_options(dim=4, num_heads=2, qkv_bias=True, qk_norm=True, scale_norm=True, gated=True, dim_out=3)
+    y, cache = blk.forward(np.zeros((n, 0, 4)), is_causal=True)
+    (dx,), grads = blk.backward(np.zeros((n, 0, 3)), cache)
+    assert y.shape == (n, 0, 3) and dx.shape == (n, 0, 4)
+    for k, g in grads.items():
+        assert g.shape == blk[k].shape and not g.any(), k
+
+
+def test_vit_float32_with_options_matches_float64():
+    blk = make_vit_options(dim=6, num_heads=2, qkv_bias=True, qk_norm=True, scale_norm=True, gated=True)
+    x = np.random.default_rng(12).standard_normal((2, 5, 6))
+    m = np.random.default_rng(13).normal(0.0, 1.0, (5, 5))
+    y64, c64 = blk.forward(x, attn_mask=m)
+    (dx64,), g64 = blk.backward(np.ones_like(y64), c64)
+    blk.to(np.float32)
+    y32, c32 = blk.forward(x.astype(np.float32), attn_mask=m.astype(np.float32))
+    (dx32,), g32 = blk.backward(np.ones(y32.shape, np.float32), c32)
+    assert y32.dtype == dx32.dtype == np.float32 and all(g.dtype == np.float32 for g in g32.values())
+    for a, b in [(y32, y64), (dx32, dx64)] + [(g32[k], g64[k]) for k in g64 if g64[k].any()]:
+        assert np.max(np.abs(a - b)) <= 1e-4 * max(1.0, np.max(np.abs(b)))

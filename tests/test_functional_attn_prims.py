@@ -1,5 +1,5 @@
 """The primitives of the channel and spatial attention blocks (mean / amax reductions,
-conv1d, layer_norm2d, hardswish): forward against independent computations (loops,
+conv1d, layer_norm2d, layer_norm over the last axis, hardswish): forward against independent computations (loops,
 numpy, scipy), backward against central differences in float64, the tie rule of the
 maximum, the kinks of hardswish, dtypes and errors."""
 
@@ -225,6 +225,58 @@ def test_layer_norm2d_bad_inputs():
         F.layer_norm2d_forward(x, None, np.ones(4, np.float32))
     with pytest.raises(ValueError, match="eps must be a number >= 0"):
         F.layer_norm2d_forward(x, eps=-1.0)
+
+
+# ------------------------------------------------------------- layer_norm (last axis)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4, 3), (1, 1, 2)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_last_axis_forward_and_gradcheck(shape, affine):
+    r = rng(8)
+    x = r.standard_normal(shape) * 2 + 0.5
+    c = shape[-1]
+    gamma = r.uniform(0.5, 1.5, c) if affine else None
+    beta = r.standard_normal(c) if affine else None
+    for eps in (1e-6, 0.1):
+        y, _ = F.layer_norm_forward(x, gamma, beta, eps=eps)
+        # the channels-first loop of layer_norm2d, on x with its last axis moved to axis 1
+        moved = np.moveaxis(x.reshape((-1,) + x.shape[-1:]), -1, 1)  # (M, C)
+        want = layer_norm_loop(moved, gamma, beta, eps)  # (M, C)
+        np.testing.assert_allclose(y.reshape(want.shape), want, rtol=1e-12, atol=1e-12)
+    assert_grads_close(gradcheck(F.layer_norm_forward, F.layer_norm_backward, {"x": x, "weight": gamma, "bias": beta, "eps": 0.01}))
+
+
+def test_layer_norm_last_axis_on_a_strided_view_and_one_value():
+    x = rng(9).standard_normal((2, 5, 3, 4)).transpose(0, 2, 1, 3)[:, ::-1]  # (2, 3, 5, 4), negative strides
+    y, cache = F.layer_norm_forward(x, eps=1e-6)
+    y2, _ = F.layer_norm_forward(np.ascontiguousarray(x), eps=1e-6)
+    np.testing.assert_allclose(y, y2, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(y.mean(axis=-1), 0.0, atol=1e-14)
+    g = F.layer_norm_backward(np.ones_like(x), cache)  # a shift of the output: no gradient to x
+    assert np.max(np.abs(g["x"])) < 1e-14
+    x1 = rng(10).standard_normal((3, 2, 1))
+    y1, c1 = F.layer_norm_forward(x1, np.array([2.0]), np.array([0.25]))
+    np.testing.assert_array_equal(y1, np.full(x1.shape, 0.25))
+    g1 = F.layer_norm_backward(np.ones_like(x1), c1)
+    assert np.all(g1["x"] == 0.0) and g1["weight"][0] == 0.0 and g1["bias"][0] == 6.0
+
+
+def test_layer_norm_last_axis_bad_inputs():
+    x = np.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match=r"layer_norm: weight must have shape \(4,\) to match x's last dimension C = 4"):
+        F.layer_norm_forward(x, np.ones(3))
+    with pytest.raises(ValueError, match="layer_norm: x must have at least 1 dimension"):
+        F.layer_norm_forward(np.zeros(()))
+    with pytest.raises(ValueError, match="layer_norm: x must have C >= 1 values"):
+        F.layer_norm_forward(np.zeros((2, 0)))
+    with pytest.raises(TypeError, match="bias must have the same dtype as x"):
+        F.layer_norm_forward(x, None, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="eps must be a number >= 0"):
+        F.layer_norm_forward(x, eps=-1.0)
+    _, cache = F.layer_norm_forward(x)
+    with pytest.raises(ValueError, match="layer_norm_backward: dy must have the forward output's shape"):
+        F.layer_norm_backward(np.zeros((2, 3, 3)), cache)
 
 
 # ------------------------------------------------------------------------- hardswish

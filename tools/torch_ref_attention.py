@@ -1,7 +1,9 @@
 """The reference modules of npattn's self-attention blocks, built from an npattn block
 with its state_dict loaded: timm's ``NonLocalAttn`` and vision-transformer ``Attention``
-(timm 1.0.31) and ``torch.nn.MultiheadAttention``. Nothing is transcribed: these are the
-libraries' own modules.
+(timm 1.0.31, with the block's attn_head_dim, dim_out, proj_bias, qk_norm, scale_norm,
+gated, and timm's ``LayerNorm`` with the block's norm_eps as norm_layer) and
+``torch.nn.MultiheadAttention``. Nothing is transcribed: these are the libraries' own
+modules.
 
 ``MultiheadAttentionOutput`` is ``torch.nn.MultiheadAttention`` whose forward takes the
 masks positionally (npattn's argument order) and returns only the output (the golden and
@@ -42,7 +44,15 @@ def torch_config(np_block):
         return _timm_layers()[0], dict(in_channels=b.in_channels, use_scale=b.use_scale, rd_channels=b.rd_channels)
     if name == "ViTAttention":
         b = np_block
-        return _timm_layers()[1], dict(dim=b.dim, num_heads=b.num_heads, qkv_bias=b.qkv_bias)
+        cfg = dict(dim=b.dim, num_heads=b.num_heads, qkv_bias=b.qkv_bias, attn_head_dim=b.head_dim, dim_out=b.dim_out,
+                   proj_bias=b.proj_bias, qk_norm=b.qk_norm, scale_norm=b.scale_norm, gated=b.gated)
+        if b.qk_norm or b.scale_norm:  # timm's LayerNorm with the block's eps (VisionTransformer's norm_layer)
+            import functools
+
+            from timm.layers import LayerNorm
+
+            cfg["norm_layer"] = functools.partial(LayerNorm, eps=b.norm_eps)
+        return _timm_layers()[1], cfg
     if name == "MultiheadAttention":
         b = np_block
         return MultiheadAttentionOutput, dict(

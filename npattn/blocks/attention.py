@@ -15,7 +15,9 @@ scale 1 / sqrt(d), join the heads and project back::
 
 ``ViTAttention`` has one input x (N, tokens, dim) for all three (self-attention), its
 three projections stacked in ``qkv.weight`` (3 dim, dim) (and ``qkv.bias`` with
-``qkv_bias=True``), the output projection ``proj.weight``, ``proj.bias``, and no mask.
+``qkv_bias=True``), the output projection ``proj.weight``, ``proj.bias``, and by default
+no mask; timm's options (head width, output width, qk_norm, scale_norm, a gate, masks and
+is_causal) are derived in the last section below.
 ``MultiheadAttention`` takes query, key and value (in (L, N, E) order unless
 ``batch_first``), stores torch's keys (``in_proj_weight`` (3E, E) and ``in_proj_bias``
 (3E,), or ``q_proj_weight`` (E, E), ``k_proj_weight`` (E, kdim), ``v_proj_weight``
@@ -52,6 +54,82 @@ Self-attention with one array: when query, key and value are the same array, the
 gradient with respect to it is the SUM of the three returned gradients
 ``d_query + d_key + d_value``; npattn returns them separately, as torch does for three
 tensors, and the caller adds them.
+
+``ViTAttention``'s options (timm 1.0.31's ``Attention``)
+--------------------------------------------------------
+
+h heads of width d (``attn_head_dim``, default dim / h), A = h d channels inside the
+attention (``attn_dim``), D_out output channels (``dim_out``, default dim). Every
+LayerNorm below is over the last axis with eps ``norm_eps`` (1e-6, the eps of timm's
+``LayerNorm`` that its VisionTransformer passes as ``norm_layer``); LN(y; gamma, beta) =
+gamma y_hat + beta, y_hat = (y - mean y) / sqrt(var y + eps). Forward, for x (N, T, dim)
+with the rows of x written X (N T, dim)::
+
+    QKV = X W_qkv^T + b_qkv                         (N T, 3A)    b_qkv with qkv_bias
+    Q, K, V = its thirds, split into heads          (N, h, T, d)
+    Q' = LN_d(Q; gamma_q, beta_q)                   (N, h, T, d) qk_norm   (q_norm.*)
+    K' = LN_d(K; gamma_k, beta_k)                   (N, h, T, d) qk_norm   (k_norm.*)
+    Z  = Q' K'^T / sqrt(d) + M                      (N, h, T, T) M: the mask, below
+    P  = softmax_rows(Z);  O = P V                  (N, h, T, d)
+    O  = the heads side by side                     (N T, A)
+    U  = LN_A(O; gamma_n, beta_n)                   (N T, A)     scale_norm (norm.*)
+    G  = sigmoid(X W_g^T + b_g)                     (N T, A)     gated (gate.*; b_g with qkv_bias)
+    Y  = U * G                                      (N T, A)     gated
+    out = Y W_p^T + b_p                             (N T, D_out) b_p with proj_bias
+
+Without an option its line is the identity (Q' = Q, U = O, Y = U). The gate is computed
+from the block's input x and multiplies the attention output after ``norm`` and before
+``proj``, as timm's forward does.
+
+The mask M (``forward(x, attn_mask=..., is_causal=...)``), timm's semantics, which are
+``torch.nn.functional.scaled_dot_product_attention``'s:
+
+- ``attn_mask`` broadcastable to (N, h, T, T): **boolean True = may attend** (False: -inf
+  added), floating: added to the scores (the block's dtype);
+- ``is_causal=True``: query i attends to keys j <= i (M_ij = -inf for j > i);
+- both at once raise ``ValueError``, as timm's default (fused) path does;
+- a query whose every key is masked gets O = 0 and passes no gradient, what timm's
+  default path (``F.scaled_dot_product_attention``) returns on the CPU. (timm's unfused
+  path, ``fused_attn=False``, gives NaN there and lets ``is_causal`` win over a mask.)
+
+Backward, for dout = dL/dout (N T, D_out), in the order the code computes it; each line
+is the chain rule through the forward line named on its right::
+
+    dY       = dout W_p                  (N T, A)       out = Y W_p^T + b_p
+    dW_p     = dout^T Y                  (D_out, A)     the same line
+    db_p     = sum_rows dout             (D_out,)       the same line
+    dU       = dY * G                    (N T, A)       Y = U * G, product rule
+    dG       = dY * U                    (N T, A)       the same line
+    dA_g     = dG * G (1 - G)            (N T, A)       G = sigmoid(A_g), sigmoid' = G (1 - G)
+    dW_g     = dA_g^T X                  (A, dim)       A_g = X W_g^T + b_g
+    db_g     = sum_rows dA_g             (A,)           the same line
+    dX_g     = dA_g W_g                  (N T, dim)     the same line
+    dgamma_n = sum_rows dU * O_hat       (A,)           U = gamma_n O_hat + beta_n
+    dbeta_n  = sum_rows dU               (A,)           the same line
+    dO       = LN_A'(dU)                 (N T, A)       U = LN_A(O), through mean and variance
+    dQ', dK', dV = attention'(dO)        (N, h, T, d)   O = softmax(Q' K'^T / sqrt(d) + M) V, above
+    dgamma_q = sum_{N,h,T} dQ' * Q_hat   (d,)           Q' = gamma_q Q_hat + beta_q
+    dbeta_q  = sum_{N,h,T} dQ'           (d,)           the same line
+    dQ       = LN_d'(dQ')                (N, h, T, d)   Q' = LN_d(Q)
+    dgamma_k = sum_{N,h,T} dK' * K_hat   (d,)           K' = gamma_k K_hat + beta_k
+    dbeta_k  = 0 exactly                 (d,)           a shift of every score row (below)
+    dK       = LN_d'(dK')                (N, h, T, d)   K' = LN_d(K)
+    dQKV     = dQ, dK, dV joined         (N T, 3A)      the split into heads is a permutation
+    dW_qkv   = dQKV^T X                  (3A, dim)      QKV = X W_qkv^T + b_qkv
+    db_qkv   = sum_rows dQKV             (3A,)          the same line
+    dX       = dQKV W_qkv + dX_g         (N T, dim)     x feeds both qkv and gate: the sum
+
+with LN'(g) = r (g gamma - mean(g gamma) - y_hat mean(g gamma y_hat)) over the normalised
+axis, r = 1 / sqrt(var + eps) (derived in ``npattn/functional/layer_norm.py``). Exact
+zeros: ``k_norm.bias`` (beta_k adds Q'_i . beta_k / sqrt(d) to every score of row i, a
+shift the softmax ignores), and the key third of ``qkv.bias`` without ``qk_norm`` (the
+same shift); with ``qk_norm`` that key bias passes through K's normalisation, which is
+not a shift, and its gradient is not zero. With d = 1 and ``qk_norm``, Q_hat = K_hat = 0
+(a LayerNorm of one value), so Q' = beta_q and K' = beta_k: the query and key rows of
+``qkv`` get exact zero gradients (LN' of one value is 0), and so do ``q_norm.weight`` and
+``k_norm.weight`` (their gradients are sums of dQ' * Q_hat). The scores of row i are then
+beta_q beta_k / sqrt(d) + M_ij: beta_q shifts the whole row (without a mask P = 1 / T), so
+the gradient of ``q_norm.bias`` is zero as well, and npattn returns it exactly.
 """
 
 from __future__ import annotations
@@ -63,7 +141,12 @@ import numpy as np
 
 from .. import functional as F
 from .._checks import float_array, positive_int, shape_is
-from ..functional.attention import attention, attention_backward
+from ..functional.attention import (
+    attention,
+    attention_backward,
+    scaled_dot_product_attention_backward,
+    scaled_dot_product_attention_forward,
+)
 from .base import Block, kaiming_uniform, make_rng
 
 __all__ = ["ViTAttention", "MultiheadAttention"]
@@ -97,75 +180,224 @@ class ViTAttentionCache:
     x_shape: tuple  # (N, T, dim)
     dtype: np.dtype
     qkv: object  # LinearCache of qkv: x as (N T, dim)
-    att: object  # AttentionCache: Q, K, V (N, h, T, d), weights (N, h, T, T)
-    proj: object  # LinearCache of proj: O as (N T, dim)
+    q_norm: object  # LayerNormCache of q_norm over Q (N, h, T, d), or None (no qk_norm)
+    k_norm: object  # LayerNormCache of k_norm over K (N, h, T, d), or None
+    att: object  # AttentionCache: Q', K', V (N, h, T, d), weights (N, h, T, T); None when T = 0
+    norm: object  # LayerNormCache of norm over O (N T, A), or None (no scale_norm)
+    gate_lin: object  # LinearCache of gate: x as (N T, dim), or None (not gated)
+    gate: np.ndarray  # (N T, A) G = sigmoid(gate(x)), or None
+    gated_in: np.ndarray  # (N T, A) U, what the gate multiplies, or None
+    proj: object  # LinearCache of proj: Y as (N T, A)
 
 
 class ViTAttention(Block):
-    """timm's ``vision_transformer.Attention`` (timm 1.0.31, its default configuration:
-    no qk_norm, no scale_norm, no gate, dropout 0, proj_bias True).
+    """timm's ``Attention`` (``timm.layers.attention``, used by ``vision_transformer``;
+    timm 1.0.31), dropout 0. The defaults are timm's default configuration: no qk_norm,
+    no scale_norm, no gate, proj_bias True.
 
     Parameters
     ----------
     dim : int
-        Token width; ``num_heads`` must divide it (head width d = dim / num_heads).
+        Token width of the input (and of the output unless ``dim_out``).
     num_heads : int, default 8
+        h; it must divide ``dim`` unless ``attn_head_dim`` is given.
     qkv_bias : bool, default False
-        Whether ``qkv`` has a bias (``qkv.bias`` (3 dim,)).
-    rng : None, int or numpy.random.Generator (PyTorch's default Linear initialisation)
+        Whether ``qkv`` (and ``gate``) have a bias (``qkv.bias`` (3 A,), ``gate.bias`` (A,)).
+
+    Keyword-only, timm's names and meaning:
+
+    attn_head_dim : int or None, default None
+        d, the width of each head; None: dim / num_heads. A = num_heads d channels run
+        through the attention (``attn_dim``) and the scale is d ** -0.5.
+    dim_out : int or None, default None
+        Output width (``proj.weight`` (dim_out, A)); None: dim.
+    proj_bias : bool, default True
+        Whether ``proj`` has a bias.
+    qk_norm : bool, default False
+        A LayerNorm over each head's d channels of q and of k (``q_norm.weight``,
+        ``q_norm.bias``, ``k_norm.weight``, ``k_norm.bias``, (d,) each).
+    scale_norm : bool, default False
+        A LayerNorm over the A channels of the joined heads, before ``proj``
+        (``norm.weight``, ``norm.bias`` (A,)).
+    gated : bool, default False
+        An elementwise sigmoid gate sigmoid(gate(x)) (``gate.weight`` (A, dim), and
+        ``gate.bias`` with ``qkv_bias``) multiplying the attention output after ``norm``
+        and before ``proj``.
+    norm_eps : float, default 1e-6
+        eps of the LayerNorms (timm's ``LayerNorm``, which its VisionTransformer passes
+        as ``norm_layer``; ``torch.nn.LayerNorm``'s default is 1e-5).
+    rng : None, int or numpy.random.Generator (PyTorch's default Linear initialisation;
+        LayerNorm weights 1, biases 0)
     dtype : float32 (default) or float64
 
-    ``forward(x, training=False)`` with x (N, tokens, dim) -> (out (N, tokens, dim), cache);
-    ``backward(dout, cache) -> ((dx,), grads)``; ``qkv.bias[dim:2 dim]`` (the key bias) has
-    an exact zero gradient. The math is in the module docstring.
+    ``forward(x, training=False, attn_mask=None, is_causal=False)`` with x (N, tokens,
+    dim) -> (out (N, tokens, dim_out), cache): masks as timm's (and
+    ``torch.nn.functional.scaled_dot_product_attention``'s): **boolean True = may
+    attend**, float added, broadcastable to (N, num_heads, tokens, tokens); ``is_causal``
+    lets token i attend to tokens 0 ... i. ``backward(dout, cache) -> ((dx,), grads)``;
+    exact zero gradients: ``k_norm.bias``, and ``qkv.bias[A:2A]`` (the key bias) without
+    qk_norm. The math is in the module docstring.
     """
 
-    def __init__(self, dim, num_heads=8, qkv_bias=False, *, rng=None, dtype=np.float32):
+    def __init__(
+        self, dim, num_heads=8, qkv_bias=False, *, attn_head_dim=None, dim_out=None, proj_bias=True,
+        qk_norm=False, scale_norm=False, gated=False, norm_eps=1e-6, rng=None, dtype=np.float32,
+    ):
         super().__init__(dtype)
         op = "ViTAttention"
         self.dim = positive_int(op, "dim", dim)
         self.num_heads = positive_int(op, "num_heads", num_heads)
-        if self.dim % self.num_heads:
-            raise ValueError(f"{op}: num_heads must divide dim, got dim={self.dim}, num_heads={self.num_heads}")
-        if not isinstance(qkv_bias, (bool, np.bool_)):
-            raise TypeError(f"{op}: qkv_bias must be a bool, got {qkv_bias!r}")
+        for name, flag in (("qkv_bias", qkv_bias), ("proj_bias", proj_bias), ("qk_norm", qk_norm),
+                           ("scale_norm", scale_norm), ("gated", gated)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{op}: {name} must be a bool, got {flag!r}")
+        if attn_head_dim is None:
+            if self.dim % self.num_heads:
+                raise ValueError(f"{op}: num_heads must divide dim (or give attn_head_dim), got dim={self.dim}, num_heads={self.num_heads}")
+            self.head_dim = self.dim // self.num_heads
+        else:
+            self.head_dim = positive_int(op, "attn_head_dim", attn_head_dim)
+        self.attn_dim = self.num_heads * self.head_dim
+        self.dim_out = self.dim if dim_out is None else positive_int(op, "dim_out", dim_out)
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float, np.floating, np.integer)):
+            raise TypeError(f"{op}: norm_eps must be a real number, got {type(norm_eps).__name__}")
+        if not (math.isfinite(float(norm_eps)) and float(norm_eps) >= 0.0):
+            raise ValueError(f"{op}: norm_eps must be a finite number >= 0, got {norm_eps}")
         self.qkv_bias = bool(qkv_bias)
-        self.head_dim = self.dim // self.num_heads
+        self.proj_bias = bool(proj_bias)
+        self.qk_norm = bool(qk_norm)
+        self.scale_norm = bool(scale_norm)
+        self.gated = bool(gated)
+        self.norm_eps = float(norm_eps)
         self.scale = self.head_dim ** -0.5
         rng = make_rng(rng)
-        self._add_linear("qkv.", rng, self.dim, 3 * self.dim, bias=self.qkv_bias)
-        self._add_linear("proj.", rng, self.dim, self.dim, bias=True)
+        a = self.attn_dim
+        # timm's registration order: qkv, q_norm, k_norm, norm, gate, proj
+        self._add_linear("qkv.", rng, self.dim, 3 * a, bias=self.qkv_bias)
+        if self.qk_norm:
+            for prefix in ("q_norm.", "k_norm."):
+                self._add_param(f"{prefix}weight", np.ones(self.head_dim))
+                self._add_param(f"{prefix}bias", np.zeros(self.head_dim))
+        if self.scale_norm:
+            self._add_param("norm.weight", np.ones(a))
+            self._add_param("norm.bias", np.zeros(a))
+        if self.gated:
+            self._add_linear("gate.", rng, self.dim, a, bias=self.qkv_bias)
+        self._add_linear("proj.", rng, a, self.dim_out, bias=self.proj_bias)
 
-    def forward(self, x, training=False):
-        """Self-attention over the tokens of x (N, T, dim). ``training`` is accepted for a
-        uniform block API (dropout is 0: both modes compute the same)."""
+    def _layer_norm(self, prefix, y):
+        s = self._state
+        return F.layer_norm_forward(y, s[f"{prefix}weight"], s[f"{prefix}bias"], self.norm_eps)
+
+    def _layer_norm_backward(self, prefix, dy, cache, param_grads):
+        g = F.layer_norm_backward(dy, cache)
+        param_grads[f"{prefix}weight"] += g["weight"]
+        param_grads[f"{prefix}bias"] += g["bias"]
+        return g["x"]
+
+    def _mask(self, op, attn_mask, is_causal, n, t):
+        """The mask for scaled_dot_product_attention_forward (True = attend, or float
+        added), or None."""
+        if not isinstance(is_causal, (bool, np.bool_)):
+            raise TypeError(f"{op}: is_causal must be a bool, got {is_causal!r}")
+        if is_causal:
+            if attn_mask is not None:
+                raise ValueError(f"{op}: give attn_mask or is_causal=True, not both (timm's default path, torch's scaled_dot_product_attention, refuses the pair)")
+            return np.tril(np.ones((t, t), dtype=bool))  # (T, T) key j <= query i
+        if attn_mask is None:
+            return None
+        if not isinstance(attn_mask, np.ndarray):
+            raise TypeError(f"{op}: attn_mask must be None or a numpy.ndarray, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != np.bool_:
+            if attn_mask.dtype.kind != "f":
+                raise TypeError(f"{op}: attn_mask must be boolean (True = may attend) or floating (added), got dtype {attn_mask.dtype}")
+            if attn_mask.dtype != self.dtype:
+                raise TypeError(f"{op}: a float attn_mask must have the block's dtype {self.dtype}, got {attn_mask.dtype}")
+        scores = (n, self.num_heads, t, t)
+        try:
+            ok = np.broadcast_shapes(attn_mask.shape, scores) == scores
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{op}: attn_mask must be broadcastable to (N, num_heads, tokens, tokens) = {scores}, got shape {tuple(attn_mask.shape)}")
+        return attn_mask
+
+    def forward(self, x, training=False, attn_mask=None, is_causal=False):
+        """Self-attention over the tokens of x (N, T, dim) -> (out (N, T, dim_out), cache).
+        ``training`` is accepted for a uniform block API (dropout is 0: both modes compute
+        the same). ``attn_mask``: boolean (True = may attend) or float (added),
+        broadcastable to (N, num_heads, T, T); ``is_causal``: token i attends to 0 ... i."""
         op = "ViTAttention"
+        if not isinstance(training, (bool, np.bool_)):  # timm's forward(x, attn_mask, is_causal) takes the mask second
+            raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}; pass a mask as attn_mask=...")
         x = _check_tokens(op, "x", x, self.dtype, self.dim, "dim", "(N, tokens, dim)")
         n, t, e = x.shape
-        h, d = self.num_heads, self.head_dim
-        qkv, k_qkv = self._linear("qkv.", x.reshape(n * t, e))  # (N T, 3 dim)
-        qkv = qkv.reshape(n, t, 3, h, d).transpose(2, 0, 3, 1, 4)  # (3, N, h, T, d)
-        o, k_att = attention(qkv[0], qkv[1], qkv[2], None, self.scale)  # (N, h, T, d)
-        out, k_proj = self._linear("proj.", _join_heads(o))  # (N T, dim)
-        return out.reshape(n, t, e), ViTAttentionCache(x.shape, x.dtype, k_qkv, k_att, k_proj)
+        h, d, a = self.num_heads, self.head_dim, self.attn_dim
+        mask = self._mask(op, attn_mask, is_causal, n, t)
+        xf = x.reshape(n * t, e)  # (N T, dim)
+        qkv, k_qkv = self._linear("qkv.", xf)  # (N T, 3A)
+        q, k, v = qkv.reshape(n, t, 3, h, d).transpose(2, 0, 3, 1, 4)  # (N, h, T, d) each
+        k_qn = k_kn = None
+        if self.qk_norm:
+            q, k_qn = self._layer_norm("q_norm.", q)  # (N, h, T, d) Q'
+            k, k_kn = self._layer_norm("k_norm.", k)  # (N, h, T, d) K'
+        if t:
+            o, k_att = scaled_dot_product_attention_forward(q, k, v, attn_mask=mask, scale=self.scale)  # (N, h, T, d)
+        else:  # no tokens: nothing to attend to, an empty output (as timm)
+            o, k_att = np.zeros((n, h, 0, d), dtype=x.dtype), None
+        u = _join_heads(o)  # (N T, A) O
+        k_norm = None
+        if self.scale_norm:
+            u, k_norm = self._layer_norm("norm.", u)  # (N T, A) U
+        k_gate = g = u_in = None
+        if self.gated:
+            a_g, k_gate = self._linear("gate.", xf)  # (N T, A)
+            g = F.sigmoid(a_g)  # (N T, A) G
+            u_in = u
+            u = u * g  # (N T, A) Y
+        out, k_proj = self._linear("proj.", u)  # (N T, dim_out)
+        cache = ViTAttentionCache(x.shape, x.dtype, k_qkv, k_qn, k_kn, k_att, k_norm, k_gate, g, u_in, k_proj)
+        return out.reshape(n, t, self.dim_out), cache
 
     def backward(self, grad_out, cache: ViTAttentionCache):
         """Returns ``((dx,), grads)``; grads keyed like the state_dict."""
         op = "ViTAttention.backward"
-        dy = float_array(op, "grad_out", grad_out, 3, "(N, tokens, dim)")
-        shape_is(op, "grad_out", dy, cache.x_shape)
+        dy = float_array(op, "grad_out", grad_out, 3, "(N, tokens, dim_out)")
+        n, t, e = cache.x_shape
+        shape_is(op, "grad_out", dy, (n, t, self.dim_out))
         if dy.dtype != cache.dtype:
             raise TypeError(f"{op}: grad_out must have the forward input's dtype {cache.dtype}, got {dy.dtype}")
-        n, t, e = cache.x_shape
+        h, d, a = self.num_heads, self.head_dim, self.attn_dim
         grads = self.zero_grads()
-        d_o = self._linear_backward("proj.", dy.reshape(n * t, e), cache.proj, grads)  # (N T, dim)
-        d_o = _split_heads(d_o.reshape(n, t, e), self.num_heads)  # (N, h, T, d)
-        d_q, d_k, d_v = attention_backward(d_o, cache.att)  # (N, h, T, d) each
+        d_u = self._linear_backward("proj.", dy.reshape(n * t, self.dim_out), cache.proj, grads)  # (N T, A) dY
+        d_x_gate = None
+        if self.gated:
+            g = cache.gate
+            d_g = d_u * cache.gated_in  # (N T, A) dG = dY * U
+            d_u = d_u * g  # (N T, A) dU = dY * G
+            d_ag = d_g * g * (1 - g)  # (N T, A) through the sigmoid
+            d_x_gate = self._linear_backward("gate.", d_ag, cache.gate_lin, grads)  # (N T, dim)
+        if self.scale_norm:
+            d_u = self._layer_norm_backward("norm.", d_u, cache.norm, grads)  # (N T, A) dO
+        d_o = _split_heads(d_u.reshape(n, t, a), h)  # (N, h, T, d)
+        if cache.att is not None:
+            g_att = scaled_dot_product_attention_backward(d_o, cache.att)
+            d_q, d_k, d_v = g_att["q"], g_att["k"], g_att["v"]  # (N, h, T, d) dQ', dK', dV
+        else:
+            d_q = d_k = d_v = np.zeros((n, h, 0, d), dtype=cache.dtype)
+        if self.qk_norm:
+            d_q = self._layer_norm_backward("q_norm.", d_q, cache.q_norm, grads)  # (N, h, T, d) dQ
+            d_k = self._layer_norm_backward("k_norm.", d_k, cache.k_norm, grads)  # (N, h, T, d) dK
+            grads["k_norm.bias"][...] = 0  # beta_k shifts every score row by a constant
+            if d == 1:
+                grads["q_norm.bias"][...] = 0  # Q' = beta_q, K' = beta_k: every score of a row equal
         d_qkv = np.stack([d_q, d_k, d_v])  # (3, N, h, T, d)
-        d_qkv = d_qkv.transpose(1, 3, 0, 2, 4).reshape(n * t, 3 * e)  # (N T, 3 dim), qkv's layout
+        d_qkv = d_qkv.transpose(1, 3, 0, 2, 4).reshape(n * t, 3 * a)  # (N T, 3A), qkv's layout
         d_x = self._linear_backward("qkv.", d_qkv, cache.qkv, grads)  # (N T, dim)
-        if self.qkv_bias:
-            grads["qkv.bias"][e : 2 * e] = 0  # the key bias shifts every score row by a constant
+        if d_x_gate is not None:
+            d_x = d_x + d_x_gate  # x feeds qkv and gate
+        if self.qkv_bias and not self.qk_norm:
+            grads["qkv.bias"][a : 2 * a] = 0  # the key bias shifts every score row by a constant
         return (d_x.reshape(n, t, e),), grads
 
 

@@ -49,12 +49,13 @@ __all__ += [
 # channel and spatial attention (CBAM, ECA, CoordAttn, GlobalContext) -------------------
 from .conv1d import conv1d_backward, conv1d_forward
 from .hardswish import hardswish_backward, hardswish_forward
-from .layer_norm import layer_norm2d_backward, layer_norm2d_forward
+from .layer_norm import layer_norm2d_backward, layer_norm2d_forward, layer_norm_backward, layer_norm_forward
 from .reduce import amax_backward, amax_forward, mean_backward, mean_forward
 
 __all__ += [
     "amax_backward", "amax_forward", "conv1d_backward", "conv1d_forward", "hardswish_backward",
-    "hardswish_forward", "layer_norm2d_backward", "layer_norm2d_forward", "mean_backward", "mean_forward",
+    "hardswish_forward", "layer_norm2d_backward", "layer_norm2d_forward", "layer_norm_backward",
+    "layer_norm_forward", "mean_backward", "mean_forward",
 ]
 
 from .attention import scaled_dot_product_attention_backward, scaled_dot_product_attention_forward

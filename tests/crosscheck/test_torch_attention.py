@@ -3,7 +3,9 @@
 torch.nn.MultiheadAttention (batch_first both ways, kdim/vdim, no bias, boolean and float
 masks, 2-D and 3-D attn_mask, attention weights, one shared tensor, fully masked
 queries), timm's NonLocalAttn (two training steps and an eval step, running statistics)
-and timm's vision_transformer Attention."""
+and timm's vision_transformer Attention (attn_head_dim, dim_out, proj_bias, qk_norm,
+scale_norm, gated, norm_eps, boolean and float masks of every broadcast shape and
+is_causal through both of timm's attention paths)."""
 
 import numpy as np
 import pytest
@@ -330,6 +332,17 @@ VIT_CASES = {
     "qkv_bias": (dict(dim=12, num_heads=3, qkv_bias=True), (2, 7, 12)),
     "no_qkv_bias_head_dim_1": (dict(dim=4, num_heads=4), (3, 5, 4)),
     "one_token_batch_1": (dict(dim=8, num_heads=2, qkv_bias=True), (1, 1, 8)),
+    # timm's options, one at a time and together
+    "attn_head_dim_5_dim_out_7": (dict(dim=6, num_heads=3, attn_head_dim=5, dim_out=7, qkv_bias=True), (2, 5, 6)),
+    "no_proj_bias": (dict(dim=6, num_heads=2, proj_bias=False), (3, 3, 6)),
+    "qk_norm": (dict(dim=12, num_heads=3, qkv_bias=True, qk_norm=True), (2, 7, 12)),
+    "qk_norm_head_dim_1": (dict(dim=3, num_heads=3, qk_norm=True), (2, 5, 3)),
+    "scale_norm": (dict(dim=10, num_heads=2, scale_norm=True), (3, 5, 10)),
+    "gated": (dict(dim=8, num_heads=2, gated=True), (2, 5, 8)),
+    "gated_qkv_bias": (dict(dim=9, num_heads=3, gated=True, qkv_bias=True), (2, 7, 9)),
+    "qk_norm_scale_norm_eps_1e-5": (dict(dim=8, num_heads=4, qk_norm=True, scale_norm=True, norm_eps=1e-5), (1, 9, 8)),
+    "all": (dict(dim=7, num_heads=3, attn_head_dim=3, dim_out=5, qkv_bias=True, qk_norm=True, scale_norm=True,
+                 gated=True, proj_bias=False), (3, 5, 7)),
 }
 
 
@@ -345,4 +358,127 @@ def test_vit_attention_matches_timm(name, training):
     assert type(module).__name__ == "Attention" and module.scale == blk.scale
     errs, zero = run_block_vs_module(blk, module, rng.standard_normal(shape), training, rng)
     assert max(errs.values()) < TOL, errs
-    assert not zero  # qkv.bias is zero only in its key third
+    # qkv.bias is zero only in its key third (without qk_norm); k_norm.bias entirely; with
+    # a head width of 1 every q_norm and k_norm gradient (a LayerNorm of one value is its beta)
+    one = {"q_norm.weight", "q_norm.bias", "k_norm.weight"} if blk.head_dim == 1 else set()
+    want = ({"k_norm.bias"} | one) if blk.qk_norm else set()
+    assert zero == want, zero
+
+
+def vit_forward_args(kind, blk, n, t, rng):
+    """Forward keywords of the mask cases: masks as timm (True = may attend), with one
+    key always allowed (no query loses every key: timm's two paths agree there)."""
+    if kind == "causal":
+        return {"is_causal": True}
+    shape = {"bool_2d": (t, t), "bool_4d": (n, blk.num_heads, t, t), "float_3d": (blk.num_heads, t, t),
+             "float_4d_broadcast": (n, 1, t, t)}[kind]
+    free = int(rng.integers(0, t))
+    if kind.startswith("bool"):
+        m = rng.random(shape) < 0.6
+        m[..., free] = True
+    else:
+        m = rng.normal(0.0, 1.0, shape)
+        m[rng.random(shape) < 0.3] = -np.inf
+        m[..., free] = rng.normal(0.0, 1.0, shape[:-1])
+    return {"attn_mask": m}
+
+
+def run_vit_vs_timm(blk, module, x, kw, rng):
+    """Output, input gradient and every parameter gradient of npattn against timm's
+    module, with the forward keywords ``kw`` (attn_mask as a tensor)."""
+    for p in module.parameters():
+        p.grad = None
+    y, cache = blk.forward(x, **kw)
+    dy = rng.standard_normal(y.shape)
+    (dx,), grads = blk.backward(dy, cache)
+    tx = torch.from_numpy(x.copy()).requires_grad_(True)
+    tkw = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    ty = module(tx, **tkw)
+    ty.backward(torch.from_numpy(dy))
+    errs = {"output": rel_err(y, ty.detach().numpy()), "grad.input": rel_err(dx, tx.grad.numpy())}
+    scale = max(float(np.max(np.abs(g))) for g in grads.values())
+    for k, p in module.named_parameters():
+        if np.all(grads[k] == 0.0):
+            assert np.max(np.abs(p.grad.numpy())) < 1e-12 * scale, k
+        else:
+            errs[f"grad.{k}"] = rel_err(grads[k], p.grad.numpy())
+    return errs, y, ty.detach().numpy()
+
+
+VIT_MASK_CASES = ["qkv_bias", "qk_norm", "gated_qkv_bias", "all", "attn_head_dim_5_dim_out_7"]
+
+
+@pytest.mark.parametrize("name", VIT_MASK_CASES)
+@pytest.mark.parametrize("kind", ["bool_2d", "bool_4d", "float_3d", "float_4d_broadcast", "causal"])
+def test_vit_attention_masks_match_timm_fused_and_unfused(name, kind):
+    """timm's two paths (F.scaled_dot_product_attention, its default, and its own
+    softmax with resolve_self_attn_mask) agree with npattn when no query loses every key."""
+    from torch_ref_attention import make_torch_block
+
+    cfg, shape = VIT_CASES[name]
+    rng = np.random.default_rng(2)
+    blk = randomize(npattn.ViTAttention(**cfg, rng=rng, dtype=np.float64), rng)
+    x = rng.standard_normal(shape)
+    kw = vit_forward_args(kind, blk, shape[0], shape[1], rng)
+    module = make_torch_block(blk)
+    for fused in (True, False):
+        module.fused_attn = fused
+        errs, _, _ = run_vit_vs_timm(blk, module, x, kw, np.random.default_rng(3))
+        assert max(errs.values()) < TOL, (fused, errs)
+
+
+@pytest.mark.parametrize("name", ["qkv_bias", "all"])
+def test_vit_attention_fully_masked_query_as_timms_default_path(name):
+    """A query with no key: timm's default (fused) path gives 0 attention output and no
+    gradient through it, as npattn; timm's unfused path gives NaN there."""
+    from torch_ref_attention import make_torch_block
+
+    cfg, shape = VIT_CASES[name]
+    rng = np.random.default_rng(4)
+    blk = randomize(npattn.ViTAttention(**cfg, rng=rng, dtype=np.float64), rng)
+    x = rng.standard_normal(shape)
+    m = rng.random((shape[0], 1, shape[1], shape[1])) < 0.6
+    m[..., 0] = True
+    m[1, 0, 2] = False  # sample 1, query 2: every key masked in every head
+    module = make_torch_block(blk)
+    assert module.fused_attn  # timm's default
+    errs, y, ty = run_vit_vs_timm(blk, module, x, {"attn_mask": m}, np.random.default_rng(5))
+    assert max(errs.values()) < TOL, errs
+    module.fused_attn = False
+    with torch.no_grad():
+        unfused = module(torch.from_numpy(x), attn_mask=torch.from_numpy(m)).numpy()
+    assert np.isnan(unfused[1, 2]).all() and np.isfinite(y).all()
+
+
+def test_vit_attention_mask_with_is_causal_refused_as_timm():
+    from torch_ref_attention import make_torch_block
+
+    blk = npattn.ViTAttention(6, 2, rng=0, dtype=np.float64)
+    module = make_torch_block(blk)
+    x, m = np.zeros((1, 3, 6)), np.ones((3, 3), bool)
+    with pytest.raises(RuntimeError, match="attn_mask should not be set when is_causal"):
+        module(torch.from_numpy(x), attn_mask=torch.from_numpy(m), is_causal=True)
+    with pytest.raises(ValueError, match="not both"):
+        blk.forward(x, attn_mask=m, is_causal=True)
+
+
+def test_vit_attention_timm_initialisation_layout():
+    """timm's module built with the same options has npattn's keys, shapes and LayerNorm
+    initialisation; a timm state_dict loads into npattn and gives timm's output."""
+    import functools
+
+    from timm.layers import Attention, LayerNorm
+
+    cfg = dict(attn_head_dim=3, dim_out=5, qkv_bias=True, qk_norm=True, scale_norm=True, gated=True, proj_bias=False)
+    timm_block = Attention(7, 3, norm_layer=functools.partial(LayerNorm, eps=1e-6), **cfg).double().eval()
+    blk = npattn.ViTAttention(7, 3, **cfg, rng=0, dtype=np.float64)
+    assert [(k, tuple(v.shape)) for k, v in blk.state_dict().items()] == [(k, tuple(v.shape)) for k, v in timm_block.state_dict().items()]
+    for k, v in timm_block.state_dict().items():
+        if "norm" in k:
+            np.testing.assert_array_equal(blk[k], v.numpy(), err_msg=k)
+    assert blk.scale == timm_block.scale and blk.attn_dim == timm_block.attn_dim
+    blk.load_state_dict({k: v.detach().numpy().copy() for k, v in timm_block.state_dict().items()})
+    x = np.random.default_rng(6).standard_normal((2, 4, 7))
+    with torch.no_grad():
+        t_out = timm_block(torch.from_numpy(x)).numpy()
+    assert rel_err(blk.forward(x)[0], t_out) < TOL

@@ -18,6 +18,9 @@ Token blocks: against a float64 transcription (projections, heads, a per-row sof
 with torch.nn.MultiheadAttention's masks: boolean True = NOT allowed, float added; a
 query with every key masked gives NaN, as torch), batch_first both ways, kdim/vdim,
 key_padding_mask with attn_mask (L, S) or (N heads, L, S), and central differences.
+ViTAttention with timm's options (qk_norm, scale_norm, gated, proj_bias, attn_head_dim,
+dim_out, norm_eps) and timm's masks (boolean True = may attend, float added, broadcast
+shapes, is_causal; a query with every key masked gives 0, as timm's default path).
 
 border_grad: "torchvision" and "mmcv" give the same output and the same gradients but
 the offset gradient, which may differ only where a sampling coordinate is exactly -1;
@@ -306,9 +309,26 @@ def token_cases(draw, name=None):
     kind = draw(st.sampled_from(["normal", "normal", "special"]))
     masks = {}
     if name == "ViTAttention":
-        blk = npattn.ViTAttention(e, heads, qkv_bias=draw(st.booleans()), rng=seed, dtype=dtype)
+        opts = {}
+        if draw(st.booleans()):  # timm's options
+            opts = dict(qk_norm=draw(st.booleans()), scale_norm=draw(st.booleans()), gated=draw(st.booleans()),
+                        proj_bias=draw(st.booleans()), attn_head_dim=draw(st.sampled_from([None, 1, 2])),
+                        dim_out=draw(st.sampled_from([None, 1, 3])), norm_eps=draw(st.sampled_from([1e-6, 1e-5])))
+        blk = npattn.ViTAttention(e, heads, qkv_bias=draw(st.booleans()), rng=seed, dtype=dtype, **opts)
         inputs = [fz.fill(rng, (n, L, e), dtype, kind)]
         S = L
+        mk = draw(st.sampled_from([None, None, "bool", "float", "float_inf", "causal"]))
+        if mk == "causal":
+            masks["is_causal"] = True
+        elif mk is not None:  # timm's convention: boolean True = may attend
+            mshape = draw(st.sampled_from([(L, L), (n, 1, L, L), (n, heads, L, L), (heads, 1, L)]))
+            if mk == "bool":
+                m = rng.random(mshape) < draw(st.sampled_from([0.0, 0.4, 0.8, 1.0]))
+            else:
+                m = fz.fill(rng, mshape, dtype)
+                if mk == "float_inf" and m.size:
+                    m[rng.random(mshape) < 0.4] = -np.inf
+            masks["attn_mask"] = fz.relayout(m, draw(fz.layouts), rng)
     else:
         kdim = draw(st.sampled_from([None, e, 1, 2, 4]))
         vdim = draw(st.sampled_from([None, e, 1, 3]))
@@ -340,8 +360,17 @@ def token_cases(draw, name=None):
             state[key] = (rng.standard_normal(v.shape) * 0.5).astype(dtype)
         blk.load_state_dict(state)
     note(f"block={name} dtype={np.dtype(dtype)} shapes={[a.shape for a in inputs]} heads={heads} "
-         f"masks={ {k: (v.dtype, v.shape) for k, v in masks.items()} }")
+         f"masks={ {k: (v.dtype, v.shape) if isinstance(v, np.ndarray) else v for k, v in masks.items()} }"
+         + (f" options={ {k: getattr(blk, k) for k in ('qk_norm', 'scale_norm', 'gated', 'proj_bias', 'head_dim', 'dim_out')} }"
+            if name == "ViTAttention" else ""))
     return dict(name=name, block=blk, inputs=inputs, masks=masks, dtype=np.dtype(dtype), rng=rng, kind=kind, S=S)
+
+
+def layer_norm_ref(a, gamma, beta, eps):
+    """LayerNorm over the last axis in float64 (two-pass variance)."""
+    mu = a.mean(axis=-1, keepdims=True)
+    var = ((a - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (a - mu) / np.sqrt(var + eps) * gamma + beta
 
 
 def attention_ref(blk, name, inputs, masks):
@@ -349,11 +378,10 @@ def attention_ref(blk, name, inputs, masks):
     s = {k: v.astype(np.float64) for k, v in blk.state_dict().items()}
     if name == "ViTAttention":
         x = inputs[0].astype(np.float64)
-        e, heads = blk.dim, blk.num_heads
+        e, heads = blk.attn_dim, blk.num_heads
         qkv = x @ s["qkv.weight"].T + (s["qkv.bias"] if "qkv.bias" in s else 0)
         xq, xk, xv = qkv[..., :e], qkv[..., e:2 * e], qkv[..., 2 * e:]
-        bias_mask, allowed = None, None
-        wo, bo = s["proj.weight"], s["proj.bias"]
+        wo, bo = s["proj.weight"], s.get("proj.bias", 0.0)
     else:
         e, heads = blk.embed_dim, blk.num_heads
         q_in, k_in, v_in = (a.astype(np.float64) if blk.batch_first else a.astype(np.float64).transpose(1, 0, 2)
@@ -371,8 +399,20 @@ def attention_ref(blk, name, inputs, masks):
     d = e // heads
     split = lambda a, t: a.reshape(n, t, heads, d).transpose(0, 2, 1, 3)  # noqa: E731
     q, k, v = split(xq, L), split(xk, S), split(xv, S)
+    if name == "ViTAttention" and blk.qk_norm:
+        q = layer_norm_ref(q, s["q_norm.weight"], s["q_norm.bias"], blk.norm_eps)
+        k = layer_norm_ref(k, s["k_norm.weight"], s["k_norm.bias"], blk.norm_eps)
     z = np.einsum("nhld,nhsd->nhls", q, k) / math.sqrt(d)
     allowed = np.ones(z.shape, dtype=bool)
+    if name == "ViTAttention":  # timm: boolean True = may attend, float added, is_causal: keys j <= i
+        mm = masks.get("attn_mask")
+        if masks.get("is_causal"):
+            allowed = allowed & np.tri(L, S, dtype=bool)
+        elif mm is not None and mm.dtype == np.bool_:
+            allowed = allowed & np.broadcast_to(mm, z.shape)
+        elif mm is not None:
+            z = z + mm.astype(np.float64)
+            allowed = allowed & ~np.broadcast_to(np.isneginf(mm), z.shape)
     if name == "MultiheadAttention":
         for key, mm in masks.items():
             mm = np.asarray(mm)
@@ -387,9 +427,14 @@ def attention_ref(blk, name, inputs, masks):
         a = allowed[idx]
         if a.any():
             p[idx][a] = scipy.special.softmax(z[idx][a])
-        else:
+        elif name == "MultiheadAttention":
             p[idx][:] = np.nan  # torch.nn.MultiheadAttention: a query with no key left is NaN
+        # ViTAttention (timm's default path, F.scaled_dot_product_attention): 0 there
     o = np.einsum("nhls,nhsd->nhld", p, v).transpose(0, 2, 1, 3).reshape(n, L, e)
+    if name == "ViTAttention" and blk.scale_norm:
+        o = layer_norm_ref(o, s["norm.weight"], s["norm.bias"], blk.norm_eps)
+    if name == "ViTAttention" and blk.gated:
+        o = o * scipy.special.expit(x @ s["gate.weight"].T + s.get("gate.bias", 0.0))
     out = o @ wo.T + bo
     if name == "MultiheadAttention" and not blk.batch_first:
         out = out.transpose(1, 0, 2)
@@ -402,7 +447,7 @@ def test_token_block_valid(case):
     blk, inputs, masks, dtype, name, rng = (case[k] for k in ("block", "inputs", "masks", "dtype", "name", "rng"))
     before = snapshot_state(blk)
     fin_in = fz.finite(*inputs) and case["kind"] == "normal" and all(
-        m.dtype == np.bool_ or fz.finite(np.where(np.isneginf(m), 0, m)) for m in masks.values())
+        m.dtype == np.bool_ or fz.finite(np.where(np.isneginf(m), 0, m)) for m in masks.values() if isinstance(m, np.ndarray))
     want, want_w = attention_ref(blk, name, inputs, masks) if fin_in else (None, None)
     # a query with every key masked is NaN (as torch): no finiteness promised for those draws
     fin = fin_in and not np.isnan(want).any()
@@ -410,7 +455,7 @@ def test_token_block_valid(case):
     dy = fz.relayout(fz.fill(rng, y.shape, dtype), "negative" if y.size else "c", rng)
     grads_in, grads_p = fz.run(blk.backward, dy, cache, finite=fin)
     fz.assert_unchanged(before, "a block array")
-    assert y.dtype == dtype and y.shape == inputs[0].shape[:2] + (inputs[0].shape[2] if name == "ViTAttention"
+    assert y.dtype == dtype and y.shape == inputs[0].shape[:2] + (blk.dim_out if name == "ViTAttention"
                                                                    else blk.embed_dim,)
     assert len(grads_in) == len(inputs)
     for a, g in zip(inputs, grads_in):
@@ -433,8 +478,13 @@ def test_token_block_valid(case):
     if name == "MultiheadAttention" and blk.bias:
         e = blk.embed_dim
         assert not grads_p["in_proj_bias"][e:2 * e].any(), "the key bias has an exact zero gradient"
-    if name == "ViTAttention" and blk.qkv_bias:
-        assert not grads_p["qkv.bias"][blk.dim:2 * blk.dim].any(), "the key bias has an exact zero gradient"
+    if name == "ViTAttention" and blk.qkv_bias and not blk.qk_norm:
+        assert not grads_p["qkv.bias"][blk.attn_dim:2 * blk.attn_dim].any(), "the key bias has an exact zero gradient"
+    if name == "ViTAttention" and blk.qk_norm:
+        assert not grads_p["k_norm.bias"].any(), "k_norm's beta has an exact zero gradient"
+    if name == "ViTAttention":
+        event(f"ViTAttention: {'timm options' if blk.qk_norm or blk.scale_norm or blk.gated else 'default layers'}, "
+              f"{'is_causal' if masks.get('is_causal') else 'attn_mask' if 'attn_mask' in masks else 'no mask'}")
     if dtype == np.float64 and y.size:
         ins = [a.astype(np.float64) for a in inputs]
         if name == "MultiheadAttention" and inputs[1] is inputs[0]:  # one array: its gradient is the sum
@@ -474,7 +524,7 @@ def directional_check_shared(blk, x, gx, grads_p, dy, rng, masks):
 
 
 MHA_CORRUPTIONS = ["dtype", "other_float", "rank", "width", "non_array", "batch", "value_len", "no_keys", "mask_type",
-                   "mask_dtype", "mask_float_dtype", "mask_shape", "grad_out"]
+                   "mask_dtype", "mask_float_dtype", "mask_shape", "grad_out", "mask_and_causal"]
 
 
 @fz.examples(6)
@@ -504,8 +554,23 @@ def test_token_block_invalid_inputs(case, what, data):
                      "non_array": lambda: fz.non_array(a, rng)}[what]()
         fz.expect_error([arg_names[i]], blk.forward, *inputs, **masks)
         return
-    if name == "ViTAttention":
-        return  # no second input, no masks
+    if name == "ViTAttention":  # one input; timm's attn_mask (True = may attend) and is_causal
+        if what in ("batch", "value_len", "no_keys"):
+            return
+        L = inputs[0].shape[1]
+        masks.pop("is_causal", None)
+        good = (L, L)
+        masks["attn_mask"] = {"mask_type": lambda: data.draw(st.sampled_from([[[True]], 1.0, "mask"])),
+                              "mask_dtype": lambda: np.zeros(good, dtype=data.draw(st.sampled_from([np.int64, np.uint8, object]))),
+                              "mask_float_dtype": lambda: np.zeros(good, dtype=np.float32 if dtype == np.float64 else np.float64),
+                              "mask_shape": lambda: np.ones((L, L + 2), dtype=bool),  # + 2: not broadcastable even at L = 0
+                              "mask_and_causal": lambda: np.ones(good, dtype=bool)}[what]()
+        if what == "mask_and_causal":
+            masks["is_causal"] = True
+        fz.expect_error(["attn_mask"], blk.forward, *inputs, **masks)
+        return
+    if what == "mask_and_causal":
+        return  # MultiheadAttention has no is_causal
     bf = blk.batch_first
     q, k, v = inputs
     seq_axis, batch_axis = (1, 0) if bf else (0, 1)

@@ -1,6 +1,6 @@
 """Fuzzing the primitive ops added for the channel/spatial attention and transformer
-blocks: conv1d, mean, amax, layer_norm2d, hardswish and scaled_dot_product_attention
-(each forward and backward).
+blocks: conv1d, mean, amax, layer_norm2d, layer_norm (last axis), hardswish and
+scaled_dot_product_attention (each forward and backward).
 
 Valid draws: results of the right shape and dtype, nothing modified, finite inputs give
 finite results without floating-point warnings, forward against an independent float64
@@ -382,6 +382,87 @@ def test_layer_norm2d_invalid_arguments(case, what, data):
         fz.expect_error(["dy"], F.layer_norm2d_backward, bad_upstream(case["dy"], data, rng, dtype), cache)
         return
     fz.expect_error(names, F.layer_norm2d_forward, **args)
+
+
+# ------------------------------------------------------- layer_norm over the last axis
+
+
+@fz.examples(3)
+@given(case=ln_cases())
+def test_layer_norm_last_axis_valid(case):
+    """layer_norm2d's draws with the channels moved last (a strided view): the same
+    formula over the last axis, its parameter gradients, dx along a random direction."""
+    args, dtype, rng = dict(case["args"]), case["dtype"], case["rng"]
+    x = np.moveaxis(args["x"], 1, -1)  # (N, [H, W,] C)
+    dy = np.moveaxis(case["dy"], 1, -1)
+    eps = args["eps"]
+    params = {k: args[k] for k in ("weight", "bias") if k in args}
+    fin = fz.finite(x, *params.values(), dy) and eps > 0
+    y, cache = fz.run(F.layer_norm_forward, x, **params, eps=eps, finite=fin)
+    grads = fz.run(F.layer_norm_backward, dy, cache, finite=fin)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert set(grads) == {"x"} | set(params)
+    assert grads["x"].shape == x.shape and all(grads[k].shape == params[k].shape for k in params)
+    assert all(g.dtype == dtype for g in grads.values())
+    if not fin:
+        return
+    fz.assert_finite("layer_norm", y, *grads.values())
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mu = x64.mean(axis=-1, keepdims=True)
+    inv = 1 / np.sqrt(((x64 - mu) ** 2).mean(axis=-1, keepdims=True) + eps)
+    gamma = np.abs(params["weight"].astype(np.float64)) if "weight" in params else 1.0
+    beta = np.abs(params["bias"].astype(np.float64)) if "bias" in params else 0.0
+    scale = (np.abs(x64) + np.abs(mu)) * inv * gamma * 10 + beta
+    want = np.moveaxis(ln_ref(args["x"], args.get("weight"), args.get("bias"), eps), 1, -1)
+    fz.assert_close(y.astype(np.float64), want, scale, "layer_norm vs formula", dtype)
+    lead = tuple(range(x.ndim - 1))
+    x_hat = (x64 - mu) * inv
+    if "bias" in params:
+        fz.assert_close(grads["bias"].astype(np.float64), dy64.sum(axis=lead), np.abs(dy64).sum(axis=lead), "dbias", dtype)
+    if "weight" in params:
+        fz.assert_close(grads["weight"].astype(np.float64), (dy64 * x_hat).sum(axis=lead),
+                        (np.abs(dy64) * (np.abs(x64) + np.abs(mu)) * inv).sum(axis=lead) * 10, "dweight", dtype)
+    if dtype == np.float64 and x.size:
+        u = rng.standard_normal(x.shape)
+        step = 1e-4 / float(inv.max())
+
+        def loss(x):
+            return fz.inner(dy64, np.moveaxis(ln_ref(np.moveaxis(x, -1, 1), args.get("weight"), args.get("bias"), eps), 1, -1))
+
+        fd = directional(loss, {"x": x64}, "x", u, h=step)
+        an = fz.inner(grads["x"], u)
+        rounding = 4e-16 * fz.inner(np.abs(dy64), (np.abs(x64) + np.abs(mu)) * inv * gamma + beta) / step
+        bound = 1e-5 * (np.sqrt(fz.inner(grads["x"], grads["x"]) * fz.inner(u, u)) + abs(fd)) + rounding
+        assert abs(fd - an) <= bound, f"layer_norm dx: directional {an!r} vs central difference {fd!r}"
+
+
+@fz.examples(2)
+@given(case=ln_cases(), what=st.sampled_from(["dtype", "mixed", "param_shape", "non_array", "eps", "no_channels", "dy"]),
+       data=st.data())
+def test_layer_norm_last_axis_invalid_arguments(case, what, data):
+    args, rng, dtype = dict(case["args"]), case["rng"], case["dtype"]
+    args["x"] = np.moveaxis(args["x"], 1, -1)
+    arrays = [k for k in ("x", "weight", "bias") if k in args]
+    if what in ("dtype", "mixed", "param_shape", "non_array"):
+        if what in ("mixed", "param_shape") and len(arrays) == 1:
+            return
+        key = data.draw(st.sampled_from(arrays if what in ("dtype", "non_array") else arrays[1:]))
+        a = np.asarray(args[key])
+        args[key] = {"dtype": lambda: a.astype(data.draw(fz.bad_dtypes)), "mixed": lambda: a.astype(other_float(dtype)),
+                     "non_array": lambda: fz.non_array(a, rng),
+                     "param_shape": lambda: np.zeros(a.shape[0] + 1, dtype=dtype)}[what]()
+        names = [key]
+    elif what == "eps":
+        args["eps"] = data.draw(st.sampled_from([-1e-5, float("nan"), "1e-5", None, True, [1e-5]]))
+        names = ["eps"]
+    elif what == "no_channels":
+        args = dict(x=np.zeros(args["x"].shape[:-1] + (0,), dtype=dtype))
+        names = ["x"]
+    else:
+        _, cache = fz.run(F.layer_norm_forward, **args)
+        fz.expect_error(["dy"], F.layer_norm_backward, bad_upstream(np.moveaxis(case["dy"], 1, -1), data, rng, dtype), cache)
+        return
+    fz.expect_error(names, F.layer_norm_forward, **args)
 
 
 # --------------------------------------------------------------------------- hardswish
