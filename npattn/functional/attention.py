@@ -294,6 +294,7 @@ def _sdpa_backward(d_out, d_lse, cache: SDPACache):
     dot = np.einsum("...ls,...ls->...l", d_p, p)[..., None]  # (..., Hq, L, 1) sum_j dP_j P_j
     d_z = (d_p - dot) * p  # (..., Hq, L, S) P * (dP - sum dP P)
     if d_lse is not None:
+        d_lse = np.where(np.isneginf(cache.lse), 0, d_lse)  # (..., Hq, L) a query with no key: P = 0, no gradient
         d_z += p * d_lse[..., None]  # d lse / dZ = P
     d_s = d_z  # (..., Hq, L, S) dS1 (steps 3 to 5 add constants)
     if cache.tanh is not None:
