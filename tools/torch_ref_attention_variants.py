@@ -42,9 +42,13 @@ def torch_sdpa_supports(cfg: dict, inputs: dict) -> bool:
 def torch_sdpa(q, k, v, attn_mask=None, scale=None, *, is_causal=False, alignment="top_left", enable_gqa=False):
     """torch's own function, with the bottom-right diagonal through ``causal_lower_right``."""
     if is_causal and alignment == "bottom_right":
+        import warnings
+
         from torch.nn.attention.bias import causal_lower_right
 
-        bias = causal_lower_right(q.shape[-2], k.shape[-2])
+        with warnings.catch_warnings():  # "will produce NaNs ... when seq_len_q > seq_len_kv": on the CPU it gives 0
+            warnings.filterwarnings("ignore", "Lower right causal bias")
+            bias = causal_lower_right(q.shape[-2], k.shape[-2])
         return TF.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=enable_gqa)
     return TF.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                            enable_gqa=enable_gqa)
