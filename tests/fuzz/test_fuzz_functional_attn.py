@@ -1,6 +1,8 @@
 """Fuzzing the primitive ops added for the channel/spatial attention and transformer
 blocks: conv1d, mean, amax, layer_norm2d, hardswish and scaled_dot_product_attention
-(each forward and backward).
+(each forward and backward), and the attention variants (every keyword of
+scaled_dot_product_attention_forward, lse and dlse, varlen_attention_forward with empty
+sequences) at the end of the file.
 
 Valid draws: results of the right shape and dtype, nothing modified, finite inputs give
 finite results without floating-point warnings, forward against an independent float64
