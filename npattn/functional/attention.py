@@ -249,7 +249,7 @@ def _sdpa(q, k, v, scale, groups, softcap, add, allowed, keep):
     dt = q.dtype.type
     c = dt(scale)
     qg = _grouped(q, groups) if groups > 1 else q  # (..., Hk, G, L, E)
-    s = np.matmul(qg, np.swapaxes(_shared(k, groups), -1, -2))  # (..., Hk, G, L, S) c q k^T before c
+    s = np.matmul(qg, np.swapaxes(_shared(k, groups), -1, -2))  # (..., Hk, G, L, S) q k^T
     s = s.reshape(q.shape[:-1] + (k.shape[-2],))  # (..., Hq, L, S)
     s *= c  # S0
     t = None
