@@ -34,8 +34,9 @@ Tolerance policy. An element of ``actual`` matches ``expected`` when::
     |actual - expected| <= atol * scale + rtol * |expected|
     scale = max(max|expected|, floor * case_scale)
 
-per tensor, where ``case_scale`` is the largest magnitude over all the case's expected
-tensors. The absolute part scales with magnitudes, never with array sizes::
+per tensor, where ``case_scale`` is the largest finite magnitude over all the case's
+expected tensors. An infinity (the lse of a query with no key, -inf) must be matched
+exactly. The absolute part scales with magnitudes, never with array sizes::
 
     float64 implementations: rtol 1e-7, atol 1e-7, floor 1e-4   (PyTorch assert_close's
                                                                   float64 rtol)
