@@ -89,6 +89,7 @@ def cmd_list(args) -> int:
     except golden.GoldenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    args.rc = 0
     print(f"{'case':<34} {'block':<26} {'mode':<6} {'dtype':<8} shapes")
     for cid, meta in cases.items():
         shapes = ", ".join(f"{k} {tuple(v)}" for k, v in meta.get("shapes", {}).items())
@@ -127,16 +128,26 @@ def cmd_verify(args) -> int:
 
 
 def cmd_check(args) -> int:
+    import json
+
     from . import golden
 
     try:
-        outputs = golden.read_npz(args.outputs)
+        outputs = golden.read_results(args.outputs)
         report = golden.check(args.case, outputs, args.golden)
     except golden.GoldenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(report)
-    return 0 if report.ok else 1
+    # 0 pass, 1 mismatch, 2 results that do not follow the case's layout
+    args.rc = 2 if report.malformed else (0 if report.ok else 1)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    elif report.malformed:
+        for line in report.malformed:
+            print(f"error: results file {args.outputs}: {line}", file=sys.stderr)
+    else:
+        print(report)
+    return args.rc
 
 
 def cmd_export(args) -> int:
@@ -146,12 +157,13 @@ def cmd_export(args) -> int:
         if args.format == "onnx":
             from .onnx_export import export_onnx
 
-            paths = export_onnx(args.case, args.dir, args.golden)
+            paths = export_onnx(args.case, args.dir, args.golden, force=args.force)
         else:
-            paths = golden.export(args.case, args.dir, args.golden)
+            paths = golden.export(args.case, args.dir, args.golden, force=args.force)
     except golden.GoldenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    args.rc = 0
     for p in paths:
         print(p)
     return 0
@@ -178,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     golden_arg(p)
     p.add_argument("case", help="case id (see npattn list)")
     p.add_argument("outputs", help=".npz with 'output' and optionally 'grad.input.<name>', 'grad.param.<key>', 'buffer_after.<key>'")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (per-tensor figures, diagnoses)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("export", help="write a case's inputs, state_dict and grad_output for another framework")
@@ -188,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="npz (default): inputs.npz, state_dict.npz, grad_output.npy, case.json; onnx: an ONNX node "
                         "test (model.onnx with one DeformConv node, test_data_set_0/*.pb) for deform_conv2d and "
                         "DeformConv2d cases (needs the onnx package)")
+    p.add_argument("--force", action="store_true", help="replace files that already exist in DIR (default: refuse)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="run every primitive op forward and backward; print finite-difference errors")
@@ -197,7 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # the reader went away (``npattn check ... | head``): end quietly, with the
+        # command's own exit status when it was known before the output was cut
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return getattr(args, "rc", 1)
 
 
 if __name__ == "__main__":

@@ -111,16 +111,20 @@ def build_node_test(data: dict, attributes: dict, output: np.ndarray, name: str 
     return model, tensors, numpy_helper.from_array(np.ascontiguousarray(output), "Y")
 
 
-def export_onnx(case_id: str, out_dir, golden_dir=None) -> list:
+def export_onnx(case_id: str, out_dir, golden_dir=None, *, force=False) -> list:
     """Write ``model.onnx`` and ``test_data_set_0/{input_*.pb, output_0.pb}`` for a case;
     returns the paths written. Raises :class:`npattn.golden.GoldenError` when the case is
-    not one DeformConv node or onnx is not installed."""
+    not one DeformConv node, onnx is not installed, or (unless ``force``) one of the files
+    is already there."""
     _onnx()  # the install hint before anything else
     case = golden.load(case_id, golden_dir)
     data, attributes = node_arrays(case)
     model, inputs, output = build_node_test(data, attributes, case.arrays["output"], name=case_id.replace("/", "_"))
     out_dir = pathlib.Path(out_dir)
     data_dir = out_dir / "test_data_set_0"
+    golden.refuse_overwrite(
+        [out_dir / "model.onnx", data_dir / "output_0.pb"] + [data_dir / f"input_{i}.pb" for i in range(len(inputs))], force
+    )
     data_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "model.onnx"]
     written[0].write_bytes(model.SerializeToString())

@@ -12,9 +12,9 @@ scalar type, e.g. ``x.dtype.type``: float32 stays float32); changing the order c
 results in the last bit. A helper never calls another helper, because each is compiled
 separately for each target.
 
-cpu.py's kernels are cached on disk (``cache=True``), and Numba keys a kernel's cache on its
-own file: after editing this file, clear ``npattn/sampling/__pycache__`` (or touch cpu.py)
-so that the kernels are compiled again with the new helpers.
+cpu.py's kernels are cached on disk (``cache=True``, in the folder ``npattn._numba_cache``
+chooses), and Numba keys a kernel's cache on its own file: after editing this file, clear
+that folder (or touch cpu.py) so that the kernels are compiled again with the new helpers.
 
 Notation, for a sample position (p_y, p_x) inside the image's support::
 

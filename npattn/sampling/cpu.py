@@ -82,8 +82,12 @@ import numba
 from numba import njit, prange, types
 
 from .._checks import float_array, pair, positive_int
+from .. import _numba_cache
 from . import _bilinear
 from . import check_border_grad
+
+# before any @njit(cache=True): the cache goes to the per-user folder, never inside the package
+_numba_cache.install()
 
 __all__ = [
     "unavailable_reason",
