@@ -35,6 +35,8 @@ from .functional.deform import (
 
 # Scaled dot-product attention as functions (boolean mask: True = attend, as torch's function)
 from .functional.attention import scaled_dot_product_attention_backward, scaled_dot_product_attention_forward
+from .functional.attention import varlen_attention_backward, varlen_attention_forward
+from .functional.rotary import rotary_embedding_backward, rotary_embedding_forward
 
 __all__ = [
     "__version__", "functional", "gradcheck", "gradcheck_block",
@@ -46,3 +48,4 @@ __all__ = [
     "scaled_dot_product_attention_forward", "scaled_dot_product_attention_backward",
 ]
 __all__ += ["SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM"]
+__all__ += ["varlen_attention_forward", "varlen_attention_backward", "rotary_embedding_forward", "rotary_embedding_backward"]

@@ -7,7 +7,10 @@ A fixture is ``<golden>/<block>/<case>.npz`` (plain arrays, never pickles) with 
     buffer.<key>            buffers before the forward (running_mean, running_var,
                             num_batches_tracked)
     grad_output             the upstream gradient
+    grad_output.<name>      the upstream gradient of a second result (attention: grad_output.lse)
     output                  the forward's result
+    output.<name>           a second result of the forward (attention: output.lse, the
+                            log-sum-exp of the logits, -inf for a query with no key)
     grad.input.<name>       gradient of every input
     grad.param.<key>        gradient of every parameter
     buffer_after.<key>      buffers after a training-mode forward (mode "train" only)
@@ -31,8 +34,9 @@ Tolerance policy. An element of ``actual`` matches ``expected`` when::
     |actual - expected| <= atol * scale + rtol * |expected|
     scale = max(max|expected|, floor * case_scale)
 
-per tensor, where ``case_scale`` is the largest magnitude over all the case's expected
-tensors. The absolute part scales with magnitudes, never with array sizes::
+per tensor, where ``case_scale`` is the largest finite magnitude over all the case's
+expected tensors. An infinity (the lse of a query with no key, -inf) must be matched
+exactly. The absolute part scales with magnitudes, never with array sizes::
 
     float64 implementations: rtol 1e-7, atol 1e-7, floor 1e-4   (PyTorch assert_close's
                                                                   float64 rtol)
@@ -233,7 +237,7 @@ class Case:
         return {
             k: v
             for k, v in self.arrays.items()
-            if k == "output" or k.startswith(("grad.input.", "grad.param.", "buffer_after."))
+            if k == "output" or k.startswith(("output.", "grad.input.", "grad.param.", "buffer_after."))
         }
 
 
@@ -260,7 +264,15 @@ def _function_ops():
         "deform_conv2d": (F.deform_conv2d_forward, F.deform_conv2d_backward),
         "batch_map_offsets": (F.batch_map_offsets_forward, F.batch_map_offsets_backward),
         "scaled_dot_product_attention": (F.scaled_dot_product_attention_forward, F.scaled_dot_product_attention_backward),
+        "varlen_attention": (F.varlen_attention_forward, F.varlen_attention_backward),
+        "rotary_embedding": (F.rotary_embedding_forward, F.rotary_embedding_backward),
     }
+
+
+# A function whose cache carries a second result stores it as ``output.<name>``; its
+# upstream gradient, when the case has one, is ``grad_output.<name>``, passed to the
+# backward as the keyword of the same meaning.
+_SECOND_OUTPUTS = {"lse": "dlse"}
 
 
 def grad_inputs(meta: dict) -> list:
@@ -292,7 +304,13 @@ def run(meta: dict, arrays: dict, dtype=np.float64) -> dict:
     if meta["kind"] == "function":
         fwd, bwd = _function_ops()[meta["block"]]
         y, cache = fwd(**dict(zip(meta["inputs"], inputs)), **meta["config"])
-        grads = bwd(grad_output, cache)
+        second = {}
+        for name, keyword in _SECOND_OUTPUTS.items():
+            if hasattr(cache, name):
+                out[f"output.{name}"] = getattr(cache, name)
+                if f"grad_output.{name}" in arrays:
+                    second[keyword] = cast(arrays[f"grad_output.{name}"])
+        grads = bwd(grad_output, cache, **second)
         out["output"] = y
         for n in grad_inputs(meta):
             out[f"grad.input.{n}"] = grads[n]
@@ -327,17 +345,26 @@ def spot_check_gradients(meta: dict, arrays: dict, *, n_directions=2, seed=0):
     names = [n for n in names if n not in (meta.get("fd_skip") or {})]
     base = dict(arrays64)
 
+    seconds = sorted(k[len("grad_output.") :] for k in arrays64 if k.startswith("grad_output."))
+
     def forward(**perturbed):
         a = dict(base)
         a.update(perturbed)
         res = run(meta, a)
-        return res["output"], res
+        if not seconds:
+            return res["output"], res
+        # the loss <grad_output, output> + <grad_output.<name>, output.<name>>; an lse of -inf
+        # (a query with no key, a constant) counts as 0, so that the loss stays finite
+        extra = [np.where(np.isneginf(res[f"output.{n}"]), 0.0, res[f"output.{n}"]).ravel() for n in seconds]
+        return np.concatenate([res["output"].ravel()] + extra), res
 
     def backward(dy, res):
         # gradients were computed with the stored grad_output; rescale by linearity
         return {n: res[f"grad.{n}"] for n in names}
 
     dy = arrays64["grad_output"]
+    if seconds:
+        dy = np.concatenate([dy.ravel()] + [arrays64[f"grad_output.{n}"].ravel() for n in seconds])
     return gradcheck(
         forward, backward, {n: base[n] for n in names}, grad_output=dy, max_full_size=0,
         n_projections=n_directions, seed=seed, raise_on_failure=False, structural=False,
@@ -461,9 +488,15 @@ def unknown_key_message(key: str, nearest: str) -> str:
     return f"{key}: not a key of this case{hint}"
 
 
+def _max_abs_finite(v) -> float:
+    """Largest finite magnitude of ``v`` (an lse is -inf for a query with no key)."""
+    finite = np.abs(v[np.isfinite(v)])
+    return float(np.max(finite)) if finite.size else 0.0
+
+
 def case_scale(expected: dict) -> float:
-    """Largest magnitude over a case's expected floating tensors."""
-    return max((float(np.max(np.abs(v))) for v in expected.values() if v.dtype.kind == "f" and v.size), default=0.0)
+    """Largest finite magnitude over a case's expected floating tensors."""
+    return max((_max_abs_finite(v) for v in expected.values() if v.dtype.kind == "f" and v.size), default=0.0)
 
 
 def compare(key: str, actual, expected, tol: dict, floor: float = 0.0) -> TensorCheck:
@@ -717,7 +750,7 @@ def verify_case(case_id: str, meta: dict, golden_dir=None, *, fd_check=True) -> 
             if not c.passed:
                 return VerifyResult(case_id, False, f"'{key}' differs from npattn's result: {c.status} {c.detail} max abs err {c.max_abs_err:.3e} at {c.worst_index}")
             if e.dtype.kind == "f" and e.size:
-                worst = max(worst, c.max_abs_err / max(float(np.max(np.abs(e))), floor, 1e-300))
+                worst = max(worst, c.max_abs_err / max(_max_abs_finite(e), floor, 1e-300))
         for key in recomputed:
             if key not in expected:
                 return VerifyResult(case_id, False, f"fixture lacks '{key}'")
@@ -774,6 +807,10 @@ def export(case_id: str, out_dir, golden_dir=None, *, force=False) -> list:
     p = out_dir / "grad_output.npy"
     np.save(p, case.arrays["grad_output"], allow_pickle=False)
     written.append(p)
+    for key in sorted(k for k in case.arrays if k.startswith("grad_output.")):  # grad_output.lse
+        p = out_dir / f"{key}.npy"
+        np.save(p, case.arrays[key], allow_pickle=False)
+        written.append(p)
     p = out_dir / "case.json"
     info = {"case": case_id, **{k: v for k, v in case.meta.items() if k != "sha256"}}
     p.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -49,6 +49,7 @@ EXPECTED_BLOCKS = {
     "scaled_dot_product_attention", "NonLocalAttn", "ViTAttention", "MultiheadAttention",
 }
 EXPECTED_BLOCKS |= {"SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM"}
+EXPECTED_BLOCKS |= {"varlen_attention", "rotary_embedding"}
 
 
 def test_manifest_covers_every_block_in_both_dtypes_and_modes(manifest):

@@ -151,6 +151,79 @@ CASES += [
      {"query": (3, 1, 4), "key": (2, 1, 4), "value": (2, 1, 4)}, ["eval"], 709),
 ]
 
+# Attention variants (the masking pipeline of npattn.functional.attention): the diagonal
+# of either alignment, windows, ALiBi, softcap, grouped-query heads, given dropout masks,
+# packed variable-length batches, and rotary embeddings. Every attention case stores the
+# log-sum-exp as output.lse; the cases in DLSE_CASES also hold an upstream gradient of it,
+# grad_output.lse, which their gradients include. Input kinds besides the masks above:
+# ("slopes", shape) ALiBi slopes in [0.1, 1); ("keep", shape) a dropout keep mask (75%
+# kept); ("bool_attend_empty_rows", shape) boolean True = attend with some queries left
+# with no key; ("cu_seqlens", lengths) the offsets of packed sequences; ("positions",
+# values) rotary positions. All are constants without a gradient.
+_SDPA = "scaled_dot_product_attention"
+CASES += [
+    (f"{_SDPA}/ev_equals_e", _SDPA, "function", {},
+     {"q": (2, 3, 4, 5), "k": (2, 3, 6, 5), "v": (2, 3, 6, 5)}, ["eval"], 711),
+    (f"{_SDPA}/fully_masked_rows", _SDPA, "function", {},
+     {"q": (2, 2, 4, 3), "k": (2, 2, 5, 3), "v": (2, 2, 5, 2), "attn_mask": ("bool_attend_empty_rows", (2, 2, 4, 5))}, ["eval"], 712),
+    (f"{_SDPA}/causal_top_left_l6_s4", _SDPA, "function", {"is_causal": True},
+     {"q": (2, 3, 6, 3), "k": (2, 3, 4, 3), "v": (2, 3, 4, 2)}, ["eval"], 713),
+    (f"{_SDPA}/causal_bottom_right_l3_s6", _SDPA, "function", {"is_causal": True, "alignment": "bottom_right"},
+     {"q": (2, 3, 3, 4), "k": (2, 3, 6, 4), "v": (2, 3, 6, 3)}, ["eval"], 714),
+    (f"{_SDPA}/causal_bottom_right_l5_s3_empty_rows", _SDPA, "function", {"is_causal": True, "alignment": "bottom_right"},
+     {"q": (1, 2, 5, 3), "k": (1, 2, 3, 3), "v": (1, 2, 3, 2)}, ["eval"], 715),
+    (f"{_SDPA}/gqa_6_to_2_causal", _SDPA, "function", {"is_causal": True, "enable_gqa": True},
+     {"q": (2, 6, 4, 3), "k": (2, 2, 5, 3), "v": (2, 2, 5, 4)}, ["eval"], 716),
+    (f"{_SDPA}/window_2_1_bottom_right", _SDPA, "function", {"window": (2, 1), "alignment": "bottom_right"},
+     {"q": (2, 2, 4, 3), "k": (2, 2, 7, 3), "v": (2, 2, 7, 2)}, ["eval"], 717),
+    (f"{_SDPA}/window_0_0_top_left_scale", _SDPA, "function", {"window": (0, 0), "scale": 0.7},
+     {"q": (1, 3, 5, 2), "k": (1, 3, 5, 2), "v": (1, 3, 5, 3)}, ["eval"], 718),
+    (f"{_SDPA}/alibi_heads_causal_bottom_right", _SDPA, "function", {"is_causal": True, "alignment": "bottom_right"},
+     {"q": (2, 3, 4, 3), "k": (2, 3, 6, 3), "v": (2, 3, 6, 2), "alibi_slopes": ("slopes", (3,))}, ["eval"], 719),
+    (f"{_SDPA}/alibi_batch_heads_top_left", _SDPA, "function", {},
+     {"q": (2, 2, 5, 3), "k": (2, 2, 4, 3), "v": (2, 2, 4, 3), "alibi_slopes": ("slopes", (2, 2))}, ["eval"], 720),
+    (f"{_SDPA}/softcap_float_mask", _SDPA, "function", {"softcap": 0.9, "scale": 1.5},
+     {"q": (2, 2, 4, 3), "k": (2, 2, 5, 3), "v": (2, 2, 5, 2), "attn_mask": ("float", (2, 4, 5))}, ["eval"], 721),
+    (f"{_SDPA}/dropout_mask_p0.25", _SDPA, "function", {"dropout_p": 0.25},
+     {"q": (2, 2, 4, 3), "k": (2, 2, 5, 3), "v": (2, 2, 5, 3), "dropout_mask": ("keep", (2, 2, 4, 5))}, ["eval"], 722),
+    (f"{_SDPA}/dlse_gqa_window_alibi_softcap", _SDPA, "function",
+     {"enable_gqa": True, "window": (1, -1), "is_causal": True, "alignment": "bottom_right", "softcap": 2.0},
+     {"q": (2, 4, 3, 3), "k": (2, 2, 5, 3), "v": (2, 2, 5, 2), "alibi_slopes": ("slopes", (2, 4))}, ["eval"], 723),
+    ("varlen_attention/causal_bottom_right_empty_sequences", "varlen_attention", "function",
+     {"is_causal": True, "alignment": "bottom_right"},
+     {"q": (8, 2, 3), "k": (10, 2, 3), "v": (10, 2, 2),
+      "cu_seqlens_q": ("cu_seqlens", [3, 0, 4, 1]), "cu_seqlens_k": ("cu_seqlens", [5, 2, 0, 3])}, ["eval"], 731),
+    ("varlen_attention/dlse_gqa_window_alibi_dropout", "varlen_attention", "function",
+     {"enable_gqa": True, "window": (1, 2), "softcap": 1.5, "dropout_p": 0.2},
+     {"q": (7, 4, 3), "k": (6, 2, 3), "v": (6, 2, 3),
+      "cu_seqlens_q": ("cu_seqlens", [3, 4]), "cu_seqlens_k": ("cu_seqlens", [4, 2]),
+      "alibi_slopes": ("slopes", (2, 4)), "dropout_mask": ("keep", (4, 7, 6))}, ["eval"], 732),
+    ("rotary_embedding/rotate_half", "rotary_embedding", "function", {"base": 10000.0},
+     {"x": (2, 3, 5, 8), "positions": ("positions", [0, 1, 2, 7, 30])}, ["eval"], 741),
+    ("rotary_embedding/interleaved_base500", "rotary_embedding", "function", {"base": 500.0, "interleaved": True},
+     {"x": (3, 4, 6), "positions": ("positions", [5, 0, 2, 11])}, ["eval"], 742),
+]
+DLSE_CASES = {f"{_SDPA}/dlse_gqa_window_alibi_softcap", "varlen_attention/dlse_gqa_window_alibi_dropout"}
+
+
+def variant_input(kind, spec, rng):
+    """An input of the attention-variant kinds above, or None for another kind."""
+    if kind == "slopes":
+        return rng.uniform(0.1, 1.0, size=spec)
+    if kind == "keep":
+        return rng.random(spec) < 0.75
+    if kind == "bool_attend_empty_rows":
+        attend = rng.random(spec) < 0.7
+        attend[..., 0] = True
+        attend[..., 1, :] = False  # the second query of every head has no key
+        attend[0, 0, 0, :] = False
+        return attend
+    if kind == "cu_seqlens":
+        return np.concatenate([[0], np.cumsum(spec)]).astype(np.int64)
+    if kind == "positions":
+        return np.asarray(spec, dtype=np.int64)
+    return None
+
 
 def attention_mask(kind, shape, rng, free_key):
     """A mask input of the self-attention cases (see CASES); key ``free_key`` never masked."""
@@ -175,7 +248,9 @@ def make_inputs(shapes, rng):
     inputs = {}
     free_key = None
     for name, shape in shapes.items():
-        if isinstance(shape[0], str):  # an attention mask: (kind, shape)
+        if isinstance(shape[0], str) and variant_input(shape[0], shape[1], np.random.default_rng(0)) is not None:
+            inputs[name] = variant_input(shape[0], shape[1], rng)
+        elif isinstance(shape[0], str):  # an attention mask: (kind, shape)
             if free_key is None:
                 free_key = int(rng.integers(0, shape[1][-1]))
             inputs[name] = attention_mask(*shape, rng, free_key)
@@ -240,12 +315,12 @@ def build_arrays(spec, mode):
     return meta, arrays
 
 
-def output_shape(meta, arrays):
-    """Shape of the case's output (one eval-mode forward)."""
+def output_shape(meta, arrays, name="output"):
+    """Shape of the case's output, or of its second output ``output.lse`` (one eval-mode forward)."""
     if meta["kind"] == "function":
         fwd, _ = golden._function_ops()[meta["block"]]
-        y, _ = fwd(**{n: arrays[f"input.{n}"] for n in meta["inputs"]}, **meta["config"])
-        return y.shape
+        y, cache = fwd(**{n: arrays[f"input.{n}"] for n in meta["inputs"]}, **meta["config"])
+        return y.shape if name == "output" else getattr(cache, name.split(".", 1)[1]).shape
     blk = golden.build_block(meta, np.float64)
     blk.load_state_dict({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(("param.", "buffer."))})
     y, _ = blk.forward(*(arrays[f"input.{n}"] for n in meta["inputs"]), training=False)
@@ -286,7 +361,12 @@ def cross_check(meta, arrays):
                 worst = np.inf
             continue
         e = arrays[key].astype(np.float64)
-        err = float(np.max(np.abs(np.asarray(value, dtype=np.float64) - e)) / max(np.max(np.abs(e)), floor, 1e-300))
+        value = np.asarray(value, dtype=np.float64)
+        if not np.array_equal(np.isinf(value), np.isinf(e)) or np.any(value[np.isinf(e)] != e[np.isinf(e)]):
+            worst = np.inf  # an lse of -inf (a query with no key) must be -inf on both sides
+            continue
+        finite = np.isfinite(e)
+        err = float(np.max(np.abs(value[finite] - e[finite]), initial=0.0) / max(np.max(np.abs(e[finite]), initial=0.0), floor, 1e-300))
         worst = max(worst, err)
     missing = [k for k in expected if k not in theirs]
     return worst, reference, missing
@@ -321,6 +401,8 @@ def main(argv=None) -> int:
                 arrays = {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in arrays64.items()}
                 grad_rng = np.random.default_rng([spec[6], 7])
                 arrays["grad_output"] = grad_rng.standard_normal(output_shape(meta, arrays64)).astype(dtype)
+                if stem in DLSE_CASES:
+                    arrays["grad_output.lse"] = grad_rng.standard_normal(output_shape(meta, arrays64, "output.lse")).astype(dtype)
                 arrays = finish(meta, arrays, dtype)
                 report = golden.spot_check_gradients(meta, arrays)
                 if not report.ok:

@@ -58,6 +58,8 @@ def run_case(meta: dict, arrays: dict):
     dy = torch.from_numpy(arrays["grad_output"])
     out = {}
     grad_names = golden.grad_inputs(meta)
+    if meta["kind"] == "function" and meta["block"] in _ATTENTION_FUNCTIONS:
+        return _attention_function(meta, arrays, _inputs(meta, arrays), dy)
     if meta["kind"] == "function":
         tin = _inputs(meta, arrays)
         cfg = meta["config"]
@@ -119,4 +121,54 @@ def run_case(meta: dict, arrays: dict):
         for k, v in module.state_dict().items():
             if k not in params:
                 out[f"buffer_after.{k}"] = v.numpy()
+    return out, reference
+
+
+_ATTENTION_FUNCTIONS = ("scaled_dot_product_attention", "varlen_attention", "rotary_embedding")
+_REF = "tools/torch_ref_attention_variants.py"
+
+
+def _attention_function(meta, arrays, tin, dy):
+    """The attention functions (and rotary embeddings): torch's own
+    scaled_dot_product_attention for the output and gradients where it has every keyword of
+    the case, the torch transcription of the pipeline otherwise and for output.lse (and
+    the gradients of a case with grad_output.lse)."""
+    import torch_ref_attention_variants as ref
+
+    block, cfg = meta["block"], dict(meta["config"])
+    out = {}
+    if block == "rotary_embedding":
+        y = ref.rotary_ref(tin["x"], tin["positions"], cfg.get("base", 10000.0), interleaved=cfg.get("interleaved", False))
+        y.backward(dy)
+        out["output"], out["grad.input.x"] = y.detach().numpy(), tin["x"].grad.numpy()
+        return out, f"{_REF} rotary_ref (Hugging Face's rotate-half formula, Meta's complex form)"
+    if cfg.get("window") is not None:
+        cfg["window"] = tuple(cfg["window"])
+    keywords = {n: tin[n] for n in meta["inputs"] if n not in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")}
+    if block == "varlen_attention":
+        y, lse = ref.varlen_ref(tin["q"], tin["k"], tin["v"], arrays["input.cu_seqlens_q"], arrays["input.cu_seqlens_k"],
+                                **keywords, **cfg)
+        reference = f"{_REF} varlen_ref (torch transcription of the pipeline, per sequence, autograd)"
+    else:
+        y, lse = ref.attention_ref(tin["q"], tin["k"], tin["v"], **keywords, **cfg)
+        reference = f"{_REF} attention_ref (torch transcription of the pipeline, autograd)"
+    out["output.lse"] = lse.detach().numpy()
+    grad_names = golden.grad_inputs(meta)
+    if "grad_output.lse" not in arrays and block == "scaled_dot_product_attention" and ref.torch_sdpa_supports(cfg, keywords):
+        leaves = {n: tin[n].detach().clone().requires_grad_(True) for n in ("q", "k", "v")}
+        y_torch = ref.torch_sdpa(leaves["q"], leaves["k"], leaves["v"], attn_mask=keywords.get("attn_mask"), **cfg)
+        gap = float((y_torch - y).abs().max().detach()) / max(float(y_torch.abs().max().detach()), 1e-300) if y.numel() else 0.0
+        if not gap <= 1e-12:  # the transcription that gives the lse must compute torch's function
+            raise AssertionError(f"{_REF} attention_ref differs from torch's function by {gap:.3e}")
+        y_torch.backward(dy)
+        out["output"] = y_torch.detach().numpy()
+        out.update({f"grad.input.{n}": leaves[n].grad.numpy() for n in grad_names})
+        return out, ("torch.nn.functional.scaled_dot_product_attention (output, gradients; "
+                     f"causal_lower_right for the bottom-right diagonal); output.lse: {_REF} attention_ref")
+    if "grad_output.lse" in arrays:
+        torch.autograd.backward([y, lse], [dy, torch.from_numpy(arrays["grad_output.lse"])])
+    else:
+        y.backward(dy)
+    out["output"] = y.detach().numpy()
+    out.update({f"grad.input.{n}": tin[n].grad.numpy() for n in grad_names})
     return out, reference

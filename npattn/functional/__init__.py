@@ -58,6 +58,18 @@ __all__ += [
     "layer_norm_forward", "mean_backward", "mean_forward",
 ]
 
-from .attention import scaled_dot_product_attention_backward, scaled_dot_product_attention_forward
+from .attention import (
+    alibi_distance,
+    position_mask,
+    scaled_dot_product_attention_backward,
+    scaled_dot_product_attention_forward,
+    varlen_attention_backward,
+    varlen_attention_forward,
+)
+from .rotary import rotary_embedding_backward, rotary_embedding_forward
 
-__all__ += ["scaled_dot_product_attention_backward", "scaled_dot_product_attention_forward"]
+__all__ += [
+    "alibi_distance", "position_mask", "rotary_embedding_backward", "rotary_embedding_forward",
+    "scaled_dot_product_attention_backward", "scaled_dot_product_attention_forward",
+    "varlen_attention_backward", "varlen_attention_forward",
+]

@@ -1,6 +1,8 @@
 """Fuzzing the primitive ops added for the channel/spatial attention and transformer
 blocks: conv1d, mean, amax, layer_norm2d, layer_norm (last axis), hardswish and
-scaled_dot_product_attention (each forward and backward).
+scaled_dot_product_attention (each forward and backward), and the attention variants (every
+keyword of scaled_dot_product_attention_forward, lse and dlse, varlen_attention_forward
+with empty sequences) at the end of the file.
 
 Valid draws: results of the right shape and dtype, nothing modified, finite inputs give
 finite results without floating-point warnings, forward against an independent float64
@@ -692,3 +694,249 @@ def test_scaled_dot_product_attention_invalid_arguments(case, what, data):
                         cache)
         return
     fz.expect_error(names, F.scaled_dot_product_attention_forward, **args)
+
+
+# --------------------------------------------------------------------------- attention variants
+# is_causal, alignment, window, ALiBi, softcap, grouped-query heads, dropout masks, lse and
+# dlse, and the packed variable-length layout: against a float64 reference written here
+# (the masks built by comparisons of the indices, the softmax and log-sum-exp of scipy on
+# the keys left), a query with no key (output 0, lse -inf, no gradient), and the
+# gradients of <d_out, out> + <dlse, lse> by central differences along a random direction.
+
+
+@st.composite
+def attention_keywords(draw, rng, n, hq, L, S, dtype, layout="dense"):
+    """Keywords for the variants: every one optional; arrays for the dense layout
+    (N, Hq, L, S) or the packed one (Hq, total_q, total_k), with n sequences."""
+    kw = {}
+    if draw(st.booleans()):
+        kw["is_causal"] = True
+    if draw(st.booleans()):
+        kw["alignment"] = draw(st.sampled_from(["top_left", "bottom_right"]))
+    if draw(st.booleans()):
+        kw["window"] = (draw(st.sampled_from([-1, 0, 1, 2])), draw(st.sampled_from([-1, 0, 1, 2])))
+    alibi = draw(st.sampled_from([None, None, "heads", "batch"]))
+    if alibi:
+        kw["alibi_slopes"] = rng.uniform(0.0, 1.5, hq if alibi == "heads" else (n, hq)).astype(dtype)
+    if draw(st.booleans()):
+        kw["softcap"] = draw(st.sampled_from([0.5, 3.0, 50]))
+    scores = (n, hq, L, S) if layout == "dense" else (hq, L, S)
+    mask = draw(st.sampled_from([None, None, "bool", "float", "float_inf"]))
+    if mask == "bool":
+        kw["attn_mask"] = rng.random(scores) < draw(st.sampled_from([0.0, 0.5, 0.9]))
+    elif mask:
+        m = fz.fill(rng, scores, dtype)
+        if mask == "float_inf" and m.size:
+            m[rng.random(scores) < 0.4] = -np.inf
+        kw["attn_mask"] = m
+    if draw(st.booleans()):
+        kw["dropout_p"] = draw(st.sampled_from([0.0, 0.25, 0.5]))
+        kw["dropout_mask"] = rng.random(scores) < 0.7
+    return kw
+
+
+def variant_ref(q, k, v, attn_mask=None, scale=None, is_causal=False, alignment="top_left", window=None,
+                alibi_slopes=None, softcap=None, enable_gqa=False, dropout_mask=None, dropout_p=0.0):
+    """float64 (out, lse) for q (N, Hq, L, E), k and v (N, Hk, S, .)."""
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    n, hq, L, E = q.shape
+    S = k.shape[-2]
+    if enable_gqa and k.shape[1]:
+        k, v = np.repeat(k, hq // k.shape[1], axis=1), np.repeat(v, hq // k.shape[1], axis=1)
+    c = 1 / math.sqrt(E) if scale is None else float(scale)
+    z = c * np.einsum("nhle,nhse->nhls", q, k)
+    if softcap is not None:
+        z = softcap * np.tanh(z / softcap)
+    allowed = np.ones(z.shape, dtype=bool)
+    if attn_mask is not None and attn_mask.dtype != np.bool_:
+        z = z + attn_mask.astype(np.float64)
+    elif attn_mask is not None:
+        allowed &= attn_mask
+    i, j = np.arange(L)[:, None], np.arange(S)[None, :]
+    diag = i + (S - L if alignment == "bottom_right" else 0)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.astype(np.float64)
+        z = z - (slopes[None, :, None, None] if slopes.ndim == 1 else slopes[:, :, None, None]) * np.abs(diag - j)
+    if is_causal:
+        allowed &= j <= diag
+    if window is not None:
+        allowed &= (j >= diag - window[0]) | (window[0] == -1)
+        allowed &= (j <= diag + window[1]) | (window[1] == -1)
+    p = np.zeros(z.shape)
+    lse = np.full(z.shape[:-1], -np.inf)
+    for idx in np.ndindex(*z.shape[:-1]):
+        a = allowed[idx] & ~np.isneginf(z[idx])
+        if a.any():
+            p[idx][a] = scipy.special.softmax(z[idx][a])
+            lse[idx] = scipy.special.logsumexp(z[idx][a])
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1 - dropout_p)
+    return np.einsum("nhls,nhse->nhle", p, v), lse
+
+
+def lse_loss(d_out, d_lse, out, lse):
+    """<d_out, out> + <dlse, lse>, an lse of -inf (a query with no key: a constant) as 0."""
+    return fz.inner(d_out, out) + (0.0 if d_lse is None else fz.inner(d_lse, np.where(np.isneginf(lse), 0.0, lse)))
+
+
+def check_variant_gradients(grads, args, loss, rng, scale):
+    for name in ("q", "k", "v"):
+        u = rng.standard_normal(args[name].shape)
+        fd = directional(loss, args, name, u)
+        an = fz.inner(grads[name], u)
+        bound = 1e-6 * (np.sqrt(fz.inner(grads[name], grads[name]) * fz.inner(u, u)) + abs(fd)) + 1e-8 * (scale + 1)
+        assert abs(fd - an) <= bound, f"d{name}: directional {an!r} vs central difference {fd!r}"
+
+
+@st.composite
+def sdpa_variant_cases(draw):
+    rng = draw(fz.rngs())
+    dtype = draw(fz.dtypes)
+    gqa = draw(st.booleans())
+    n, hk = draw(st.integers(0, 2)), draw(st.integers(1, 3))
+    hq = hk * (draw(st.integers(1, 3)) if gqa else 1)
+    L, S, E, Ev = draw(st.integers(0, 5)), draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    args = dict(q=fz.fill(rng, (n, hq, L, E), dtype, scale=draw(st.sampled_from([1.0, 3.0]))),
+                k=fz.fill(rng, (n, hk, S, E), dtype), v=fz.fill(rng, (n, hk, S, Ev), dtype))
+    for key in ("q", "k", "v"):
+        args[key] = fz.relayout(args[key], draw(fz.layouts), rng)
+    args.update(draw(attention_keywords(rng, n, hq, L, S, dtype)))
+    if gqa:
+        args["enable_gqa"] = True
+    args["scale"] = draw(st.sampled_from([None, 0.5, 2]))
+    d_out = fz.fill(rng, (n, hq, L, Ev), dtype)
+    d_lse = fz.fill(rng, (n, hq, L), dtype) if draw(st.booleans()) else None
+    note(f"variant n={n} Hq={hq} Hk={hk} L={L} S={S} E={E} Ev={Ev} "
+         + " ".join(f"{key}={a if not isinstance(a, np.ndarray) else a.shape}" for key, a in args.items() if key not in "qkv"))
+    return dict(args=args, d_out=d_out, d_lse=d_lse, dtype=np.dtype(dtype), rng=rng)
+
+
+@fz.examples(2)
+@given(case=sdpa_variant_cases())
+def test_attention_variants_valid(case):
+    args, d_out, d_lse, dtype, rng = case["args"], case["d_out"], case["d_lse"], case["dtype"], case["rng"]
+    out, cache = fz.run(F.scaled_dot_product_attention_forward, **args, finite=True)
+    grads = fz.run(F.scaled_dot_product_attention_backward, d_out, cache, d_lse, finite=True)
+    assert out.shape == d_out.shape and out.dtype == cache.lse.dtype == dtype and cache.lse.shape == out.shape[:-1]
+    for key, g in grads.items():
+        assert g.shape == args[key].shape and g.dtype == dtype, (key, g.shape, g.dtype)
+    fz.assert_finite("attention variants", out, *grads.values())
+    want, want_lse = variant_ref(**args)
+    v_abs = np.abs(args["v"].astype(np.float64))
+    n_rep = args["q"].shape[1] // max(args["k"].shape[1], 1)
+    scale = np.repeat(v_abs, n_rep, axis=1).max(axis=-2, keepdims=True) if v_abs.size else 0.0
+    keep = 1.0 / (1 - args.get("dropout_p", 0.0))
+    fz.assert_close(out.astype(np.float64), want, 10 * keep * scale, "variants vs reference", dtype)
+    fz.assert_close(cache.lse.astype(np.float64), want_lse, 10 * (np.abs(want_lse) + 1), "lse vs reference", dtype)
+    empty = np.isneginf(want_lse)
+    if empty.any():  # a query with no key: output 0, no gradient
+        assert not out[empty].any() and not grads["q"][empty].any()
+    event("a query with no key" if empty.any() else "every query has a key")
+    if dtype == np.float64 and out.size:
+        def loss(**a):
+            return lse_loss(d_out, d_lse, *variant_ref(**a))
+        check_variant_gradients(grads, args, loss, rng, lse_loss(np.abs(d_out), None if d_lse is None else np.abs(d_lse),
+                                                                   np.abs(want), want_lse))
+
+
+@st.composite
+def varlen_cases(draw):
+    rng = draw(fz.rngs())
+    dtype = draw(fz.dtypes)
+    gqa = draw(st.booleans())
+    hk = draw(st.integers(1, 2))
+    hq = hk * (draw(st.integers(1, 3)) if gqa else 1)
+    b = draw(st.integers(0, 3))
+    lq = draw(st.lists(st.integers(0, 3), min_size=b, max_size=b))
+    lk = draw(st.lists(st.integers(0, 3), min_size=b, max_size=b))
+    cu_q, cu_k = np.concatenate([[0], np.cumsum(lq, dtype=np.int64)]), np.concatenate([[0], np.cumsum(lk, dtype=np.int64)])
+    cu_q = cu_q.astype(draw(st.sampled_from([np.int32, np.int64])))
+    E, Ev = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    tq, tk = int(cu_q[-1]), int(cu_k[-1])
+    args = dict(q=fz.fill(rng, (tq, hq, E), dtype), k=fz.fill(rng, (tk, hk, E), dtype), v=fz.fill(rng, (tk, hk, Ev), dtype),
+                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    args.update(draw(attention_keywords(rng, b, hq, tq, tk, dtype, layout="packed")))
+    if gqa:
+        args["enable_gqa"] = True
+    d_out = fz.fill(rng, (tq, hq, Ev), dtype)
+    d_lse = fz.fill(rng, (hq, tq), dtype) if draw(st.booleans()) else None
+    note(f"varlen Hq={hq} Hk={hk} seqlens_q={lq} seqlens_k={lk} "
+         + " ".join(f"{key}={a if not isinstance(a, np.ndarray) else a.shape}" for key, a in args.items() if key not in "qkv"))
+    return dict(args=args, d_out=d_out, d_lse=d_lse, dtype=np.dtype(dtype), rng=rng)
+
+
+def varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask=None, alibi_slopes=None, dropout_mask=None, **kw):
+    """Each sequence through :func:`variant_ref` (its block of the packed masks)."""
+    hq = q.shape[1]
+    out, lse = np.zeros(q.shape[:2] + v.shape[2:]), np.full((hq, q.shape[0]), -np.inf)
+    for b in range(len(cu_seqlens_q) - 1):
+        r, c = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1]), slice(cu_seqlens_k[b], cu_seqlens_k[b + 1])
+        if r.stop == r.start or c.stop == c.start:
+            continue
+        o, s = variant_ref(q[r].transpose(1, 0, 2)[None], k[c].transpose(1, 0, 2)[None], v[c].transpose(1, 0, 2)[None],
+                           None if attn_mask is None else attn_mask[:, r, c][None],
+                           alibi_slopes=None if alibi_slopes is None else alibi_slopes[b] if alibi_slopes.ndim == 2 else alibi_slopes,
+                           dropout_mask=None if dropout_mask is None else dropout_mask[:, r, c][None], **kw)
+        out[r], lse[:, r] = o[0].transpose(1, 0, 2), s[0]
+    return out, lse
+
+
+@fz.examples(1)
+@given(case=varlen_cases())
+def test_varlen_attention_valid(case):
+    args, d_out, d_lse, dtype, rng = case["args"], case["d_out"], case["d_lse"], case["dtype"], case["rng"]
+    out, cache = fz.run(F.varlen_attention_forward, **args, finite=True)
+    grads = fz.run(F.varlen_attention_backward, d_out, cache, d_lse, finite=True)
+    assert out.shape == d_out.shape and out.dtype == dtype and cache.lse.shape == (out.shape[1], out.shape[0])
+    for key, g in grads.items():
+        assert g.shape == args[key].shape and g.dtype == dtype, (key, g.shape, g.dtype)
+    want, want_lse = varlen_ref(**args)
+    keep = 1.0 / (1 - args.get("dropout_p", 0.0))
+    vmax = float(np.abs(args["v"].astype(np.float64)).max()) if args["v"].size else 0.0
+    fz.assert_close(out.astype(np.float64), want, 10 * keep * vmax + 0 * want, "varlen vs reference", dtype)
+    fz.assert_close(cache.lse.astype(np.float64), want_lse, 10 * (np.abs(want_lse) + 1), "varlen lse vs reference", dtype)
+    lens_k = np.diff(args["cu_seqlens_k"])
+    event("an empty sequence" if (np.diff(args["cu_seqlens_q"]) == 0).any() or (lens_k == 0).any() else "no empty sequence")
+    if dtype == np.float64 and out.size:
+        def loss(**a):
+            return lse_loss(d_out, d_lse, *varlen_ref(**a))
+        check_variant_gradients(grads, args, loss, rng, lse_loss(np.abs(d_out), None if d_lse is None else np.abs(d_lse),
+                                                                   np.abs(want), want_lse))
+
+
+VARIANT_CORRUPTIONS = ["is_causal", "alignment", "window", "alibi_shape", "alibi_dtype", "softcap", "gqa_heads", "dropout_p",
+                       "dropout_mask", "dlse"]
+
+
+@fz.examples(1)
+@given(case=sdpa_variant_cases(), what=st.sampled_from(VARIANT_CORRUPTIONS), data=st.data())
+def test_attention_variants_invalid_arguments(case, what, data):
+    args, dtype = dict(case["args"]), case["dtype"]
+    q = args["q"]
+    bad = {
+        "is_causal": ("is_causal", lambda: data.draw(st.sampled_from([1, "yes", None]))),
+        "alignment": ("alignment", lambda: data.draw(st.sampled_from(["lower_right", "", None, 0]))),
+        "window": ("window", lambda: data.draw(st.sampled_from([3, (1,), (1, -2), (0.5, 1), (True, 1), "1,1"]))),
+        "alibi_shape": ("alibi_slopes", lambda: np.ones((q.shape[1] + 1,), dtype)),
+        "alibi_dtype": ("alibi_slopes", lambda: np.ones((q.shape[1],), other_float(dtype))),
+        "softcap": ("softcap", lambda: data.draw(st.sampled_from([0.0, -1.0, float("inf"), "2", True]))),
+        "dropout_p": ("dropout_p", lambda: data.draw(st.sampled_from([1.0, -0.1, 2, "0.1", float("nan")]))),
+        "dropout_mask": ("dropout_mask", lambda: data.draw(st.sampled_from([np.ones((9, 9, 9, 9, 9), bool),
+                                                                            np.ones(q.shape[:-1] + (args["k"].shape[-2],))]))),
+    }
+    if what == "gqa_heads":
+        args["enable_gqa"] = True
+        args["k"] = np.zeros(args["k"].shape[:1] + (q.shape[1] + 1,) + args["k"].shape[2:], dtype)
+        args["v"] = np.zeros(args["v"].shape[:1] + (q.shape[1] + 1,) + args["v"].shape[2:], dtype)
+        fz.expect_error(["Hq", "Hk", "k"], F.scaled_dot_product_attention_forward, **args)
+        return
+    if what == "dlse":
+        _, cache = fz.run(F.scaled_dot_product_attention_forward, **args)
+        fz.expect_error(["dlse"], F.scaled_dot_product_attention_backward, case["d_out"], cache,
+                        bad_upstream(cache.lse, data, case["rng"], dtype))
+        return
+    name, value = bad[what]
+    args[name] = value()
+    if name == "dropout_p":
+        args.setdefault("dropout_mask", np.ones((1,), bool))
+    fz.expect_error([name], F.scaled_dot_product_attention_forward, **args)
