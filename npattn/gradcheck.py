@@ -230,7 +230,9 @@ def gradcheck(
                 worst_index=tuple(int(i) for i in index),
                 numerical=float(numerical[worst]) if err.size else 0.0,
                 analytic=float(analytic[worst]) if err.size else 0.0,
-                passed=not bool(np.any(bad)) and bool(np.all(np.isfinite(analytic))),
+                # a NaN or infinite derivative on either side is a failure (NaN compares
+                # False with every bound, so it must be caught here)
+                passed=not bool(np.any(bad)) and bool(np.all(np.isfinite(analytic))) and bool(np.all(np.isfinite(numerical))),
                 scale=scale,
             )
         )

@@ -132,3 +132,21 @@ def test_works_on_a_users_own_op():
 
     with pytest.raises(GradcheckError):
         gradcheck(cube_forward, wrong, {"x": r.standard_normal(7)})
+
+
+def test_a_nan_numerical_derivative_fails():
+    """A forward that turns NaN under perturbation (its loss is NaN on one side) has no
+    numerical derivative there: that is a failure, never a pass by NaN comparisons."""
+    x0 = np.array([0.5, 1.0, 2.0])
+
+    def forward(x):
+        y = x.copy()
+        y[x != x0] = np.nan  # any perturbed element is NaN
+        return y, None
+
+    def backward(dy, cache):
+        return {"x": dy.copy()}  # the derivative at x0 is 1
+
+    report = gradcheck(forward, backward, {"x": x0}, raise_on_failure=False, structural=False)
+    assert not report.ok
+    assert not report.tensors[0].passed
