@@ -174,7 +174,7 @@ OFFICIAL_CASES = [
     ("simam/zjjconan_default", "zjjconan_simam", "SimAM", {}, {"x": (2, 5, 4, 3)}, ["eval"], 851),
     ("ms_cam/yimiandai_ms_cam", "yimiandai_ms_cam", "MS_CAM", {"channels": 8, "r": 4}, {"x": (3, 8, 4, 5)}, _TT, 861),
     ("aff/yimiandai_aff", "yimiandai_aff", "AFF", {"channels": 8, "r": 4}, {"x": (3, 8, 5, 4), "residual": (3, 8, 5, 4)}, _TT, 862),
-    ("iaff/yimiandai_iaff", "yimiandai_iaff", "iAFF", {"channels": 8, "r": 4}, {"x": (3, 8, 4, 5), "residual": (3, 8, 4, 5)}, _TT, 863),
+    ("iaff/yimiandai_iaff", "yimiandai_iaff", "iAFF", {"channels": 8, "r": 4, "share_global_att": True}, {"x": (3, 8, 4, 5), "residual": (3, 8, 4, 5)}, _TT, 863),
 ]
 OFFICIAL = {stem: ref for stem, ref, *_ in OFFICIAL_CASES}
 CASES += [(stem, block, "block", config, shapes, modes, seed) for stem, _, block, config, shapes, modes, seed in OFFICIAL_CASES]
