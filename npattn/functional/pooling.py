@@ -72,7 +72,8 @@ def max_pool2d_forward(x, kernel_size=2):
 
     Tie rule (PyTorch's CPU kernel): when the maximum is attained several times in a
     window, the winner is the FIRST maximal element in row-major order (the scan keeps
-    its candidate unless a later value is strictly larger). A window holding NaN gives
+    its candidate unless a later value is strictly larger; 0.0 and -0.0 tie, and the output
+    is the first of them). A window holding NaN gives
     NaN, and its gradient goes to the LAST NaN of the window in row-major order (the
     CPU kernel also takes a NaN as the new candidate, each time it meets one).
 
