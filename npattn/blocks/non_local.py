@@ -67,7 +67,7 @@ Backward, for dout = dL/dout, in the order the code computes it::
 Parameter gradients that are zero in exact arithmetic, which npattn returns as exact zeros
 (``np.zeros``), never as the rounding noise the formulas above would give:
 
-- ``p.bias`` in the softmax modes: it adds ``c Q_i . b_p`` to every score of row i, the
+- ``p.bias`` in the embedded_gaussian mode (the gaussian mode has no p): it adds ``c Q_i . b_p`` to every score of row i, the
   same number for every key, and a softmax does not change when a row is shifted
   (sum_j dS_ij = 0). (In dot_product and concatenation it is an ordinary gradient.)
 - ``z.bias`` in training with ``norm``: it feeds a BatchNorm that normalises with the
