@@ -52,40 +52,41 @@ def conv1x1(x, state, prefix):
     return conv2d_loop(x, state[prefix + "weight"], state[prefix + "bias"], 0, 1, 1)
 
 
-def bn(x, state, prefix, training):
-    y, stats = batch_norm_loop(x, state, prefix, training)
+def bn(x, state, prefix, training, bn_args=(0.1, 1e-5)):
+    y, stats = batch_norm_loop(x, state, prefix, training, *bn_args)
     apply_running(state, prefix, stats)
     return y
 
 
-def ms_cam_logits(xa, state, local, glob, training):
+def ms_cam_logits(xa, state, local, glob, training, bn_args=(0.1, 1e-5)):
     """local_att(xa) + global_att(xa), the seed's two Sequentials, updating ``state``."""
     t = conv1x1(xa, state, local + "0.")
-    t = relu(bn(t, state, local + "1.", training))
+    t = relu(bn(t, state, local + "1.", training, bn_args))
     t = conv1x1(t, state, local + "3.")
-    xl = bn(t, state, local + "4.", training)
+    xl = bn(t, state, local + "4.", training, bn_args)
     g = conv1x1(mean_hw(xa), state, glob + "1.")
-    g = relu(bn(g, state, glob + "2.", training))
+    g = relu(bn(g, state, glob + "2.", training, bn_args))
     g = conv1x1(g, state, glob + "4.")
-    xg = bn(g, state, glob + "5.", training)
+    xg = bn(g, state, glob + "5.", training, bn_args)
     return xl + xg
 
 
-def oracle(kind, xs, state, training):
-    """The seed's forward; returns the output and the state after it."""
+def oracle(kind, xs, state, training, bn_args=(0.1, 1e-5)):
+    """The seed's forward; returns the output and the state after it. ``bn_args``: the
+    (momentum, eps) of every BatchNorm."""
     state = {k: np.array(v, dtype=np.float64) if v.dtype.kind == "f" else v.copy() for k, v in state.items()}
     sig = np.vectorize(sigmoid)
     if kind == "MS_CAM":
         (x,) = xs
-        wei = sig(ms_cam_logits(x, state, "local_att.", "global_att.", training))
+        wei = sig(ms_cam_logits(x, state, "local_att.", "global_att.", training, bn_args))
         return x * wei, state
     x, res = xs
-    wei = sig(ms_cam_logits(x + res, state, "local_att.", "global_att.", training))
+    wei = sig(ms_cam_logits(x + res, state, "local_att.", "global_att.", training, bn_args))
     if kind == "AFF":
         return 2 * x * wei + 2 * res * (1 - wei), state
     xi = x * wei + res * (1 - wei)
     glob2 = "global_att." if kind == "iAFF" else "global_att2."
-    wei2 = sig(ms_cam_logits(xi, state, "local_att2.", glob2, training))
+    wei2 = sig(ms_cam_logits(xi, state, "local_att2.", glob2, training, bn_args))
     return x * wei2 + res * (1 - wei2), state
 
 
@@ -322,3 +323,41 @@ def test_empty_image_raises_naming_x(make, n_inputs, shape):
         with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
             blk.forward(*[np.zeros(shape)] * n_inputs, training=training)
         assert str(info.value).startswith(f"{type(blk).__name__}: x must") and str(shape) in str(info.value)
+
+
+# ------------------------------------------------------------------- BatchNorm settings
+
+BN_ARGS = (0.3, 0.02)  # momentum, eps: far enough from PyTorch's defaults to be seen
+
+
+def make_bn(kind, seed=0):
+    rng = np.random.default_rng(seed)
+    cls = {"MS_CAM": MS_CAM, "AFF": AFF, "iAFF": iAFF}[kind]
+    blk = cls(8, 4, bn_momentum=BN_ARGS[0], bn_eps=BN_ARGS[1], rng=rng, dtype=np.float64)
+    return randomize_state(blk, rng)
+
+
+@pytest.mark.parametrize("kind", ["MS_CAM", "AFF", "iAFF"])
+@pytest.mark.parametrize("training", [False, True])
+def test_bn_settings_match_loop_oracle(kind, training):
+    """bn_momentum / bn_eps reach every BatchNorm: the output and the running statistics
+    after a step as the oracle's with those settings (iAFF's shared global_att: twice)."""
+    blk = make_bn(kind)
+    xs = inputs(kind)
+    state0 = blk.state_dict()
+    expected, state_after = oracle(kind, xs, state0, training, BN_ARGS)
+    y, _ = blk.forward(*xs, training=training)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-13)
+    for k, v in state_after.items():
+        np.testing.assert_allclose(blk[k], v, rtol=1e-12, atol=1e-14, err_msg=k)
+    default, default_after = oracle(kind, xs, state0, training)
+    assert np.max(np.abs(default - y)) > 1e-6  # the settings change the numbers: the check can fail
+    if training:
+        assert np.max(np.abs(default_after["local_att.1.running_mean"] - blk["local_att.1.running_mean"])) > 1e-6
+
+
+@pytest.mark.parametrize("kind, training", [("MS_CAM", False), ("AFF", True), ("AFF", False), ("iAFF", True)])
+def test_bn_settings_gradients(kind, training):
+    blk = make_bn(kind, seed=3)
+    check_gradients(blk, inputs(kind, shape=(3, 8, 3, 5), seed=4), training=training,
+                    zero_keys=zero_keys(blk, kind, training))

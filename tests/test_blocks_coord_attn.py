@@ -17,7 +17,7 @@ def hswish(v):
     return v * min(max(v + 3.0, 0.0), 6.0) / 6.0
 
 
-def coord_oracle(x, state, bias, training):
+def coord_oracle(x, state, bias, training, bn_args=(0.1, 1e-5), has_skip=False):
     n, c, h, w = x.shape
     w1 = state["conv1.weight"][:, :, 0, 0]
     d = w1.shape[0]
@@ -33,7 +33,7 @@ def coord_oracle(x, state, bias, training):
         for k in range(d):
             for t in range(h + w):
                 v[a, k, t, 0] = sum(w1[k, ch] * u[a, ch, t, 0] for ch in range(c)) + (state["conv1.bias"][k] if bias else 0)
-    b, stats = batch_norm_loop(v, state, "bn1.", training)
+    b, stats = batch_norm_loop(v, state, "bn1.", training, *bn_args)
     act = np.vectorize(hswish)(b)
     y = np.zeros(x.shape)
     for a in range(n):
@@ -44,7 +44,7 @@ def coord_oracle(x, state, bias, training):
                                       + (state["conv_w.bias"][ch] if bias else 0)))) for j in range(w)]
             for i in range(h):
                 for j in range(w):
-                    y[a, ch, i, j] = x[a, ch, i, j] * gw[j] * gh[i]
+                    y[a, ch, i, j] = x[a, ch, i, j] * gw[j] * gh[i] + (x[a, ch, i, j] if has_skip else 0.0)
     return y, stats
 
 
@@ -136,3 +136,41 @@ def test_empty_image_raises_naming_x(shape):
     with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
         CoordAttn(16, rng=0, dtype=np.float64).forward(np.zeros(shape))
     assert str(info.value).startswith("CoordAttn: x must") and str(shape) in str(info.value)
+
+
+# ------------------------------------------------- has_skip (timm), BatchNorm settings
+
+SKIP_BN = dict(has_skip=True, bn_momentum=0.25, bn_eps=0.03)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_skip_and_bn_settings_match_loop_oracle(training):
+    rng = np.random.default_rng(5)
+    blk = randomize_state(CoordAttn(C, rd_channels=4, bias=True, **SKIP_BN, rng=1, dtype=np.float64), rng)
+    x = rng.standard_normal((2, C, 5, 3)) * 2
+    state = blk.state_dict()
+    expected, stats = coord_oracle(x, state, True, training, (0.25, 0.03), has_skip=True)
+    y, _ = blk.forward(x, training=training)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-13)
+    plain, plain_stats = coord_oracle(x, state, True, training)
+    assert np.max(np.abs(plain + x - y)) > 1e-6  # eps changes the numbers: the check can fail
+    if training:
+        assert np.max(np.abs(plain_stats[0] - stats[0])) > 1e-6
+    apply_running(state, "bn1.", stats)
+    for key, v in state.items():
+        np.testing.assert_allclose(blk.state_dict()[key], v, rtol=1e-13, atol=1e-15, err_msg=key)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_skip_and_bn_settings_gradients(training):
+    rng = np.random.default_rng(6)
+    blk = randomize_state(CoordAttn(C, rd_channels=3, bias=True, **SKIP_BN, rng=3, dtype=np.float64), rng)
+    x = rng.standard_normal((3, C, 5, 2)) * 3
+    check_gradients(blk, [x], training=training, zero_keys=("conv1.bias",) if training else ())
+
+
+def test_skip_is_checked_and_in_timms_config():
+    with pytest.raises(TypeError, match="CoordAttn: has_skip must be a bool"):
+        CoordAttn(8, has_skip=1)
+    blk = CoordAttn(8, has_skip=True, bn_eps=1e-3, rng=0)
+    assert blk.config["has_skip"] is True and "bn_eps" not in blk.config  # config: timm's arguments only

@@ -24,7 +24,7 @@ def randomize_all(blk, rng):
     return blk
 
 
-def gc_oracle(x, s, use_attn, fuse_add, fuse_scale):
+def gc_oracle(x, s, use_attn, fuse_add, fuse_scale, ln_eps=1e-6):
     n, c, h, w = x.shape
     y = x.copy()
     for a in range(n):
@@ -45,7 +45,7 @@ def gc_oracle(x, s, use_attn, fuse_add, fuse_scale):
             hid = [sum(w1[k, ch] * ctx[ch] for ch in range(c)) + s[prefix + "fc1.bias"][k] for k in range(d)]
             mu = sum(hid) / d
             var = sum((v - mu) ** 2 for v in hid) / d
-            hid = [max((v - mu) / math.sqrt(var + 1e-6) * s[prefix + "norm.weight"][k] + s[prefix + "norm.bias"][k], 0.0)
+            hid = [max((v - mu) / math.sqrt(var + ln_eps) * s[prefix + "norm.weight"][k] + s[prefix + "norm.bias"][k], 0.0)
                    for k, v in enumerate(hid)]
             w2 = s[prefix + "fc2.weight"][:, :, 0, 0]
             return [sum(w2[ch, k] * hid[k] for k in range(d)) + s[prefix + "fc2.bias"][ch] for ch in range(c)]
@@ -152,3 +152,48 @@ def test_empty_image_as_timm(shape):
         assert np.isnan(grads[k]).all(), k
     with pytest.raises(ValueError, match=r"GlobalContext: x must have H >= 1 and W >= 1 .*got shape"):
         GlobalContext(16, rd_channels=4, rng=0, dtype=np.float64).forward(np.zeros(shape))
+
+
+# ------------------------------------------------------ ln_eps, init="gcnet" (official)
+
+GCNET = [  # the official ContextBlock's configurations: fusion ('channel_add',) / both, 'att' / 'avg'
+    {"fuse_add": True, "fuse_scale": False, "rd_channels": 3, "ln_eps": 1e-5, "init": "gcnet"},
+    {"use_attn": False, "fuse_add": True, "rd_channels": 2, "ln_eps": 1e-5, "init": "gcnet"},
+    {"fuse_add": True, "rd_channels": 4, "ln_eps": 0.05},
+]
+
+
+@pytest.mark.parametrize("kwargs", GCNET)
+def test_ln_eps_matches_loop_oracle(kwargs):
+    rng = np.random.default_rng(7)
+    blk = randomize_all(GlobalContext(C, **kwargs, rng=1, dtype=np.float64), rng)
+    x = rng.standard_normal((2, C, 3, 5))
+    y, _ = blk.forward(x)
+    args = (blk.use_attn, blk.fuse_add, blk.fuse_scale)
+    np.testing.assert_allclose(y, gc_oracle(x, blk.state_dict(), *args, ln_eps=kwargs["ln_eps"]), rtol=1e-12, atol=1e-13)
+    assert np.max(np.abs(y - gc_oracle(x, blk.state_dict(), *args))) > 1e-9  # eps seen: the check can fail
+
+
+@pytest.mark.parametrize("kwargs", GCNET[:2])
+@pytest.mark.parametrize("training", [True, False])
+def test_ln_eps_gradients(kwargs, training):
+    rng = np.random.default_rng(8)
+    blk = randomize_all(GlobalContext(C, **kwargs, rng=3, dtype=np.float64), rng)
+    x = rng.standard_normal((3, C, 4, 3)) * 1.5
+    check_gradients(blk, [x], training=training, zero_keys=("conv_attn.bias",) if blk.use_attn else ())
+
+
+def test_gcnet_init_zeroes_the_last_conv_of_both_mlps():
+    blk = GlobalContext(16, fuse_add=True, rd_channels=4, init="gcnet", rng=0, dtype=np.float64)
+    timm_like = GlobalContext(16, fuse_add=True, rd_channels=4, rng=0, dtype=np.float64)
+    for k in ("mlp_add.fc2.weight", "mlp_add.fc2.bias", "mlp_scale.fc2.weight", "mlp_scale.fc2.bias", "conv_attn.bias"):
+        assert np.all(blk[k] == 0), k
+    assert np.any(timm_like["mlp_scale.fc2.weight"] != 0) and np.any(timm_like["mlp_add.fc2.bias"] != 0)
+    np.testing.assert_array_equal(blk["conv_attn.weight"], timm_like["conv_attn.weight"])  # both kaiming (fan_in)
+    x = np.random.default_rng(0).standard_normal((2, 16, 3, 3))
+    np.testing.assert_allclose(blk.forward(x)[0], 0.5 * x, rtol=1e-15)  # adds 0, gates by sigmoid(0)
+    assert blk.ln_eps == 1e-6 and GlobalContext(8, ln_eps=1e-5).ln_eps == 1e-5
+    with pytest.raises(ValueError, match="GlobalContext: init must be 'timm' or 'gcnet', got 'mmcv'"):
+        GlobalContext(8, init="mmcv")
+    with pytest.raises(ValueError, match="GlobalContext: ln_eps must be > 0"):
+        GlobalContext(8, ln_eps=0.0)

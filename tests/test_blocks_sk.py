@@ -37,22 +37,24 @@ def make_input(shape, seed=1):
     return rng.standard_normal(shape) + rng.normal(0.0, 1.0, shape[:2] + (1, 1))
 
 
-def sk_oracle(x, state, paths, groups, training):
-    """SelectiveConv.forward by loops; returns the output and the state after it."""
+def sk_oracle(x, state, paths, groups, training, momentum=0.1, eps=1e-5):
+    """SelectiveConv.forward by loops (biases absent: bias=False); returns the output and
+    the state after it. ``momentum``, ``eps``: every BatchNorm's."""
     state = {k: np.array(v, dtype=np.float64) if v.dtype.kind == "f" else v.copy() for k, v in state.items()}
     n, _, h, w = x.shape
     feats = []
     for i in range(paths):
-        c = conv2d_loop(x, state[f"convs.{i}.0.weight"], state[f"convs.{i}.0.bias"], 1 + i, 1 + i, groups)
-        b, stats = batch_norm_loop(c, state, f"convs.{i}.1.", training)
+        c = conv2d_loop(x, state[f"convs.{i}.0.weight"], state.get(f"convs.{i}.0.bias"), 1 + i, 1 + i, groups)
+        b, stats = batch_norm_loop(c, state, f"convs.{i}.1.", training, momentum, eps)
         apply_running(state, f"convs.{i}.1.", stats)
         feats.append(relu(b))
     c_out = feats[0].shape[1]
     fused = sum(feats)
     s = fused.reshape(n, c_out, h * w).mean(axis=2)  # (N, C)
-    wc, bc = state["compress.0.weight"], state["compress.0.bias"]
+    wc = state["compress.0.weight"]
+    bc = state.get("compress.0.bias", np.zeros(wc.shape[0]))
     hc = np.array([[sum(wc[k, ch] * s[a, ch] for ch in range(c_out)) + bc[k] for k in range(wc.shape[0])] for a in range(n)])
-    hb, stats = batch_norm_loop(hc, state, "compress.1.", training)
+    hb, stats = batch_norm_loop(hc, state, "compress.1.", training, momentum, eps)
     apply_running(state, "compress.1.", stats)
     z = relu(hb)
     y = np.zeros_like(feats[0])
@@ -60,7 +62,8 @@ def sk_oracle(x, state, paths, groups, training):
         for ch in range(c_out):
             logits = []
             for i in range(paths):
-                wp, bp = state[f"projections.{i}.weight"][:, :, 0, 0], state[f"projections.{i}.bias"]
+                wp = state[f"projections.{i}.weight"][:, :, 0, 0]
+                bp = state.get(f"projections.{i}.bias", np.zeros(wp.shape[0]))
                 logits.append(sum(wp[ch, k] * z[a, k] for k in range(z.shape[1])) + bp[ch])
             top = max(logits)
             e = [math.exp(v - top) for v in logits]
@@ -192,3 +195,43 @@ def test_empty_image_raises_naming_x(shape):
     with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
         SKConv(4, 4, 2, rng=0, dtype=np.float64).forward(np.zeros(shape))
     assert str(info.value).startswith("SKConv: x must") and str(shape) in str(info.value)
+
+
+# ------------------------------------------------------ bias=False, BatchNorm settings
+
+@pytest.mark.parametrize("training", [False, True])
+def test_no_bias_and_bn_settings_match_loop_oracle(training):
+    """bias=False (the authors' Caffe release) with the Caffe BatchNorm momentum 0.05 and
+    eps 1e-3: the output and the running statistics after a step as the oracle's."""
+    rng = np.random.default_rng(5)
+    blk = randomize_state(SKConv(4, 6, 2, paths=2, bias=False, bn_momentum=0.05, bn_eps=1e-3, rng=rng,
+                                 dtype=np.float64), rng)
+    assert not [k for k in blk.state_dict() if k.endswith(".bias") and not k.endswith(("1.bias"))]
+    assert (blk.bn_momentum, blk.bn_eps) == (0.05, 1e-3)
+    x = make_input((3, 4, 5, 4), seed=6)
+    expected, state_after = sk_oracle(x, blk.state_dict(), 2, 2, training, momentum=0.05, eps=1e-3)
+    y, _ = blk.forward(x, training=training)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-13)
+    for k, v in state_after.items():
+        np.testing.assert_allclose(blk[k], v, rtol=1e-12, atol=1e-14, err_msg=k)
+    default, _ = sk_oracle(x, state_after, 2, 2, False)
+    assert np.max(np.abs(default - blk.forward(x)[0])) > 1e-6  # eps matters here: the check can fail
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_no_bias_gradients_every_input_and_parameter(training, paths=3):
+    rng = np.random.default_rng(7)
+    blk = randomize_state(SKConv(4, 8, 4, paths=paths, bias=False, bn_momentum=0.3, bn_eps=0.01, rng=rng,
+                                 dtype=np.float64), rng)
+    check_gradients(blk, [make_input((3, 4, 5, 3), seed=8)], training=training,
+                    zero_keys=zero_grad_keys_before_batch_norm(blk, training))
+
+
+def test_bias_and_bn_settings_are_checked():
+    with pytest.raises(TypeError, match="SKConv: bias must be a bool"):
+        SKConv(4, 4, 2, bias=1)
+    with pytest.raises(ValueError, match="SKConv: bn_momentum must lie in"):
+        SKConv(4, 4, 2, bn_momentum=1.5)
+    with pytest.raises(ValueError, match="SKConv: bn_eps must be positive"):
+        SKConv(4, 4, 2, bn_eps=0.0)
+    assert list(SKConv(4, 4, 2, bias=False, rng=0).state_dict())[:2] == ["convs.0.0.weight", "convs.0.1.weight"]

@@ -225,6 +225,43 @@ def variant_input(kind, spec, rng):
     return None
 
 
+# The papers' official modules (tools/torch_ref_official_b.py): each case names its
+# reference there ("official", kept in the manifest), and its cross-check runs that
+# transcription through the key map instead of timm's or the seed's module.
+_NL = {"in_channels": 8, "rd_channels": 4, "use_scale": False, "sub_sample": True}
+_TT = ["train", "eval"]
+OFFICIAL_CASES = [
+    ("non_local_attn/alexhex7_embedded_gaussian", "alexhex7", "NonLocalAttn", dict(_NL), {"x": (2, 8, 5, 4)}, _TT, 801),
+    ("non_local_attn/alexhex7_dot_product", "alexhex7", "NonLocalAttn", dict(_NL, mode="dot_product"), {"x": (2, 8, 4, 5)}, _TT, 802),
+    ("non_local_attn/alexhex7_gaussian", "alexhex7", "NonLocalAttn", dict(_NL, mode="gaussian"), {"x": (3, 8, 4, 4)}, _TT, 803),
+    ("non_local_attn/alexhex7_concatenation", "alexhex7", "NonLocalAttn", dict(_NL, mode="concatenation"), {"x": (2, 8, 5, 5)}, _TT, 804),
+    ("non_local_attn/alexhex7_no_sub_sample_no_bn", "alexhex7", "NonLocalAttn",
+     {"in_channels": 8, "rd_channels": 4, "use_scale": False, "norm": False}, {"x": (2, 8, 3, 4)}, ["eval"], 805),
+    ("non_local_attn/caffe2_default", "caffe2", "NonLocalAttn",
+     {"in_channels": 8, "rd_channels": 4, "sub_sample": True, "sub_sample_at": "before_conv", "scale": 0.5, "bn_eps": 1.0000001e-5},
+     {"x": (2, 8, 5, 4)}, _TT, 806),
+    ("global_context/gcnet_att_add", "gcnet", "GlobalContext",
+     {"channels": 8, "fuse_add": True, "fuse_scale": False, "rd_channels": 2, "ln_eps": 1e-5, "init": "gcnet"}, {"x": (2, 8, 4, 5)}, ["eval"], 811),
+    ("global_context/gcnet_att_add_mul", "gcnet", "GlobalContext",
+     {"channels": 8, "fuse_add": True, "rd_channels": 2, "ln_eps": 1e-5, "init": "gcnet"}, {"x": (3, 8, 3, 4)}, ["eval"], 812),
+    ("global_context/gcnet_avg_mul", "gcnet", "GlobalContext",
+     {"channels": 8, "use_attn": False, "rd_channels": 2, "ln_eps": 1e-5, "init": "gcnet"}, {"x": (2, 8, 5, 3)}, ["eval"], 813),
+    ("coord_attn/houqb_coordatt", "houqb_coordatt", "CoordAttn", {"channels": 16, "rd_channels": 8, "bias": True}, {"x": (2, 16, 5, 4)}, _TT, 821),
+    ("coord_attn/houqb_mbv2_ca", "houqb_mbv2_ca", "CoordAttn", {"channels": 16, "rd_channels": 8, "bias": True}, {"x": (3, 16, 4, 3)}, _TT, 822),
+    ("sk/sknet_caffe", "sknet_caffe", "SKConv", {"in_channels": 8, "out_channels": 8, "groups": 4, "bias": False, "bn_momentum": 0.05},
+     {"x": (3, 8, 5, 4)}, _TT, 831),
+    ("gct/zxyang_l2", "zxyang_gct", "GCT", {"num_channels": 6, "mode": "l2"}, {"x": (2, 6, 5, 4)}, ["eval"], 841),
+    ("gct/zxyang_l1", "zxyang_gct", "GCT", {"num_channels": 6, "mode": "l1"}, {"x": (2, 6, 4, 5)}, ["eval"], 842),
+    ("gct/zxyang_l1_after_relu", "zxyang_gct", "GCT", {"num_channels": 6, "mode": "l1", "after_relu": True}, {"x": (3, 6, 4, 3)}, ["eval"], 843),
+    ("simam/zjjconan_default", "zjjconan_simam", "SimAM", {}, {"x": (2, 5, 4, 3)}, ["eval"], 851),
+    ("ms_cam/yimiandai_ms_cam", "yimiandai_ms_cam", "MS_CAM", {"channels": 8, "r": 4}, {"x": (3, 8, 4, 5)}, _TT, 861),
+    ("aff/yimiandai_aff", "yimiandai_aff", "AFF", {"channels": 8, "r": 4}, {"x": (3, 8, 5, 4), "residual": (3, 8, 5, 4)}, _TT, 862),
+    ("iaff/yimiandai_iaff", "yimiandai_iaff", "iAFF", {"channels": 8, "r": 4, "share_global_att": True}, {"x": (3, 8, 4, 5), "residual": (3, 8, 4, 5)}, _TT, 863),
+]
+OFFICIAL = {stem: ref for stem, ref, *_ in OFFICIAL_CASES}
+CASES += [(stem, block, "block", config, shapes, modes, seed) for stem, _, block, config, shapes, modes, seed in OFFICIAL_CASES]
+
+
 def attention_mask(kind, shape, rng, free_key):
     """A mask input of the self-attention cases (see CASES); key ``free_key`` never masked."""
     if kind == "float":
@@ -289,6 +326,8 @@ def build_arrays(spec, mode):
     stem, name, kind, config, shapes, _modes, seed = spec
     rng = np.random.default_rng(seed)
     meta = {"block": name, "kind": kind, "config": config, "mode": mode, "seed": seed}
+    if stem in OFFICIAL:
+        meta["official"] = OFFICIAL[stem]
     arrays = {}
     if kind == "block":
         blk = getattr(npattn, name)(**config, rng=seed, dtype=np.float64)
@@ -442,7 +481,8 @@ def main(argv=None) -> int:
                     "npattn_version": npattn.__version__,
                     "cross_checked": record,
                     "fd_spot_check_rel_err": float(f"{report.max_rel_err:.2e}"),
-                } | ({"no_grad_inputs": meta["no_grad_inputs"]} if "no_grad_inputs" in meta else {})
+                } | ({"no_grad_inputs": meta["no_grad_inputs"]} if "no_grad_inputs" in meta else {}) \
+                  | ({"official": meta["official"]} if "official" in meta else {})
                 if meta.get("fd_skip"):
                     cases[case_id]["fd_skip"] = meta["fd_skip"]
                 print(f"{case_id:<48} written  fd {report.max_rel_err:.1e}  cross-check {record['max_rel_err'] if record else '-'}")

@@ -4,8 +4,10 @@
 
 1. ``npattn export CASE DIR``: inputs.npz, state_dict.npz, grad_output.npy, case.json;
 2. build the PyTorch module (here: the project's transcriptions of the seed code in
-   tools/torch_ref_blocks.py and tools/torch_ref_deform.py; in your project: your module),
-   load the state_dict with ``torch.from_numpy``;
+   tools/torch_ref_blocks.py and tools/torch_ref_deform.py, or, for a case named for a
+   paper's official code (case.json's "official"), the transcription of that code in
+   tools/torch_ref_official_b.py; in your project: your module), load the state_dict
+   with ``torch.from_numpy`` (through the key map for an official module);
 3. run forward and backward with the exported grad_output;
 4. save ``output``, ``grad.input.<name>``, ``grad.param.<key>`` and (training cases)
    ``buffer_after.<key>`` to an .npz;
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's npattn
 sys.path.insert(0, str(ROOT / "tools"))
 
 
@@ -58,10 +61,21 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.case} is a function case; this example runs blocks")
 
     # 2. the module, with the exported state_dict
-    module = build_module(info, dtype)
-    with np.load(work / "state_dict.npz", allow_pickle=False) as z:
-        state = {k: torch.from_numpy(z[k]) for k in z.files}
-    module.load_state_dict(state, strict=True)
+    mapping = None
+    if info.get("official"):  # the official module: npattn's keys renamed through the key map
+        import torch_ref_official_b
+
+        from npattn import golden
+
+        blk = golden.build_block(info, np.float64)
+        with np.load(work / "state_dict.npz", allow_pickle=False) as z:
+            blk.load_state_dict({k: z[k] for k in z.files})
+        module, mapping, _ = torch_ref_official_b.make_official(info["official"], blk, dtype)
+    else:
+        module = build_module(info, dtype)
+        with np.load(work / "state_dict.npz", allow_pickle=False) as z:
+            state = {k: torch.from_numpy(z[k]) for k in z.files}
+        module.load_state_dict(state, strict=True)
     module.train(info["mode"] == "train")
 
     # 3. forward and backward
@@ -74,11 +88,16 @@ def main(argv=None) -> int:
     results = {"output": y.detach().numpy()}
     for n, t in zip(info["inputs"], inputs):
         results[f"grad.input.{n}"] = t.grad.numpy()
-    for k, p in module.named_parameters():
-        results[f"grad.param.{k}"] = p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape), dtype=y.detach().numpy().dtype)
+    grads = {k: p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape), dtype=y.detach().numpy().dtype)
+             for k, p in module.named_parameters()}
+    params = dict(module.named_parameters())
+    buffers = {k: v.numpy() for k, v in module.state_dict().items() if k not in params}
+    if mapping is not None:  # back under npattn's keys (the fixture's)
+        grads = torch_ref_official_b.from_official(grads, mapping, {k: blk[k].shape for k in blk.parameter_names()})
+        buffers = torch_ref_official_b.from_official(buffers, mapping, {k: blk[k].shape for k in blk.buffer_names()})
+    results.update({f"grad.param.{k}": g for k, g in grads.items()})
     if info["mode"] == "train":
-        params = dict(module.named_parameters())
-        results.update({f"buffer_after.{k}": v.numpy() for k, v in module.state_dict().items() if k not in params})
+        results.update({f"buffer_after.{k}": v for k, v in buffers.items()})
     np.savez(work / "outputs.npz", **results)
 
     # 5. the verdict

@@ -103,6 +103,10 @@ def run_case(meta: dict, arrays: dict):
             out[f"grad.input.{n}"] = tin[n].grad.numpy()
         return out, reference
 
+    if meta.get("official"):  # a transcription of the paper's official module, through its key map
+        import torch_ref_official_b
+
+        return torch_ref_official_b.run_case(meta, arrays)
     np_block = golden.build_block(meta, np.float64)
     state = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(("param.", "buffer."))}
     np_block.load_state_dict(state)

@@ -41,6 +41,10 @@ def torch_config(np_block):
     name = type(np_block).__name__
     if name == "NonLocalAttn":
         b = np_block
+        if b.mode != "embedded_gaussian" or b.sub_sample or not b.norm or b.scale != (
+                b.in_channels ** -0.5 if b.use_scale else 1.0):
+            raise TypeError("make_torch_block: timm's NonLocalAttn has no mode, sub_sample, norm or scale option; "
+                            "the official variants are in tools/torch_ref_official_b.py")
         return _timm_layers()[0], dict(in_channels=b.in_channels, use_scale=b.use_scale, rd_channels=b.rd_channels)
     if name == "ViTAttention":
         b = np_block
@@ -77,5 +81,8 @@ def make_torch_block(np_block, dtype=torch.float64):
     """The reference module for ``np_block`` in ``dtype``, npattn's arrays loaded, eval mode."""
     cls, cfg = torch_config(np_block)
     module = cls(**cfg).to(dtype)
+    from torch_ref_blocks import set_batch_norm
+
+    set_batch_norm(module, np_block)  # NonLocalAttn's bn_momentum / bn_eps
     module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in np_block.state_dict().items()}, strict=True)
     return module.eval()

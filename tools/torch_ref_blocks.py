@@ -10,6 +10,10 @@ benchmark). Changes from the original code, all deliberate:
 - ``GCT`` raises ``ValueError`` for an unknown mode (the original calls ``sys.exit()``
   without importing sys).
 - ``SEBlock`` takes ``bias`` (the common layout has none; the Caffe model has biases).
+- ``SelectiveConv`` takes ``bias`` (False: no conv, linear or projection biases, as the
+  authors' Caffe release).
+- ``make_torch_block`` gives every BatchNorm the npattn block's ``bn_momentum`` and
+  ``bn_eps``.
 - ``ReLU(inplace=True)`` of open-aff is kept; it changes no number.
 
 ``make_torch_block(np_block)`` returns the matching module in float64 with the npattn
@@ -53,7 +57,7 @@ class Flatten(nn.Module):
 
 
 class SelectiveConv(nn.Module):
-    def __init__(self, in_channels, out_channels, groups, ratio=16, paths=2):
+    def __init__(self, in_channels, out_channels, groups, ratio=16, paths=2, bias=True):
         super().__init__()
         self.reduced_dim = max(out_channels // ratio, 32)
         self.paths = paths
@@ -61,7 +65,8 @@ class SelectiveConv(nn.Module):
         for i in range(paths):
             convs.append(
                 nn.Sequential(
-                    nn.Conv2d(in_channels, out_channels, groups=groups, kernel_size=3, dilation=1 + i, padding=1 + i),
+                    nn.Conv2d(in_channels, out_channels, groups=groups, kernel_size=3, dilation=1 + i, padding=1 + i,
+                              bias=bias),
                     nn.BatchNorm2d(out_channels),
                     nn.ReLU(),
                 )
@@ -69,11 +74,11 @@ class SelectiveConv(nn.Module):
         self.convs = nn.ModuleList(convs)
         self.flatten = nn.Sequential(nn.AdaptiveAvgPool2d(output_size=(1, 1)), Flatten())
         self.compress = nn.Sequential(
-            nn.Linear(out_channels, self.reduced_dim),
+            nn.Linear(out_channels, self.reduced_dim, bias=bias),
             nn.BatchNorm1d(self.reduced_dim),
             nn.ReLU(),
         )
-        self.projections = nn.ModuleList([nn.Conv2d(self.reduced_dim, out_channels, 1) for _ in range(paths)])
+        self.projections = nn.ModuleList([nn.Conv2d(self.reduced_dim, out_channels, 1, bias=bias) for _ in range(paths)])
 
     def forward(self, x):
         b, _, h, w = x.shape
@@ -206,7 +211,8 @@ def torch_config(np_block):
         return dict(channels=np_block.channels, reduction=np_block.reduction, bias=np_block.bias)
     if name == "SKConv":
         b = np_block
-        return dict(in_channels=b.in_channels, out_channels=b.out_channels, groups=b.groups, ratio=b.ratio, paths=b.paths)
+        return dict(in_channels=b.in_channels, out_channels=b.out_channels, groups=b.groups, ratio=b.ratio, paths=b.paths,
+                    bias=b.bias)
     if name == "DAF":
         return {}
     if name in ("AFF", "MS_CAM"):
@@ -229,5 +235,15 @@ def make_torch_block(np_block, dtype=torch.float64):
     """The torch module matching ``np_block``, in ``dtype`` (float64 by default), with the
     npattn block's parameters and buffers loaded, in eval mode."""
     module = TORCH_CLASSES[type(np_block).__name__](**torch_config(np_block)).to(dtype)
+    set_batch_norm(module, np_block)
     load_numpy_state(module, np_block.state_dict())
     return module.eval()
+
+
+def set_batch_norm(module, np_block):
+    """Every BatchNorm of ``module`` with the npattn block's momentum and eps (PyTorch's
+    defaults unless the block was built with others)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum, m.eps = np_block.bn_momentum, np_block.bn_eps
+    return module

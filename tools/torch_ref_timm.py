@@ -83,6 +83,13 @@ def make_torch_block(np_block, dtype=torch.float64):
     npattn block's state_dict loaded strictly, in eval mode. Raises KeyError for a block
     this module does not cover."""
     module = _timm_module(np_block).to(dtype)
+    from torch_ref_blocks import set_batch_norm
+
+    set_batch_norm(module, np_block)  # npattn's bn_momentum / bn_eps (not timm arguments)
+    if hasattr(np_block, "ln_eps"):  # GlobalContext's LayerNorm eps (timm's is 1e-6)
+        for m in module.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = np_block.ln_eps
     state = {k: torch.from_numpy(np.array(v)) for k, v in np_block.state_dict().items()}
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     module.load_state_dict(state, strict=True)

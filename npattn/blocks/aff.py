@@ -138,9 +138,10 @@ class DAF(Block):
 class _AttentionFusion(Block):
     """What MS_CAM, AFF and iAFF share: the MS-CAM branches and the input checks."""
 
-    def __init__(self, channels, r, dtype):
+    def __init__(self, channels, r, dtype, bn_momentum=0.1, bn_eps=1e-5):
         super().__init__(dtype)
         op = type(self).__name__
+        self._set_bn(bn_momentum, bn_eps)
         self.channels = positive_int(op, "channels", channels)
         self.r = positive_int(op, "r", r)
         self.inter_channels = self.channels // self.r
@@ -230,6 +231,10 @@ class MS_CAM(_AttentionFusion):
     ----------
     channels : int, default 64
     r : int, default 4; the branches' hidden width is ``channels // r``
+    bn_momentum : float, default 0.1
+        Momentum of every BatchNorm's running statistics (PyTorch's convention).
+    bn_eps : float, default 1e-5
+        Added to the variance in every BatchNorm.
     rng : None, int or numpy.random.Generator (PyTorch-default initialisation)
     dtype : float32 (default) or float64
 
@@ -237,8 +242,8 @@ class MS_CAM(_AttentionFusion):
     The math is in the module docstring.
     """
 
-    def __init__(self, channels=64, r=4, *, rng=None, dtype=np.float32):
-        super().__init__(channels, r, dtype)
+    def __init__(self, channels=64, r=4, *, bn_momentum=0.1, bn_eps=1e-5, rng=None, dtype=np.float32):
+        super().__init__(channels, r, dtype, bn_momentum, bn_eps)
         self._add_ms_cam("local_att.", "global_att.", make_rng(rng))
 
     def forward(self, x, training=False):
@@ -268,8 +273,8 @@ class AFF(_AttentionFusion):
     ``backward(dy, cache) -> ((dx, dres), grads)``. The math is in the module docstring.
     """
 
-    def __init__(self, channels=64, r=4, *, rng=None, dtype=np.float32):
-        super().__init__(channels, r, dtype)
+    def __init__(self, channels=64, r=4, *, bn_momentum=0.1, bn_eps=1e-5, rng=None, dtype=np.float32):
+        super().__init__(channels, r, dtype, bn_momentum, bn_eps)
         self._add_ms_cam("local_att.", "global_att.", make_rng(rng))
 
     def forward(self, x, residual, training=False):
@@ -312,6 +317,8 @@ class iAFF(_AttentionFusion):
         True: the second pass reuses ``global_att`` (the published PyTorch code;
         ``global_att2`` is in the state_dict, unused, with gradient zero). False: the
         second pass uses ``global_att2`` (the paper and the MXNet code).
+    bn_momentum, bn_eps : float, default 0.1 and 1e-5
+        The settings of every BatchNorm (as :class:`MS_CAM`).
     rng : None, int or numpy.random.Generator
     dtype : float32 (default) or float64
 
@@ -319,8 +326,9 @@ class iAFF(_AttentionFusion):
     The math is in the module docstring.
     """
 
-    def __init__(self, channels=64, r=4, share_global_att=True, *, rng=None, dtype=np.float32):
-        super().__init__(channels, r, dtype)
+    def __init__(self, channels=64, r=4, share_global_att=True, *, bn_momentum=0.1, bn_eps=1e-5, rng=None,
+                 dtype=np.float32):
+        super().__init__(channels, r, dtype, bn_momentum, bn_eps)
         if not isinstance(share_global_att, (bool, np.bool_)):
             raise TypeError(f"iAFF: share_global_att must be a bool, got {share_global_att!r}")
         self.share_global_att = bool(share_global_att)

@@ -16,6 +16,7 @@ Hardswish, then gate the map with one sigmoid per row and one per column. For x 
     gh  = sigmoid(conv_h(ah))                   (N, C, H, 1)
     gw  = sigmoid(conv_w(aw))                   (N, C, 1, W)
     y   = x * gw * gh                           (N, C, H, W)
+    y   = y + x                                 (has_skip: timm's residual)
 
 Backward, for dy = dL/dy, in the order the code runs::
 
@@ -28,6 +29,7 @@ Backward, for dy = dL/dy, in the order the code runs::
     dv   = BN backward (training: also through the batch mean and variance)
     du   = conv1 backward                       (N, C, H + W, 1) (+ conv1 weight, bias)
     dx   = dy * gw * gh + du[:, :, :H] / W + du[:, :, H:]^T / H      (N, C, H, W), broadcast
+    dx  += dy                                   (has_skip)
 
 Exact zero: with ``bias=True`` in training, conv1's bias only shifts every value of a
 BatchNorm channel by the same amount, which the batch mean removes; its gradient
@@ -76,22 +78,30 @@ class CoordAttn(Block):
     se_factor : float, default 2/3
     bias : bool, default False
         Biases of conv1, conv_h and conv_w.
+    has_skip : bool, default False
+        timm's ``has_skip``: add the input to the output (``y = x * gw * gh + x``).
+    bn_momentum : float, default 0.1
+        Momentum of bn1's running statistics (PyTorch's convention).
+    bn_eps : float, default 1e-5
+        Added to bn1's variance.
     rng : None, int or numpy.random.Generator (PyTorch's default initialisation)
     dtype : float32 (default) or float64
 
     State_dict keys (timm's): ``conv1.weight`` (D, C, 1, 1), ``bn1.{weight, bias,
     running_mean, running_var, num_batches_tracked}`` (D,), ``conv_h.weight`` (C, D, 1, 1),
     ``conv_w.weight`` (C, D, 1, 1), plus ``conv1.bias``, ``conv_h.bias``, ``conv_w.bias``
-    with ``bias=True``. Hardswish, BatchNorm2d and sigmoid (timm's defaults; ``has_skip``
-    and other layers are not offered).
+    with ``bias=True``. Hardswish, BatchNorm2d and sigmoid (timm's defaults; other layers
+    are not offered).
     """
 
     def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=8, se_factor=2.0 / 3, bias=False,
-                 *, rng=None, dtype=np.float32):
+                 has_skip=False, *, bn_momentum=0.1, bn_eps=1e-5, rng=None, dtype=np.float32):
         super().__init__(dtype)
         op = "CoordAttn"
         self.config = dict(channels=channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
-                           se_factor=se_factor, bias=bias)
+                           se_factor=se_factor, bias=bias, has_skip=has_skip)  # timm's arguments
+        self.has_skip = check_bool(op, "has_skip", has_skip)
+        self._set_bn(bn_momentum, bn_eps)
         self.channels = positive_int(op, "channels", channels)
         self.se_factor = check_real(op, "se_factor", se_factor)
         self.bias = check_bool(op, "bias", bias)
@@ -123,6 +133,8 @@ class CoordAttn(Block):
         g_w = F.sigmoid(z_w)  # (N, C, 1, W)
         y = x * g_w  # (N, C, H, W)
         y *= g_h
+        if self.has_skip:
+            y += x  # timm's skip
         return y, CoordAttnCache(x, k_conv1, k_bn1, k_act, k_conv_h, k_conv_w, g_h, g_w, bool(training))
 
     def backward(self, grad_out, cache: CoordAttnCache):
@@ -149,6 +161,8 @@ class CoordAttn(Block):
         d_u = self._conv_backward("conv1.", d_v, cache.conv1, grads, next_bn=cache.bn1)  # (N, C, H + W, 1)
         d_x = dy * g_w  # (N, C, H, W) direct path
         d_x *= g_h
+        if self.has_skip:
+            d_x += dy  # through the skip
         d_x += d_u[:, :, :h] * x.dtype.type(1.0 / w)  # (N, C, H, 1) mean over w, broadcast
         d_x += d_u[:, :, h:].transpose(0, 1, 3, 2) * x.dtype.type(1.0 / h)  # (N, C, 1, W) mean over h
         return (d_x,), grads

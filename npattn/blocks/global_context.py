@@ -13,9 +13,10 @@ shape (N, C, H, W), L = H W and x_l its columns::
     ctx[n, c] = sum_i x[n, c, i] p[n, i]                    (N, C)
     otherwise ctx = mean_{h, w} x                           (N, C)
 
-    MLP "mlp_scale" / "mlp_add" (timm's ConvMlp: 1x1 convs with bias, LayerNorm2d eps 1e-6):
+    MLP "mlp_scale" / "mlp_add" (timm's ConvMlp: 1x1 convs with bias, LayerNorm2d eps
+    ``ln_eps``: 1e-6 as timm, 1e-5 as the official GCNet code's nn.LayerNorm):
     h  = fc1(ctx)                                           (N, D)
-    hn = LN(h)   = gamma (h - mean_d h) / sqrt(var_d h + 1e-6) + beta
+    hn = LN(h)   = gamma (h - mean_d h) / sqrt(var_d h + ln_eps) + beta
     o  = fc2(relu(hn))                                      (N, C)
 
     y  = x                                                  (N, C, H, W)
@@ -42,10 +43,14 @@ Exact zeros:
 - With ``fuse_scale=False`` and ``fuse_add=False`` there is no MLP and y = x; timm
   still builds ``conv_attn``, which is then unused: its gradients are exact zeros.
 
-Initialisation as timm's: ``conv_attn.weight`` from N(0, 2 / C) (kaiming normal, fan_in),
-``mlp_add.fc2.weight`` zeros (so a fresh block adds nothing; timm 1.0.31 does this
-whatever ``init_last_zero`` says: the argument is stored and has no effect, here too),
-LayerNorm weight 1 and bias 0, the other convolutions PyTorch's default.
+Initialisation (``init="timm"``, the default) as timm's: ``conv_attn.weight`` from
+N(0, 2 / C) (kaiming normal, fan_in), ``mlp_add.fc2.weight`` zeros (so a fresh block adds
+nothing; timm 1.0.31 does this whatever ``init_last_zero`` says: the argument is stored
+and has no effect, here too), LayerNorm weight 1 and bias 0, the other convolutions
+PyTorch's default. ``init="gcnet"`` is the official code's (xvjiarui/GCNet
+``ContextBlock.reset_parameters``): ``conv_attn`` kaiming normal (fan_in) with bias 0,
+and the last conv of BOTH MLPs zeroed, weight and bias (``last_zero_init``): a fresh
+block adds nothing and gates by sigmoid(0) = 1/2.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ import numpy as np
 
 from .. import functional as F
 from .._checks import float_array, positive_int, same_dtype, shape_is
-from ._timm import check_bool, pointwise, pointwise_backward, reduced_channels
+from ._timm import check_bool, check_real, pointwise, pointwise_backward, reduced_channels
 from .base import Block, inv_area, make_rng
 
 __all__ = ["GlobalContext"]
@@ -96,6 +101,12 @@ class GlobalContext(Block):
         round_limit=0)``. (timm tests ``is None`` here, so 0 is not "compute"; npattn
         refuses 0.)
     rd_divisor : int, default 1
+    ln_eps : float, default 1e-6
+        eps of the MLPs' LayerNorms: timm's 1e-6, or 1e-5 as the official GCNet code
+        (``nn.LayerNorm([planes, 1, 1])``).
+    init : {"timm", "gcnet"}, default "timm"
+        The initialisation (module docstring): timm's, or the official code's, which
+        zeroes the weight and the bias of the last conv of both MLPs.
     rng : None, int or numpy.random.Generator
     dtype : float32 (default) or float64
 
@@ -107,7 +118,8 @@ class GlobalContext(Block):
     """
 
     def __init__(self, channels, use_attn=True, fuse_add=False, fuse_scale=True, init_last_zero=False,
-                 rd_ratio=1.0 / 8, rd_channels=None, rd_divisor=1, *, rng=None, dtype=np.float32):
+                 rd_ratio=1.0 / 8, rd_channels=None, rd_divisor=1, *, ln_eps=LAYER_NORM_EPS, init="timm", rng=None,
+                 dtype=np.float32):
         super().__init__(dtype)
         op = "GlobalContext"
         self.config = dict(channels=channels, use_attn=use_attn, fuse_add=fuse_add, fuse_scale=fuse_scale,
@@ -119,6 +131,10 @@ class GlobalContext(Block):
         self.fuse_scale = check_bool(op, "fuse_scale", fuse_scale)
         self.init_last_zero = check_bool(op, "init_last_zero", init_last_zero)
         self.rd_channels = reduced_channels(op, self.channels, rd_ratio, rd_channels, rd_divisor, zero_is_none=False)
+        self.ln_eps = check_real(op, "ln_eps", ln_eps)
+        if init not in ("timm", "gcnet"):
+            raise ValueError(f"{op}: init must be 'timm' or 'gcnet', got {init!r}")
+        self.init = init
         rng = make_rng(rng)
         c, d = self.channels, self.rd_channels
         if self.use_attn:
@@ -132,11 +148,16 @@ class GlobalContext(Block):
                 self._add_conv(f"{name}fc2.", rng, d, c, 1)
         if self.fuse_add:
             self._state["mlp_add.fc2.weight"] = np.zeros((c, d, 1, 1), dtype=self.dtype)
+        if self.init == "gcnet":  # the official last_zero_init on both MLPs, conv_mask's bias 0
+            for k in ("conv_attn.bias", "mlp_add.fc2.weight", "mlp_add.fc2.bias", "mlp_scale.fc2.weight",
+                      "mlp_scale.fc2.bias"):
+                if k in self._state:
+                    self._state[k] = np.zeros_like(self._state[k])
 
     def _mlp(self, prefix, v):
         s = self._state
         h, k1 = pointwise(self, f"{prefix}fc1.", v)  # (N, D)
-        hn, kn = F.layer_norm2d_forward(h, s[f"{prefix}norm.weight"], s[f"{prefix}norm.bias"], eps=LAYER_NORM_EPS)
+        hn, kn = F.layer_norm2d_forward(h, s[f"{prefix}norm.weight"], s[f"{prefix}norm.bias"], eps=self.ln_eps)
         a, kr = F.relu_forward(hn)  # (N, D)
         o, k2 = pointwise(self, f"{prefix}fc2.", a)  # (N, C)
         return o, (k1, kn, kr, k2)

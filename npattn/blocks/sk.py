@@ -34,7 +34,8 @@ Backward, for dy = dL/dy, in the order the code computes it::
     dc_i   = BN2d_i'(db_i)
     dx     = sum_i conv_i'(dc_i)                          (N, C_in, H, W)
 
-every primed step being the backward of the op in ``npattn.functional``. In training,
+every primed step being the backward of the op in ``npattn.functional`` (with
+``bias=False`` the bias terms and their gradients are simply absent). In training,
 ``dbc`` and the path convs' bias gradients ``db_conv_i = sum_{n,h,w} dc_i`` are exactly
 zero: each bias feeds a BatchNorm whose batch mean absorbs any per-channel constant (the
 output does not depend on it), so the backward returns exact zeros there
@@ -80,19 +81,34 @@ class SKConv(Block):
         The squeeze width is ``d = max(out_channels // ratio, 32)``.
     paths : int, default 2
         Path i uses dilation and padding 1 + i (spatial size preserved).
+    bias : bool, default True
+        Biases of the path convolutions, of ``compress.0`` and of the projections
+        (``SelectiveConv``'s). False drops all of them, as the authors' Caffe release
+        (SKNet's prototxt: ``bias_term: false`` on every convolution).
+    bn_momentum : float, default 0.1
+        Momentum of every BatchNorm's running statistics (PyTorch's convention:
+        ``running = (1 - m) running + m batch``; the Caffe release's 0.95 is m = 0.05).
+    bn_eps : float, default 1e-5
+        Added to the variance in every BatchNorm.
     rng : None, int or numpy.random.Generator (PyTorch-default initialisation)
     dtype : float32 (default) or float64
 
     State_dict keys are those of the original ``SelectiveConv``: ``convs.{i}.0.weight``,
     ``convs.{i}.0.bias``, ``convs.{i}.1.*`` (BatchNorm2d), ``compress.0.weight``,
     ``compress.0.bias``, ``compress.1.*`` (BatchNorm1d), ``projections.{i}.weight``
-    (out_channels, d, 1, 1) and ``projections.{i}.bias``. The math is in the module
+    (out_channels, d, 1, 1) and ``projections.{i}.bias`` (the ``*.bias`` of the convolutions,
+    the linear layer and the projections only with ``bias=True``). The math is in the module
     docstring.
     """
 
-    def __init__(self, in_channels, out_channels, groups, ratio=16, paths=2, *, rng=None, dtype=np.float32):
+    def __init__(self, in_channels, out_channels, groups, ratio=16, paths=2, bias=True, *, bn_momentum=0.1, bn_eps=1e-5,
+                 rng=None, dtype=np.float32):
         super().__init__(dtype)
         op = "SKConv"
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"{op}: bias must be a bool, got {bias!r}")
+        self.bias = bool(bias)
+        self._set_bn(bn_momentum, bn_eps)
         self.in_channels = positive_int(op, "in_channels", in_channels)
         self.out_channels = positive_int(op, "out_channels", out_channels)
         self.groups = positive_int(op, "groups", groups)
@@ -107,12 +123,12 @@ class SKConv(Block):
         rng = make_rng(rng)
         c, d = self.out_channels, self.reduced_dim
         for i in range(self.paths):
-            self._add_conv(f"convs.{i}.0.", rng, self.in_channels, c, 3, groups=self.groups)
+            self._add_conv(f"convs.{i}.0.", rng, self.in_channels, c, 3, groups=self.groups, bias=self.bias)
             self._add_batch_norm(f"convs.{i}.1.", c)
-        self._add_linear("compress.0.", rng, c, d)
+        self._add_linear("compress.0.", rng, c, d, bias=self.bias)
         self._add_batch_norm("compress.1.", d)
         for i in range(self.paths):
-            self._add_conv(f"projections.{i}.", rng, d, c, 1)
+            self._add_conv(f"projections.{i}.", rng, d, c, 1, bias=self.bias)
 
     def forward(self, x, training=False):
         """Returns ``(y, cache)`` with y of shape (N, out_channels, H, W)."""

@@ -20,6 +20,8 @@ from .norm import batch_norm_backward, batch_norm_forward
 from .pooling import (
     global_avg_pool2d_backward,
     global_avg_pool2d_forward,
+    max_pool2d_backward,
+    max_pool2d_forward,
     spatial_sum_backward,
     spatial_sum_forward,
 )
@@ -27,7 +29,7 @@ from .pooling import (
 __all__ = [
     "abs_backward", "abs_forward", "batch_norm_backward", "batch_norm_forward", "col2im",
     "conv2d_backward", "conv2d_forward", "global_avg_pool2d_backward", "global_avg_pool2d_forward",
-    "im2col", "linear_backward", "linear_forward", "relu_backward", "relu_forward", "sigmoid",
+    "im2col", "linear_backward", "linear_forward", "max_pool2d_backward", "max_pool2d_forward", "relu_backward", "relu_forward", "sigmoid",
     "sigmoid_backward", "sigmoid_forward", "softmax_backward", "softmax_forward",
     "spatial_sum_backward", "spatial_sum_forward", "tanh_backward", "tanh_forward",
 ]

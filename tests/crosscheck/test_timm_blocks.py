@@ -46,6 +46,13 @@ CASES = {
     "GlobalContext_both_attn": (lambda r: npattn.GlobalContext(12, fuse_add=True, init_last_zero=True, rd_ratio=0.5,
                                                                rd_divisor=2, rng=r, dtype=F64), (3, 12, 3, 3),
                                 {True: ("conv_attn.bias",), False: ("conv_attn.bias",)}),
+    # timm's has_skip, and npattn's BatchNorm / LayerNorm settings set on timm's module
+    "CoordAttn_skip_bn": (lambda r: npattn.CoordAttn(16, rd_channels=4, bias=True, has_skip=True, bn_momentum=0.3,
+                                                     bn_eps=1e-3, rng=r, dtype=F64), (3, 16, 5, 3), {True: ("conv1.bias",)}),
+    "CoordAttn_skip": (lambda r: npattn.CoordAttn(12, has_skip=True, rng=r, dtype=F64), (2, 12, 3, 6), {}),
+    "GlobalContext_ln_eps_gcnet_init": (lambda r: npattn.GlobalContext(16, fuse_add=True, rd_channels=4, ln_eps=1e-5,
+                                                                       init="gcnet", rng=r, dtype=F64), (3, 16, 4, 5),
+                                        {True: ("conv_attn.bias",), False: ("conv_attn.bias",)}),
     "SimAM": (lambda r: npattn.SimAM(dtype=F64), (3, 8, 4, 5), {}),
     "SimAM_lambda": (lambda r: npattn.SimAM(0.25, dtype=F64), (1, 5, 2, 7), {}),
 }

@@ -160,3 +160,22 @@ def test_layer_norm_last_axis_matches_torch(shape, affine, eps):
             assert rel_err(grads["weight"], tw.grad.numpy()) < TOL
         else:
             assert np.all(grads["weight"] == 0.0) and np.max(np.abs(tw.grad.numpy())) < 1e-12
+
+
+@pytest.mark.parametrize("kernel, shape", [(2, (2, 3, 7, 5)), ((2, 3), (1, 2, 6, 9)), ((3, 1), (2, 2, 5, 4))])
+def test_max_pool2d_ties_and_nan_match_torch_bit_for_bit(kernel, shape):
+    """Small integers make ties in most windows, and a few NaNs (two in one window):
+    the output and the gradient (which element of a window gets it) are torch's CPU
+    max_pool2d's exactly (no arithmetic but the selection)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, shape).astype(np.float64)
+    x[0, 0, 0, 0] = x[0, 0, 1, 0] = np.nan
+    x[-1, -1, 2, 1] = np.nan
+    y, cache = F.max_pool2d_forward(x, kernel)
+    dy = rng.standard_normal(y.shape)
+    dx = F.max_pool2d_backward(dy, cache)["x"]
+    tx = t(x)
+    ty = torch.nn.functional.max_pool2d(tx, kernel)
+    ty.backward(torch.from_numpy(dy))
+    np.testing.assert_array_equal(y, ty.detach().numpy())  # NaN where torch has NaN
+    np.testing.assert_array_equal(dx, tx.grad.numpy())

@@ -43,7 +43,8 @@ def test_fixture_agrees_with_pytorch(case_id):
 
 @pytest.mark.parametrize(
     "case_id,flag",
-    [("iaff/shared_global_att_train_f64", None), ("sk/paths2_groups2_train_f32", "--float32"), ("modulated_deform_conv2d_pack/k3_dg2_eval_f64", None)],
+    [("iaff/shared_global_att_train_f64", None), ("sk/paths2_groups2_train_f32", "--float32"), ("modulated_deform_conv2d_pack/k3_dg2_eval_f64", None),
+     ("non_local_attn/caffe2_default_train_f64", None)],  # an official module, through its key map
 )
 def test_torch_user_workflow_end_to_end(case_id, flag):
     cmd = [sys.executable, str(ROOT / "tools" / "torch_check.py"), case_id] + ([flag] if flag else [])

@@ -1,5 +1,6 @@
 """Fuzzing the blocks: SEBlock, SKConv, DAF, AFF, iAFF, MS_CAM, GCT, ConvOffset2D,
-DeformConv2d, ModulatedDeformConv2dPack.
+DeformConv2d, ModulatedDeformConv2dPack (SKConv's bias and the BatchNorm settings of the
+BatchNorm blocks in a test of their own).
 
 Random configurations (channels, reductions, kernels, uneven stride/padding/dilation,
 groups, offset groups), float32 and float64, training and eval, batch 0 and 1, H or W = 1,
@@ -35,8 +36,19 @@ BN_BLOCKS = ("SKConv", "AFF", "iAFF", "MS_CAM")  # BatchNorm: training needs mor
 EMPTY_REFUSED = ("SKConv", "AFF", "iAFF", "MS_CAM", "ConvOffset2D")  # H or W = 0: ValueError naming x
 
 
+def bn_settings(draw, on):
+    """BatchNorm momentum and eps (drawn only with ``on``: the other tests keep their examples)."""
+    if not on:
+        return {}
+    return dict(bn_momentum=draw(st.sampled_from([0.1, 0.0, 1.0, 0.05])), bn_eps=draw(st.sampled_from([1e-5, 1e-3])))
+
+
+def sk_options(draw, on):
+    return dict(bn_settings(draw, on), bias=draw(st.booleans())) if on else {}
+
+
 @st.composite
-def block_cases(draw, names=None):
+def block_cases(draw, names=None, bn_options=False):
     rng = draw(fz.rngs())
     dtype = draw(fz.dtypes)
     name = draw(st.sampled_from(names or ["SEBlock", "SKConv", "DAF", "AFF", "iAFF", "MS_CAM", "GCT", "ConvOffset2D",
@@ -55,12 +67,12 @@ def block_cases(draw, names=None):
         g = draw(st.integers(1, 2))
         c = g * draw(st.integers(1, 2))
         blk = npattn.SKConv(c, g * draw(st.integers(1, 2)), g, ratio=draw(st.integers(1, 4)), paths=draw(st.integers(1, 3)),
-                            rng=seed, dtype=dtype)
+                            **sk_options(draw, bn_options), rng=seed, dtype=dtype)
     elif name in ("AFF", "iAFF", "MS_CAM"):
         c = draw(st.integers(1, 6))
         r = draw(st.integers(1, c))
         kw = dict(share_global_att=draw(st.booleans())) if name == "iAFF" else {}
-        blk = getattr(npattn, name)(c, r, **kw, rng=seed, dtype=dtype)
+        blk = getattr(npattn, name)(c, r, **kw, **bn_settings(draw, bn_options), rng=seed, dtype=dtype)
     elif name == "DAF":
         c = draw(st.integers(1, 4))
         blk = npattn.DAF(dtype=dtype)
@@ -177,6 +189,14 @@ def test_block_valid(case):
                                    ex["padding"], ex["dilation"], groups=blk.groups)
         scale = conv_abs(inputs[0], blk["weight"], ex, blk.groups)
         fz.assert_close(y, want, scale, "ModulatedDeformConv2dPack at initialisation vs conv2d with mask 0.5")
+
+
+@fz.examples(2)
+@given(case=block_cases(["SKConv", "AFF", "iAFF", "MS_CAM"], bn_options=True))
+def test_block_bn_settings_and_sk_bias_valid(case):
+    """SKConv's ``bias`` and the BatchNorm blocks' ``bn_momentum`` / ``bn_eps`` drawn too
+    (0 and 1 included): everything test_block_valid checks."""
+    test_block_valid.hypothesis.inner_test(case)
 
 
 def conv_abs(x, w, ex, groups):

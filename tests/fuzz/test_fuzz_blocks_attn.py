@@ -57,6 +57,8 @@ def empty_image_behaviour(name, blk, h, w):
     an empty image: empty output, NaN weight gradients) or "error" (ValueError naming x)."""
     if name == "SimAM":
         return "error" if h * w < 2 else "ok"
+    if name == "NonLocalAttn" and blk.sub_sample and (h < 2 or w < 2):
+        return "error"  # the 2x2 max-pool would be empty: torch refuses it
     if name == "DeformConv2dPack" or h * w > 0:
         return "ok"
     if name in ("SEModule", "ECA"):
@@ -68,8 +70,10 @@ def empty_image_behaviour(name, blk, h, w):
     return "error"  # CBAM, CoordAttn, NonLocalAttn
 
 
-def bn_values(name, n, h, w):
+def bn_values(name, n, h, w, blk=None):
     """Values per channel a training-mode BatchNorm of the block sees (None: no BatchNorm)."""
+    if name == "NonLocalAttn" and blk is not None and not blk.norm:
+        return None
     return {"CBAM": n * h * w, "CoordAttn": n * (h + w), "NonLocalAttn": n * h * w}.get(name)
 
 
@@ -95,14 +99,23 @@ def image_block_cases(draw, names=None):
         else:
             blk = npattn.ECA(c, gamma=draw(st.sampled_from([1, 2])), beta=draw(st.sampled_from([1, 2])), rng=seed, dtype=dtype)
     elif name == "CoordAttn":
-        blk = npattn.CoordAttn(c, rd_channels=draw(st.integers(1, 4)), bias=draw(st.booleans()), rng=seed, dtype=dtype)
+        blk = npattn.CoordAttn(c, rd_channels=draw(st.integers(1, 4)), bias=draw(st.booleans()),
+                               has_skip=draw(st.booleans()), bn_momentum=draw(st.sampled_from([0.1, 0.0, 1.0, 0.05])),
+                               bn_eps=draw(st.sampled_from([1e-5, 1e-3])), rng=seed, dtype=dtype)
     elif name == "GlobalContext":
         blk = npattn.GlobalContext(c, use_attn=draw(st.booleans()), fuse_add=draw(st.booleans()),
-                                   fuse_scale=draw(st.booleans()), rd_channels=draw(st.integers(1, 4)), rng=seed, dtype=dtype)
+                                   fuse_scale=draw(st.booleans()), rd_channels=draw(st.integers(1, 4)),
+                                   ln_eps=draw(st.sampled_from([1e-6, 1e-5])), init=draw(st.sampled_from(["timm", "gcnet"])),
+                                   rng=seed, dtype=dtype)
     elif name == "SimAM":
         blk = npattn.SimAM(draw(st.sampled_from([1e-4, 0.5])), dtype=dtype)
     elif name == "NonLocalAttn":
-        blk = npattn.NonLocalAttn(c, use_scale=draw(st.booleans()), rd_channels=draw(st.integers(1, 4)), rng=seed, dtype=dtype)
+        blk = npattn.NonLocalAttn(c, use_scale=draw(st.booleans()), rd_channels=draw(st.integers(1, 4)),
+                                  mode=draw(st.sampled_from(["embedded_gaussian", "dot_product", "gaussian", "concatenation"])),
+                                  sub_sample=draw(st.booleans()), sub_sample_at=draw(st.sampled_from(["after_conv", "before_conv"])),
+                                  scale=draw(st.sampled_from([None, 0.5])), norm=draw(st.booleans()),
+                                  bn_momentum=draw(st.sampled_from([0.1, 0.3])), bn_eps=draw(st.sampled_from([1e-5, 1e-3])),
+                                  rng=seed, dtype=dtype)
     else:
         g = draw(st.integers(1, 2))
         dg = draw(st.integers(1, 2))
@@ -186,7 +199,7 @@ def test_image_block_valid(case):
     if behaviour == "error":
         fz.expect_error(["x"], blk.forward, x, training=training)
         return
-    m = bn_values(name, n, h, w)
+    m = bn_values(name, n, h, w, blk)
     if training and m is not None and m <= 1:  # PyTorch's error for one value per channel, with the input size
         fz.expect_error(["input size"], blk.forward, x, training=training)
         return
@@ -212,11 +225,13 @@ def test_image_block_valid(case):
     tol = fz.TOL[dtype]
     x64 = x.astype(np.float64)
     if name in GATED or (name == "GlobalContext" and blk.fuse_scale and not blk.fuse_add):
-        assert np.all(np.abs(y) <= np.abs(x64) * (1 + 4 * tol)), f"{name}: a gate outside [0, 1]"
+        top = 2 if getattr(blk, "has_skip", False) else 1  # CoordAttn's has_skip: x * gates + x
+        assert np.all(np.abs(y) <= top * np.abs(x64) * (1 + 4 * tol)), f"{name}: a gate outside [0, 1]"
     if name == "GlobalContext" and not (blk.fuse_scale or blk.fuse_add):
         fz.assert_bitwise(y, np.ascontiguousarray(x), "GlobalContext without fusion is the identity")
     if name == "NonLocalAttn" and not case["randomized"]:
-        fz.assert_bitwise(y, np.ascontiguousarray(x), "NonLocalAttn at initialisation (norm.weight 0) is the identity")
+        fz.assert_bitwise(y, np.ascontiguousarray(x), "NonLocalAttn at initialisation (norm.weight 0, or z.weight 0 "
+                                                      "without norm) is the identity")
     if name == "DeformConv2dPack" and not case["randomized"]:
         ex = case["extra"]
         want, _ = F.conv2d_forward(x, blk["weight"], None, ex["stride"], ex["padding"], ex["dilation"], groups=blk.groups)

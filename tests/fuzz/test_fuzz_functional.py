@@ -1,5 +1,6 @@
 """Fuzzing the primitive ops of npattn.functional: conv2d, linear, batch_norm, relu,
-sigmoid, tanh, abs, softmax, global_avg_pool2d, spatial_sum (each forward and backward).
+sigmoid, tanh, abs, softmax, global_avg_pool2d, spatial_sum, max_pool2d (each forward and
+backward).
 
 Valid draws: results of the right shape and dtype, nothing modified, finite inputs give
 finite results without floating-point warnings, forward against an independent
@@ -432,6 +433,42 @@ def test_pooling_valid(name, case, data):
     scale = fz.inner(np.abs(dy), ref(np.abs(v), axis=(2, 3), keepdims=True))
     assert abs(lhs - rhs) <= fz.TOL[dtype] * max(scale, 1e-300), f"adjoint: {lhs!r} vs {rhs!r}"
 
+
+@fz.examples(1)
+@given(case=any_arrays(min_dims=4, max_dims=4), kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       ties=st.booleans(), data=st.data())
+def test_max_pool2d_valid(case, kernel, ties, data):
+    """max_pool2d over non-overlapping windows: the output is each window's maximum (NaN
+    where the window holds one); the gradient of each window lands, unchanged,
+    on one element of it that equals the maximum (any NaN of it), and nowhere else.
+    ``ties``: values rounded to integers, so that most windows tie."""
+    x, dtype, rng = case["x"], case["dtype"], case["rng"]
+    if ties:
+        x = np.round(x * 0.5)
+    kh, kw = kernel
+    n, c, h, w = x.shape
+    if h < kh or w < kw:
+        fz.expect_error(["x"], F.max_pool2d_forward, x, kernel)
+        return
+    fin = fz.finite(x)
+    y, cache = fz.run(F.max_pool2d_forward, x, kernel, finite=fin)
+    ho, wo = h // kh, w // kw
+    assert y.shape == (n, c, ho, wo) and y.dtype == dtype
+    win = np.ascontiguousarray(x[:, :, : ho * kh, : wo * kw]).reshape(n, c, ho, kh, wo, kw)
+    # equal as numbers (0.0 and -0.0 tie: the first of them wins, as torch; np.max may give either)
+    assert np.array_equal(y, win.max(axis=(3, 5)), equal_nan=True), "max_pool2d vs the window maximum"
+    dy = fz.relayout(fz.fill(rng, y.shape, dtype), data.draw(fz.layouts), rng)
+    dx = fz.run(F.max_pool2d_backward, dy, cache, finite=fin)["x"]
+    assert dx.shape == x.shape and dx.dtype == dtype
+    assert not dx[:, :, ho * kh:].any() and not dx[:, :, :, wo * kw:].any(), "a dropped row or column got a gradient"
+    hit = (np.ascontiguousarray(dx[:, :, : ho * kh, : wo * kw]).reshape(n, c, ho, kh, wo, kw) != 0)
+    picked = np.where(hit, win, 0).sum(axis=(3, 5))  # the value under the one nonzero gradient of each window
+    landed = np.where(hit, dx[:, :, : ho * kh, : wo * kw].reshape(n, c, ho, kh, wo, kw), 0).sum(axis=(3, 5))
+    one = hit.sum(axis=(3, 5)) == (dy != 0)
+    assert one.all(), "a window's gradient went to more than one element"
+    live = dy != 0
+    fz.assert_bitwise(landed[live], np.ascontiguousarray(dy)[live], "the gradient each window passes on")
+    assert np.array_equal(picked[live], y[live], equal_nan=True), "the element that got the gradient is not the maximum"
 
 UNARY = {**{k: v[:2] for k, v in ELEMENTWISE.items()}, "softmax": (F.softmax_forward, F.softmax_backward),
          **{k: v[:2] for k, v in POOLS.items()}}
