@@ -221,6 +221,9 @@ def gelu_backward(dy, cache: GeluCache):
     return {"x": dy * (cache.cdf + x * pdf)}  # shape of x
 
 
+HARD_SIGMOID_SLOPE = 1.0 / 6.0  # the derivative inside (-3, 3), exact (see hard_sigmoid_forward)
+
+
 @dataclass(frozen=True)
 class HardSigmoidCache:
     slope: np.ndarray  # shape of x: 1/6 for -3 < x < 3, else 0
@@ -239,11 +242,15 @@ def hard_sigmoid_forward(x):
 
     Backward, ``dx = dy * slope`` with slope = 1/6 strictly inside (-3, 3) and 0 outside
     and at the two kinks, PyTorch's choice (the one-sided slopes are 0 and 1/6 at each).
+
+    PyTorch's CPU kernel multiplies by the float32 constant ``1.0f / 6.0f`` even for
+    float64 tensors, so its float64 gradient is 1/6 (1 + 2.98e-8); npattn keeps the exact
+    1/6 (``HARD_SIGMOID_SLOPE``), and its cross-check against timm accounts for the constant.
     """
     x = float_array("hard_sigmoid", "x", x)
     dt = x.dtype.type
     y = np.clip(x + dt(3), dt(0), dt(6)) / dt(6)
-    slope = np.where((x > -3) & (x < 3), dt(1 / 6), dt(0)).astype(x.dtype, copy=False)
+    slope = np.where((x > -3) & (x < 3), dt(HARD_SIGMOID_SLOPE), dt(0)).astype(x.dtype, copy=False)
     return y, HardSigmoidCache(slope)
 
 
