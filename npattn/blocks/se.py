@@ -226,10 +226,11 @@ class SEModule(Block):
         updates its running statistics), otherwise both modes compute the same."""
         x = self._check_input("x", x, 4, self.channels)
         n, c = x.shape[:2]
+        if self.add_maxpool:
+            self._check_image("x", x, "the maximum over H W of an empty image does not exist; timm's amax refuses it")
         s = x.mean(axis=(2, 3))  # (N, C) squeeze
         k_max = None
         if self.add_maxpool:
-            self._check_image("x", x, "the maximum over H W of an empty image does not exist; timm's amax refuses it")
             m, k_max = F.amax_forward(x, (2, 3), keepdims=False)  # (N, C)
             half = x.dtype.type(0.5)
             s = half * s + half * m  # (N, C)
