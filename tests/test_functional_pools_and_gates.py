@@ -143,3 +143,12 @@ def test_float32_in_float32_out(op):
         y, cache = fwd(x)
         dx = bwd(np.ones_like(y), cache)["x"]
     assert y.dtype == dx.dtype == np.float32
+
+
+def test_empty_kept_axes_give_empty_results():
+    """A batch of 0 (an empty axis that is not reduced): empty outputs and gradients."""
+    x = np.zeros((0, 3, 2, 2))
+    for fwd, bwd, kw in [(F.amax_forward, F.amax_backward, {"max_grad": "first"}), (F.amax_forward, F.amax_backward, {}),
+                         (F.l2_norm_forward, F.l2_norm_backward, {}), (F.logsumexp_forward, F.logsumexp_backward, {})]:
+        y, cache = fwd(x, (2, 3), **kw)
+        assert y.shape == (0, 3, 1, 1) and bwd(np.zeros(y.shape), cache)["x"].shape == x.shape

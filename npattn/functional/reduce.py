@@ -147,7 +147,8 @@ def _first_max_share(x, axes):
     row-major order of those axes (the first NaN if there is one), 0 elsewhere."""
     kept = [a for a in range(x.ndim) if a not in axes]
     moved = np.transpose(x, kept + list(axes))  # (kept..., reduced...) in row-major order
-    flat = moved.reshape(moved.shape[: len(kept)] + (-1,))  # (kept..., m)
+    m = int(np.prod([x.shape[a] for a in axes]))  # not -1: ambiguous when a kept axis is empty
+    flat = moved.reshape(moved.shape[: len(kept)] + (m,))  # (kept..., m)
     idx = np.argmax(flat, axis=-1)[..., None]  # first maximum (first NaN)
     one_hot = np.zeros(flat.shape, dtype=x.dtype)
     np.put_along_axis(one_hot, idx, x.dtype.type(1), axis=-1)
