@@ -158,3 +158,26 @@ def test_key_mapping_is_a_bijection_onto_the_official_state_dict():
     nospatial = official_cbam(32, pool_types=("avg",), no_spatial=True)(0)
     assert list(nospatial.state_dict()) == ["channel.fc1.weight", "channel.fc1.bias", "channel.fc2.weight",
                                             "channel.fc2.bias"]
+
+
+@pytest.mark.parametrize("case_id", ["cbam/jongchan_c32_r16_train_f64", "cbam/jongchan_c16_r4_all_pools_eval_f32",
+                                     "eca/bangguwu_ns_c32_k3_eval_f64", "se/moskomule_c32_r16_eval_f64"])
+def test_npattn_check_passes_the_official_modules_results(case_id, tmp_path, capsys):
+    """The porter's workflow: the official module (the transcription), loaded through the
+    key mapping, run on a fixture's inputs; its results saved under npattn's keys pass
+    ``npattn check``."""
+    import pathlib
+
+    import torch_crosscheck
+
+    from npattn import golden
+    from npattn.cli import main
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    case = golden.load(case_id, root / "golden")
+    assert case.meta["official"]
+    results, reference = torch_crosscheck.run_case(case.meta, case.arrays)
+    assert reference.startswith("tools/torch_ref_official.py")
+    dtype = np.dtype(case.meta["dtype"])
+    np.savez(tmp_path / "out.npz", **{k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in results.items()})
+    assert main(["check", case_id, str(tmp_path / "out.npz")]) == 0, capsys.readouterr().out
