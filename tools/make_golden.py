@@ -96,6 +96,15 @@ CASES += [
     ("eca/bangguwu_ns_c32_k3", "ECA", "block", {"channels": 32, "kernel_size": 3, "shared": False}, {"x": (3, 32, 7, 5)}, ["eval"], 773),
     ("se/moskomule_c32_r16", "SEBlock", "block", {"channels": 32, "reduction": 16}, {"x": (3, 32, 7, 5)}, ["eval"], 781),
 ]
+# timm's options (cross-checked against timm's own modules; no hard_sigmoid gate here: torch's
+# CPU kernel differentiates it with a float32 1/6, see npattn.functional.hard_sigmoid_forward)
+CASES += [
+    ("se_module/silu_rd4", "SEModule", "block", {"channels": 16, "rd_channels": 4, "act": "silu"}, {"x": (3, 16, 4, 5)}, ["eval"], 791),
+    ("se_module/maxpool_norm_gelu", "SEModule", "block", {"channels": 12, "rd_channels": 5, "add_maxpool": True, "norm": True, "act": "gelu"},
+     {"x": (3, 12, 3, 4)}, ["train", "eval"], 792),
+    ("eca/mlp_c16", "ECA", "block", {"channels": 16, "use_mlp": True}, {"x": (2, 16, 3, 5)}, ["eval"], 793),
+    ("cbam/mlp_bias_rd4", "CBAM", "block", {"channels": 16, "rd_channels": 4, "mlp_bias": True}, {"x": (2, 16, 4, 5)}, ["train", "eval"], 794),
+]
 OFFICIAL = {
     "cbam/jongchan_c32_r16": "jongchan_cbam",
     "cbam/jongchan_c16_r4_all_pools": "jongchan_cbam",

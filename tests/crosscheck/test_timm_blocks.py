@@ -185,7 +185,8 @@ def test_cbam_ties_match_torch_amax(training):
     assert max(errs.values()) < TOL, errs
 
 
-@pytest.mark.parametrize("name", ["SEModule", "CBAM", "ECA_adaptive", "CoordAttn_bias", "GlobalContext_both_attn"])
+@pytest.mark.parametrize("name", ["SEModule", "CBAM", "ECA_adaptive", "CoordAttn_bias", "GlobalContext_both_attn",
+                                  "SEModule_norm", "ECA_mlp", "CBAM_mlp_bias"])
 def test_timm_state_dict_saved_to_npz_loads_into_npattn(name):
     """A timm module's own state_dict (its initialisation, then perturbed by torch) saved
     with NumPy loads into the npattn block without renaming, and the outputs agree."""
