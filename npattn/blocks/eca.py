@@ -90,14 +90,11 @@ class ECA(Block):
     ----------
     channels : int or None, default None
         With C given, the kernel size is the adaptive one of the module docstring and
-        ``kernel_size`` is ignored (as timm). The block accepts any number of channels
-        either way (the convolution does not depend on C).
-    kernel_size : odd int, default 3 (used when ``channels`` is None)
+        ``kernel_size`` is ignored (as timm), except for ECA-NS (``shared=False``). The
+        shared-kernel block without ``channels`` accepts any number of channels (its
+        convolution does not depend on C); with ``channels`` the input must have C.
+    kernel_size : odd int, default 3 (used when ``channels`` is None, and by ECA-NS)
     gamma, beta : float, default 2 and 1 (the adaptive rule's constants)
-    rng : None, int or numpy.random.Generator (PyTorch's default Conv1d initialisation,
-        U(-1/sqrt(k), 1/sqrt(k)))
-    dtype : float32 (default) or float64
-
     shared : bool, default True
         False: ECA-NS, one kernel per channel, ``conv.weight`` (C, 1, k); needs
         ``channels`` and uses ``kernel_size`` as given (module docstring).
@@ -105,7 +102,8 @@ class ECA(Block):
         timm's MLP variant (``conv``, ReLU, ``conv2``, both with bias); needs ``channels``.
     rd_ratio : float, default 1/8; rd_channels : int or None; rd_divisor : int, default 8
         The MLP's hidden width R (``use_mlp`` only), timm's arithmetic.
-    rng : None, int or numpy.random.Generator
+    rng : None, int or numpy.random.Generator (PyTorch's default Conv1d initialisation,
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = k, or 1 and R k for the MLP's convs)
     dtype : float32 (default) or float64
 
     State_dict: ``conv.weight`` (1, 1, k); ECA-NS ``conv.weight`` (C, 1, k); ``use_mlp``
