@@ -50,6 +50,12 @@ def _demo_cases():
         ("layer_norm (last axis)", F.layer_norm_forward, F.layer_norm_backward,
          {"x": r.standard_normal((3, 4, 5)), "weight": r.uniform(0.5, 1.5, 5), "bias": r.standard_normal(5)}),
         ("hardswish", F.hardswish_forward, F.hardswish_backward, {"x": 2 * away}),
+        ("amax first(axis=(2, 3))", lambda x: F.amax_forward(x, (2, 3), max_grad="first"), F.amax_backward, {"x": x}),
+        ("l2_norm(axis=(2, 3))", lambda x: F.l2_norm_forward(x, (2, 3)), F.l2_norm_backward, {"x": x}),
+        ("logsumexp(axis=(2, 3))", lambda x: F.logsumexp_forward(x, (2, 3)), F.logsumexp_backward, {"x": x}),
+        ("silu", F.silu_forward, F.silu_backward, {"x": x}),
+        ("gelu", F.gelu_forward, F.gelu_backward, {"x": x}),
+        ("hard_sigmoid", F.hard_sigmoid_forward, F.hard_sigmoid_backward, {"x": 2 * away}),
         ("scaled_dot_product_attention", lambda q, k, v: F.scaled_dot_product_attention_forward(q, k, v, attn_mask=allowed),
          F.scaled_dot_product_attention_backward, {"q": r.standard_normal((2, 4, 3)), "k": r.standard_normal((2, 6, 3)), "v": r.standard_normal((2, 6, 2))}),
     ]

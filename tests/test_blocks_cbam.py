@@ -180,3 +180,164 @@ def test_empty_image_raises_naming_x(shape):
     with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
         CBAM(16, rd_channels=4, rng=0, dtype=np.float64).forward(np.zeros(shape))
     assert str(info.value).startswith("CBAM: x must") and str(shape) in str(info.value)
+
+
+# ---------------------------------------------------------- the official code's options
+
+
+def cbam_oracle_options(x, state, k, training, pool_types, mlp_bias, no_spatial, spatial_order, momentum, eps):
+    """Plain NumPy / loops, written from the paper and the official code's ChannelGate and
+    SpatialGate; returns y and the BN statistics after the call (None with no_spatial)."""
+    n, c, h, w = x.shape
+    w1, w2 = state["channel.fc1.weight"][:, :, 0, 0], state["channel.fc2.weight"][:, :, 0, 0]
+    b1 = state["channel.fc1.bias"] if mlp_bias else np.zeros(w1.shape[0])
+    b2 = state["channel.fc2.bias"] if mlp_bias else np.zeros(c)
+
+    def pool(v, t):  # v: the H W values of one channel
+        v = [float(a) for a in v.ravel()]
+        if t == "avg":
+            return sum(v) / len(v)
+        if t == "max":
+            return max(v)
+        if t == "lp":
+            return math.sqrt(sum(a * a for a in v))
+        return math.log(sum(math.exp(a) for a in v))
+
+    def mlp(v):
+        hid = [max(sum(w1[j, i] * v[i] for i in range(c)) + b1[j], 0.0) for j in range(w1.shape[0])]
+        return np.array([sum(w2[o, j] * hid[j] for j in range(len(hid))) + b2[o] for o in range(c)])
+
+    x1 = np.zeros(x.shape)
+    for a in range(n):
+        z = sum(mlp([pool(x[a, ch], t) for ch in range(c)]) for t in pool_types)
+        for ch in range(c):
+            x1[a, ch] = x[a, ch] * sig(z[ch])
+    if no_spatial:
+        return x1, None
+    p = np.zeros((n, 2, h, w))
+    i_mean, i_max = (0, 1) if spatial_order == "avg_max" else (1, 0)
+    for a in range(n):
+        for i in range(h):
+            for j in range(w):
+                col = [x1[a, ch, i, j] for ch in range(c)]
+                p[a, i_mean, i, j] = sum(col) / c
+                p[a, i_max, i, j] = max(col)
+    q = conv2d_loop(p, state["spatial.conv.conv.weight"], None, (k - 1) // 2, 1, 1)
+    r, stats = batch_norm_loop(q, state, "spatial.conv.bn.", training, momentum=momentum, eps=eps)
+    return x1 * sig(r), stats
+
+
+OPTION_CONFIGS = [
+    dict(mlp_bias=True, spatial_order="max_avg", max_grad="first", bn_momentum=0.01, rd_channels=3),  # official
+    dict(pool_types=("avg", "max", "lp", "lse"), mlp_bias=True, spatial_kernel_size=3, rd_channels=2),
+    dict(pool_types=["lse", "lp"], spatial_order="max_avg", bn_eps=1e-3, bn_momentum=0.5, spatial_kernel_size=5),
+    dict(pool_types=("max",), no_spatial=True, mlp_bias=True, max_grad="first", rd_channels=4),
+    dict(pool_types=("lp", "avg"), no_spatial=True, rd_ratio=0.25),
+]
+
+
+def _option_args(kw):
+    return (kw.get("spatial_kernel_size", 7), tuple(kw.get("pool_types", ("avg", "max"))), kw.get("mlp_bias", False),
+            kw.get("no_spatial", False), kw.get("spatial_order", "avg_max"), kw.get("bn_momentum", 0.1),
+            kw.get("bn_eps", 1e-5))
+
+
+@pytest.mark.parametrize("kwargs", OPTION_CONFIGS)
+@pytest.mark.parametrize("training", [True, False])
+def test_options_forward_and_running_stats_match_loop_oracle(kwargs, training):
+    rng = np.random.default_rng(10)
+    blk = randomize_state(CBAM(C, **kwargs, rng=11, dtype=np.float64), rng)
+    state = blk.state_dict()
+    for key in ("channel.fc1.bias", "channel.fc2.bias"):
+        if key in state:
+            state[key] = rng.normal(0, 0.5, state[key].shape)
+    blk.load_state_dict(state)
+    x = rng.standard_normal((2, C, 4, 5))
+    k, pools, bias, no_spatial, order, momentum, eps = _option_args(kwargs)
+    expected, stats = cbam_oracle_options(x, state, k, training, pools, bias, no_spatial, order, momentum, eps)
+    y, _ = blk.forward(x, training=training)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-13)
+    if stats is not None:
+        apply_running(state, "spatial.conv.bn.", stats)
+    for key, v in state.items():
+        np.testing.assert_allclose(blk.state_dict()[key], v, rtol=1e-13, atol=1e-15, err_msg=key)
+
+
+@pytest.mark.parametrize("kwargs, shape", [(kw, [(3, C, 5, 4), (1, C, 3, 6)][i % 2]) for i, kw in enumerate(OPTION_CONFIGS)]
+                         + [(OPTION_CONFIGS[0], (1, C, 3, 6))])
+@pytest.mark.parametrize("training", [True, False])
+def test_options_gradients_every_input_and_parameter(kwargs, training, shape):
+    rng = np.random.default_rng(12)
+    blk = randomize_state(CBAM(C, **kwargs, rng=13, dtype=np.float64), rng)
+    shift = np.sign(blk["channel.fc1.weight"][:, :, 0, 0].sum(axis=0))[None, :, None, None]
+    x = rng.standard_normal(shape) + shift
+    check_gradients(blk, [x], training=training)
+
+
+def test_lp_pool_at_an_all_zero_channel_gradchecks():
+    """An all-zero channel puts the L2 pool on its kink, where the gradient is 0 (torch's
+    lp_pool2d's): that is also the central difference, so gradcheck holds."""
+    rng = np.random.default_rng(14)
+    blk = randomize_state(CBAM(C, rd_channels=3, pool_types=("lp", "avg"), mlp_bias=True, spatial_kernel_size=3,
+                               rng=15, dtype=np.float64), rng)
+    x = rng.standard_normal((2, C, 3, 4)) + 0.5
+    x[1, 5] = 0.0
+    _, cache = blk.forward(x, training=True)
+    assert np.all(cache.pools[0][1].share[1, 5] == 0)
+    for training in (True, False):
+        check_gradients(blk, [x], training=training)
+
+
+def test_max_grad_first_sends_tied_gradients_to_the_first_maximum():
+    """Two spatial maxima per channel and two equal largest channels: "first" puts a share
+    of 1 on the first in row-major order (gradcheck cannot see this at a tie: the central
+    difference is the split; the torch cross-check covers it); "split" halves it."""
+    rng = np.random.default_rng(16)
+    kw = dict(rd_channels=3, spatial_kernel_size=3, mlp_bias=True)
+    first = randomize_state(CBAM(C, max_grad="first", **kw, rng=17, dtype=np.float64), rng)
+    split = CBAM(C, **kw, rng=0, dtype=np.float64)
+    state = first.state_dict()
+    state["channel.fc2.weight"][1] = state["channel.fc2.weight"][0]
+    state["channel.fc2.bias"][1] = state["channel.fc2.bias"][0]
+    first.load_state_dict(state)
+    split.load_state_dict(state)
+    x = rng.standard_normal((2, C, 3, 4))
+    top = x.max(axis=(2, 3)) + 0.4
+    x[:, :, 2, 0] = x[:, :, 0, 3] = top
+    x[:, 0] += 8.0
+    x[:, 1] = x[:, 0]
+    _, cf = first.forward(x)
+    _, cs = split.forward(x)
+    assert np.all(cf.max_hw.share[:, :, 0, 3] == 1) and np.all(cf.max_hw.share[:, :, 2, 0] == 0)
+    assert np.all(cs.max_hw.share[:, :, 0, 3] == 0.5) and np.all(cs.max_hw.share[:, :, 2, 0] == 0.5)
+    tied = cf.max_c.share[:, 0] + cf.max_c.share[:, 1] == 1  # pixels where channels 0 and 1 hold the max
+    assert tied.all() and np.all(cf.max_c.share[:, 0] == 1) and np.all(cs.max_c.share[:, 0] == 0.5)
+    dy = rng.standard_normal(x.shape)
+    (dxf,), gf = first.backward(dy, cf)
+    (dxs,), gs = split.backward(dy, cs)
+    # the rules differ from the maxima backwards: the spatial gate's gradients agree
+    for key in ("spatial.conv.conv.weight", "spatial.conv.bn.weight", "spatial.conv.bn.bias"):
+        np.testing.assert_allclose(gf[key], gs[key], rtol=1e-12, atol=1e-14, err_msg=key)
+    assert not np.allclose(dxf, dxs) and not np.allclose(gf["channel.fc2.weight"], gs["channel.fc2.weight"])
+
+
+def test_no_spatial_state_dict_and_option_errors():
+    assert list(CBAM(8, rd_channels=2, no_spatial=True, mlp_bias=True, rng=0).state_dict()) == [
+        "channel.fc1.weight", "channel.fc1.bias", "channel.fc2.weight", "channel.fc2.bias"]
+    CBAM(8, rd_channels=2, no_spatial=True, rng=0).forward(np.ones((1, 8, 1, 1), np.float32), training=True)
+    with pytest.raises(ValueError, match=r"pool_types must name pools among \('avg', 'max', 'lp', 'lse'\)"):
+        CBAM(8, pool_types=("avg", "mean"))
+    with pytest.raises(TypeError, match="pool_types must be a non-empty tuple or list"):
+        CBAM(8, pool_types="avg")
+    with pytest.raises(TypeError, match="pool_types must be a non-empty tuple or list"):
+        CBAM(8, pool_types=())
+    with pytest.raises(ValueError, match="spatial_order must be one of"):
+        CBAM(8, spatial_order="mean_max")
+    with pytest.raises(ValueError, match="CBAM: max_grad must be one of"):
+        CBAM(8, max_grad="last")
+    with pytest.raises(TypeError, match="mlp_bias must be a bool"):
+        CBAM(8, mlp_bias=1)
+    with pytest.raises(ValueError, match="bn_momentum must lie in"):
+        CBAM(8, bn_momentum=1.5)
+    with pytest.raises(ValueError, match="bn_eps must be positive"):
+        CBAM(8, bn_eps=0.0)

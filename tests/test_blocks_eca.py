@@ -99,3 +99,91 @@ def test_empty_image_as_timm(shape):
     (dx,), grads = blk.backward(np.ones(shape), cache)
     assert y.shape == dx.shape == shape
     assert grads["conv.weight"].shape == blk["conv.weight"].shape and np.isnan(grads["conv.weight"]).all()
+
+
+# ------------------------------------------------------- ECA-NS (shared=False), use_mlp
+
+
+def eca_ns_oracle(x, w):
+    """Per-channel kernels w (C, k), written from ECANet's models/eca_ns.py (unfold + grouped conv)."""
+    n, c, h, wd = x.shape
+    k = w.shape[1]
+    pad = (k - 1) // 2
+    y = np.zeros(x.shape)
+    for a in range(n):
+        s = [float(np.sum(x[a, ch])) / (h * wd) for ch in range(c)]
+        for ch in range(c):
+            z = sum(w[ch, j] * s[ch + j - pad] for j in range(k) if 0 <= ch + j - pad < c)
+            y[a, ch] = x[a, ch] / (1 + math.exp(-z))
+    return y
+
+
+def eca_mlp_oracle(x, state):
+    """timm's EcaModule(use_mlp=True): Conv1d(1, R, 1) + bias, ReLU, Conv1d(R, 1, k) + bias."""
+    n, c, h, wd = x.shape
+    a, b1 = state["conv.weight"][:, 0, 0], state["conv.bias"]
+    w2, b2 = state["conv2.weight"][0], float(state["conv2.bias"][0])
+    r, k = w2.shape
+    pad = (k - 1) // 2
+    y = np.zeros(x.shape)
+    for i in range(n):
+        s = [float(np.sum(x[i, ch])) / (h * wd) for ch in range(c)]
+        v = [[max(a[q] * s[ch] + b1[q], 0.0) for ch in range(c)] for q in range(r)]
+        for ch in range(c):
+            z = b2 + sum(w2[q, j] * v[q][ch + j - pad] for q in range(r) for j in range(k) if 0 <= ch + j - pad < c)
+            y[i, ch] = x[i, ch] / (1 + math.exp(-z))
+    return y
+
+
+@pytest.mark.parametrize("channels, k", [(10, 3), (7, 5), (6, 1), (9, 9)])
+def test_eca_ns_forward_matches_loop_oracle(channels, k):
+    blk = ECA(channels, kernel_size=k, shared=False, rng=1, dtype=np.float64)
+    assert blk.kernel_size == k and blk["conv.weight"].shape == (channels, 1, k)  # k as given, not adaptive
+    x = np.random.default_rng(0).standard_normal((2, channels, 3, 4))
+    y, _ = blk.forward(x)
+    np.testing.assert_allclose(y, eca_ns_oracle(x, blk["conv.weight"][:, 0]), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs, hidden", [({"channels": 16}, 8), ({"channels": 24, "rd_channels": 3}, 3),
+                                            ({"channels": 40, "rd_ratio": 0.25, "rd_divisor": 4}, 12),
+                                            ({"channels": 64, "rd_ratio": 0.3, "rd_divisor": 8}, 24)])
+def test_use_mlp_width_and_forward_match_timms_rule_and_loop_oracle(kwargs, hidden):
+    # make_divisible(40 * 0.25, 4) = 12; make_divisible(19.2, 8) = 16 < 0.9 * 19.2, so 24 (round_limit 0.9)
+    blk = ECA(**kwargs, use_mlp=True, rng=2, dtype=np.float64)
+    assert blk.rd_channels == hidden
+    k = blk.kernel_size
+    assert [(key, v.shape) for key, v in blk.state_dict().items()] == [
+        ("conv.weight", (hidden, 1, 1)), ("conv.bias", (hidden,)), ("conv2.weight", (1, hidden, k)), ("conv2.bias", (1,))]
+    x = np.random.default_rng(3).standard_normal((2, kwargs["channels"], 3, 2))
+    y, _ = blk.forward(x)
+    np.testing.assert_allclose(y, eca_mlp_oracle(x, blk.state_dict()), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs, shape", [
+    ({"channels": 10, "kernel_size": 3, "shared": False}, (3, 10, 4, 5)),
+    ({"channels": 7, "kernel_size": 5, "shared": False}, (1, 7, 3, 2)),
+    ({"channels": 12, "use_mlp": True, "rd_channels": 3}, (3, 12, 2, 5)),
+    ({"channels": 9, "use_mlp": True, "rd_ratio": 0.5, "rd_divisor": 2, "gamma": 1}, (1, 9, 3, 3)),
+])
+@pytest.mark.parametrize("training", [False, True])
+def test_ns_and_mlp_gradients_every_input_and_parameter(kwargs, shape, training):
+    blk = ECA(**kwargs, rng=4, dtype=np.float64)
+    x = np.random.default_rng(5).standard_normal(shape) + 0.2
+    check_gradients(blk, [x], training=training)
+
+
+def test_ns_and_mlp_errors():
+    with pytest.raises(ValueError, match=r"shared=False \(one kernel per channel\) needs channels"):
+        ECA(kernel_size=3, shared=False)
+    with pytest.raises(ValueError, match="use_mlp=True .* needs channels"):
+        ECA(use_mlp=True)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        ECA(8, kernel_size=4, shared=False)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ECA(8, shared=False, use_mlp=True)
+    with pytest.raises(TypeError, match="shared must be a bool"):
+        ECA(8, shared=0)
+    with pytest.raises(ValueError, match="rd_channels must be None or >= 1"):
+        ECA(8, use_mlp=True, rd_channels=0)
+    with pytest.raises(ValueError, match="x must have 8 channels"):
+        ECA(8, shared=False, rng=0).forward(np.zeros((2, 6, 3, 3), np.float32))

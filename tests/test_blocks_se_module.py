@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from blocks_testlib import check_gradients
+from blocks_testlib import apply_running, batch_norm_loop, check_gradients, randomize_state
 
 from npattn import SEModule
 from npattn.blocks._timm import make_divisible
@@ -117,3 +117,114 @@ def test_empty_image_as_timm(shape):
     assert y.shape == dx.shape == shape
     for k in ("fc1.weight", "fc2.weight", "fc2.bias"):
         assert grads[k].shape == blk[k].shape and np.isnan(grads[k]).all(), k
+
+
+# ------------------------------------------------------------------------ timm's options
+
+ACTS = {
+    "relu": lambda v: max(v, 0.0),
+    "silu": lambda v: v / (1 + math.exp(-v)),
+    "hardswish": lambda v: v * min(max(v + 3, 0.0), 6.0) / 6,
+    "gelu": lambda v: v * 0.5 * (1 + math.erf(v / math.sqrt(2))),
+}
+GATES = {"sigmoid": lambda v: 1 / (1 + math.exp(-v)), "hard_sigmoid": lambda v: min(max(v + 3, 0.0), 6.0) / 6}
+
+
+def se_module_options_oracle(x, state, cfg, training):
+    """Loops written from timm's SEModule.forward; returns y and bn's running statistics after."""
+    n, c, h, w = x.shape
+    w1, w2 = state["fc1.weight"][:, :, 0, 0], state["fc2.weight"][:, :, 0, 0]
+    d = w1.shape[0]
+    b1 = state["fc1.bias"] if cfg.get("bias", True) else np.zeros(d)
+    b2 = state["fc2.bias"] if cfg.get("bias", True) else np.zeros(c)
+    s = np.array([[sum(float(v) for v in x[a, ch].ravel()) / (h * w) for ch in range(c)] for a in range(n)])
+    if cfg.get("add_maxpool"):
+        s = 0.5 * s + 0.5 * np.array([[max(x[a, ch].ravel()) for ch in range(c)] for a in range(n)])
+    hid = np.array([[sum(w1[k, ch] * s[a, ch] for ch in range(c)) + b1[k] for k in range(d)] for a in range(n)])
+    stats = None
+    if cfg.get("norm"):
+        hid, stats = batch_norm_loop(hid, state, "bn.", training, cfg.get("bn_momentum", 0.1), cfg.get("bn_eps", 1e-5))
+    act, gate = ACTS[cfg.get("act", "relu")], GATES[cfg.get("gate", "sigmoid")]
+    y = np.zeros(x.shape)
+    for a in range(n):
+        hv = [act(v) for v in hid[a]]
+        for ch in range(c):
+            y[a, ch] = x[a, ch] * gate(sum(w2[ch, k] * hv[k] for k in range(d)) + b2[ch])
+    return y, stats
+
+
+OPTION_CONFIGS = [
+    dict(add_maxpool=True, rd_channels=5),
+    dict(norm=True, rd_channels=6, bn_momentum=0.3, bn_eps=1e-3),
+    dict(act="silu", rd_channels=4, bias=False),
+    dict(act="gelu", gate="hard_sigmoid", rd_channels=4),
+    dict(act="hardswish", norm=True, add_maxpool=True, rd_ratio=0.25, rd_divisor=2),
+]
+
+
+@pytest.mark.parametrize("cfg", OPTION_CONFIGS)
+@pytest.mark.parametrize("training", [True, False])
+def test_options_forward_and_running_stats_match_loop_oracle(cfg, training):
+    rng = np.random.default_rng(20)
+    blk = randomize_state(SEModule(12, **cfg, rng=21, dtype=np.float64), rng)
+    x = rng.standard_normal((3, 12, 4, 5)) + 0.3
+    state = blk.state_dict()
+    expected, stats = se_module_options_oracle(x, state, cfg, training)
+    y, _ = blk.forward(x, training=training)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-13)
+    if stats is not None:
+        apply_running(state, "bn.", stats)
+    for key, v in state.items():
+        np.testing.assert_allclose(blk.state_dict()[key], v, rtol=1e-13, atol=1e-15, err_msg=key)
+
+
+@pytest.mark.parametrize("cfg, shape", [(cfg, [(3, 12, 4, 5), (2, 12, 3, 2)][i % 2]) for i, cfg in enumerate(OPTION_CONFIGS)]
+                         + [(dict(add_maxpool=True, rd_channels=5), (1, 12, 2, 5))])
+@pytest.mark.parametrize("training", [False, True])
+def test_options_gradients_every_input_and_parameter(cfg, shape, training):
+    rng = np.random.default_rng(22)
+    blk = randomize_state(SEModule(12, **cfg, rng=23, dtype=np.float64), rng)
+    x = rng.standard_normal(shape) + 0.3
+    # in training a BatchNorm after fc1 removes fc1's bias: its gradient is exactly 0
+    zero = ("fc1.bias",) if training and cfg.get("norm") and cfg.get("bias", True) else ()
+    check_gradients(blk, [x], training=training, zero_keys=zero)
+
+
+def test_add_maxpool_gradient_at_two_way_ties_is_split():
+    rng = np.random.default_rng(24)
+    blk = SEModule(8, rd_channels=3, add_maxpool=True, rng=25, dtype=np.float64)
+    x = rng.standard_normal((2, 8, 3, 4))
+    top = x.max(axis=(2, 3)) + 0.5
+    x[:, :, 0, 0] = x[:, :, 2, 3] = top
+    _, cache = blk.forward(x)
+    assert np.all(cache.max_hw.share[:, :, 0, 0] == 0.5)
+    check_gradients(blk, [x], training=False)
+
+
+def test_options_state_dict_keys_are_timms():
+    sd = SEModule(16, rd_channels=4, norm=True, rng=0).state_dict()
+    assert [(k, v.shape) for k, v in sd.items()] == [
+        ("fc1.weight", (4, 16, 1, 1)), ("fc1.bias", (4,)), ("bn.weight", (4,)), ("bn.bias", (4,)),
+        ("bn.running_mean", (4,)), ("bn.running_var", (4,)), ("bn.num_batches_tracked", ()),
+        ("fc2.weight", (16, 4, 1, 1)), ("fc2.bias", (16,))]
+    assert SEModule(16, rd_channels=4, norm=True, rng=0).parameter_names() == [
+        "fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "fc2.weight", "fc2.bias"]
+
+
+def test_options_errors():
+    with pytest.raises(ValueError, match=r"act must be one of \('relu', 'silu', 'hardswish', 'gelu'\), got 'tanh'"):
+        SEModule(8, act="tanh")
+    with pytest.raises(ValueError, match=r"gate must be one of \('sigmoid', 'hard_sigmoid'\)"):
+        SEModule(8, gate="tanh")
+    with pytest.raises(TypeError, match="norm must be a bool"):
+        SEModule(8, norm=1)
+    with pytest.raises(TypeError, match="add_maxpool must be a bool"):
+        SEModule(8, add_maxpool="yes")
+    with pytest.raises(ValueError, match="bn_eps must be positive"):
+        SEModule(8, norm=True, bn_eps=-1.0)
+    blk = SEModule(8, rd_channels=2, norm=True, rng=0)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        blk.forward(np.ones((1, 8, 3, 3), np.float32), training=True)
+    blk.forward(np.ones((1, 8, 3, 3), np.float32), training=False)
+    with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1"):
+        SEModule(8, add_maxpool=True, rng=0).forward(np.ones((1, 8, 0, 3), np.float32))

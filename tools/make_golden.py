@@ -82,6 +82,39 @@ CASES = [
     ("simam/lambda0.25", "SimAM", "block", {"e_lambda": 0.25}, {"x": (1, 5, 2, 7)}, ["eval"], 752),
 ]
 
+# ---- the papers' official code (tools/torch_ref_official.py): npattn configured as each
+# official module, cross-checked against its transcription ("official" in the manifest)
+_JONGCHAN = {"mlp_bias": True, "spatial_order": "max_avg", "max_grad": "first", "bn_momentum": 0.01}
+CASES += [
+    ("cbam/jongchan_c32_r16", "CBAM", "block", dict(_JONGCHAN, channels=32, rd_channels=2), {"x": (3, 32, 7, 5)}, ["train", "eval"], 761),
+    ("cbam/jongchan_c16_r4_all_pools", "CBAM", "block", dict(_JONGCHAN, channels=16, rd_channels=4, pool_types=["avg", "max", "lp", "lse"]),
+     {"x": (2, 16, 5, 6)}, ["train", "eval"], 762),
+    ("cbam/jongchan_c16_r8_no_spatial", "CBAM", "block", dict(_JONGCHAN, channels=16, rd_channels=2, no_spatial=True),
+     {"x": (2, 16, 4, 3)}, ["eval"], 763),
+    ("eca/bangguwu_k3", "ECA", "block", {"kernel_size": 3}, {"x": (3, 32, 7, 5)}, ["eval"], 771),
+    ("eca/bangguwu_k5", "ECA", "block", {"kernel_size": 5}, {"x": (2, 24, 4, 3)}, ["eval"], 772),
+    ("eca/bangguwu_ns_c32_k3", "ECA", "block", {"channels": 32, "kernel_size": 3, "shared": False}, {"x": (3, 32, 7, 5)}, ["eval"], 773),
+    ("se/moskomule_c32_r16", "SEBlock", "block", {"channels": 32, "reduction": 16}, {"x": (3, 32, 7, 5)}, ["eval"], 781),
+]
+# timm's options (cross-checked against timm's own modules; no hard_sigmoid gate here: torch's
+# CPU kernel differentiates it with a float32 1/6, see npattn.functional.hard_sigmoid_forward)
+CASES += [
+    ("se_module/silu_rd4", "SEModule", "block", {"channels": 16, "rd_channels": 4, "act": "silu"}, {"x": (3, 16, 4, 5)}, ["eval"], 791),
+    ("se_module/maxpool_norm_gelu", "SEModule", "block", {"channels": 12, "rd_channels": 5, "add_maxpool": True, "norm": True, "act": "gelu"},
+     {"x": (3, 12, 3, 4)}, ["train", "eval"], 792),
+    ("eca/mlp_c16", "ECA", "block", {"channels": 16, "use_mlp": True}, {"x": (2, 16, 3, 5)}, ["eval"], 793),
+    ("cbam/mlp_bias_rd4", "CBAM", "block", {"channels": 16, "rd_channels": 4, "mlp_bias": True}, {"x": (2, 16, 4, 5)}, ["train", "eval"], 794),
+]
+OFFICIAL = {
+    "cbam/jongchan_c32_r16": "jongchan_cbam",
+    "cbam/jongchan_c16_r4_all_pools": "jongchan_cbam",
+    "cbam/jongchan_c16_r8_no_spatial": "jongchan_cbam",
+    "eca/bangguwu_k3": "bangguwu_eca",
+    "eca/bangguwu_k5": "bangguwu_eca",
+    "eca/bangguwu_ns_c32_k3": "bangguwu_eca_ns",
+    "se/moskomule_c32_r16": "moskomule_se",
+}
+
 # ---- the two border_grad conventions (torchvision / mmcv) and mmcv's DCNv1 layer ----------
 _ZERO_OFFSET_SHAPES = {"input": (2, 4, 5, 6), "offset": (2, 2 * 2 * 9, 5, 8), "weight": (6, 2, 3, 3), "bias": (6,), "mask": (2, 2 * 9, 5, 8)}
 _PACK = {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "deform_groups": 2}
@@ -485,6 +518,8 @@ def main(argv=None) -> int:
                   | ({"official": meta["official"]} if "official" in meta else {})
                 if meta.get("fd_skip"):
                     cases[case_id]["fd_skip"] = meta["fd_skip"]
+                if meta.get("official"):  # cross-checked against tools/torch_ref_official.py
+                    cases[case_id]["official"] = meta["official"]
                 print(f"{case_id:<48} written  fd {report.max_rel_err:.1e}  cross-check {record['max_rel_err'] if record else '-'}")
     manifest = {"format": golden.FORMAT, "cases": dict(sorted(cases.items()))}
     manifest_path.parent.mkdir(parents=True, exist_ok=True)

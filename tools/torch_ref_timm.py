@@ -56,10 +56,45 @@ def _timm_class(name):
     return cls
 
 
+# npattn options timm's module does not have, with the value that means "as timm": a block
+# with another value there is no timm module (KeyError; tools/torch_ref_official.py covers
+# the official code's settings)
+_NOT_TIMM = {
+    "CBAM": {"pool_types": ("avg", "max"), "no_spatial": False, "spatial_order": "avg_max", "max_grad": "split"},
+    "ECA": {"shared": True},
+}
+
+
+def _timm_kwargs(np_block):
+    """timm's constructor arguments for the npattn block (``config`` uses timm's names,
+    except for the options translated here)."""
+    import functools
+
+    name = type(np_block).__name__
+    kwargs = dict(np_block.config)
+    for key, timm_value in _NOT_TIMM.get(name, {}).items():
+        value = kwargs.pop(key, timm_value)
+        if (tuple(value) if isinstance(value, list) else value) != timm_value:
+            raise KeyError(f"{name}({key}={value!r}) has no timm counterpart")
+    bn = {"momentum": kwargs.pop("bn_momentum", 0.1), "eps": kwargs.pop("bn_eps", 1e-5)}
+    if name == "CBAM" and bn != {"momentum": 0.1, "eps": 1e-5}:
+        raise KeyError(f"CBAM(bn_momentum, bn_eps) = {bn} has no timm counterpart (ConvNormAct's BatchNorm2d defaults)")
+    if name == "SEModule":
+        if kwargs.pop("norm", False):
+            kwargs["norm_layer"] = functools.partial(nn.BatchNorm2d, **bn)
+        kwargs["act_layer"] = kwargs.pop("act", "relu")
+        kwargs["gate_layer"] = kwargs.pop("gate", "sigmoid")
+    if name == "ECA" and not kwargs.get("use_mlp", False):
+        for key in ("use_mlp", "rd_ratio", "rd_channels", "rd_divisor"):
+            kwargs.pop(key, None)
+    return kwargs
+
+
 def _timm_module(np_block):
     """timm's module built from the npattn block's constructor arguments (``config``: the
-    same names as timm's), so the channel arithmetic is timm's own."""
-    return _timm_class(type(np_block).__name__)(**np_block.config)
+    same names as timm's, but for :func:`_timm_kwargs`'s translations), so the channel
+    arithmetic is timm's own."""
+    return _timm_class(type(np_block).__name__)(**_timm_kwargs(np_block))
 
 
 TIMM_BLOCKS = ("SEModule", "CBAM", "ECA", "CoordAttn", "GlobalContext", "SimAM")

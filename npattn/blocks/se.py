@@ -30,6 +30,20 @@ of timm's ResNets and EfficientNets): the two layers are 1x1 convolutions ``fc1`
 ``D = make_divisible(C * rd_ratio, rd_divisor, round_limit=0)`` unless ``rd_channels``
 is given. On the pooled (N, C, 1, 1) map a 1x1 convolution is the linear layer above
 with W1 = fc1.weight[:, :, 0, 0], so the forward and backward are the lines above.
+
+timm's options of ``SEModule`` change single lines (timm's semantics and keys)::
+
+    add_maxpool:  s = 0.5 mean_{h, w} x + 0.5 max_{h, w} x          ds reaches x through both pools,
+                  dx += 0.5 ds / (H W) + 0.5 ds * [x == max] / t   (ties split evenly, as torch.amax)
+    norm:         h = BN(s W1^T + b1), keys bn.* (D,)              dh through BatchNorm's backward;
+                  in training b1's gradient is exactly 0 (a constant shift the batch mean removes)
+    act:          a = act(h): "relu" (default), "silu" x sigmoid(x), "hardswish" x relu6(x + 3) / 6,
+                  "gelu" x Phi(x) (exact erf)                      dh = da * act'(h)
+    gate:         g = sigmoid(z) (default) or "hard_sigmoid" relu6(z + 3) / 6
+                                                                    dz = dg * gate'(z)
+
+each activation's derivative and its choice at kinks are in ``npattn.functional``
+(``silu_forward``, ``gelu_forward``, ``hardswish_forward``, ``hard_sigmoid_forward``).
 """
 
 from __future__ import annotations
@@ -41,9 +55,20 @@ import numpy as np
 from .. import functional as F
 from .._checks import float_array, positive_int, same_dtype, shape_is
 from ._timm import check_bool, pointwise, pointwise_backward, reduced_channels
-from .base import Block, inv_area, make_rng
+from .base import Block, bias_grad_is_zero, inv_area, make_rng
 
 __all__ = ["SEBlock", "SEModule"]
+
+SE_ACTS = {  # name -> (forward, backward), timm's act_layer names
+    "relu": (F.relu_forward, F.relu_backward),
+    "silu": (F.silu_forward, F.silu_backward),
+    "hardswish": (F.hardswish_forward, F.hardswish_backward),
+    "gelu": (F.gelu_forward, F.gelu_backward),
+}
+SE_GATES = {  # name -> (forward, backward), timm's gate_layer names
+    "sigmoid": (F.sigmoid_forward, F.sigmoid_backward),
+    "hard_sigmoid": (F.hard_sigmoid_forward, F.hard_sigmoid_backward),
+}
 
 
 @dataclass(frozen=True)
@@ -130,14 +155,18 @@ class SEBlock(Block):
 class SEModuleCache:
     x: np.ndarray  # (N, C, H, W) the input
     fc1: object  # LinearCache of fc1 on the pooled vector: s (N, C), W1 (D, C)
-    relu: object  # ReluCache: h > 0, (N, D)
+    relu: object  # cache of the activation on h (N, D) (ReluCache for "relu")
     fc2: object  # LinearCache of fc2: a (N, D), W2 (C, D)
-    gate: np.ndarray  # (N, C, 1, 1) g = sigmoid(z)
+    gate: np.ndarray  # (N, C, 1, 1) g = gate(z)
+    max_hw: object = None  # add_maxpool: AmaxCache of max over (H, W) of x
+    bn: object = None  # norm: BatchNormCache of bn on fc1's output (N, D)
+    gate_cache: object = None  # the gate's cache on z (N, C)
 
 
 class SEModule(Block):
     """Squeeze-and-excitation in timm's layout (``timm.layers.SEModule``):
-    ``y = x * sigmoid(fc2(relu(fc1(mean_hw x))))`` with 1x1 convolutions.
+    ``y = x * gate(fc2(act(bn(fc1(pool_hw x)))))`` with 1x1 convolutions; by default
+    ``y = x * sigmoid(fc2(relu(fc1(mean_hw x))))``.
 
     Parameters
     ----------
@@ -148,44 +177,80 @@ class SEModule(Block):
         The hidden width D; None (or 0, as timm) computes
         ``D = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0)``.
     rd_divisor : int, default 8
+    add_maxpool : bool, default False
+        The squeeze is ``0.5 mean + 0.5 max`` over H W (timm's experiment).
     bias : bool, default True
         Biases of ``fc1`` and ``fc2``.
+    norm : bool, default False
+        A BatchNorm after fc1 (timm's ``norm_layer=nn.BatchNorm2d``), keys ``bn.*``, with
+        ``bn_momentum`` (default 0.1) and ``bn_eps`` (default 1e-5).
+    act : "relu" (default), "silu", "hardswish" or "gelu"
+        The hidden activation (timm's ``act_layer``; "gelu" is the exact erf GELU).
+    gate : "sigmoid" (default) or "hard_sigmoid"
+        The gate (timm's ``gate_layer``; MobileNetV3's SE uses the hard sigmoid).
     rng : None, int or numpy.random.Generator
         Source of PyTorch's default Conv2d initialisation U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     dtype : float32 (default) or float64
 
     State_dict keys (timm's): ``fc1.weight`` (D, C, 1, 1), ``fc1.bias`` (D,),
-    ``fc2.weight`` (C, D, 1, 1), ``fc2.bias`` (C,). timm's optional ``add_maxpool``,
-    ``norm_layer`` and other activations are not offered. The math is in the module
-    docstring.
+    [``bn.weight``, ``bn.bias``, ``bn.running_mean``, ``bn.running_var`` (D,),
+    ``bn.num_batches_tracked``], ``fc2.weight`` (C, D, 1, 1), ``fc2.bias`` (C,). The math
+    is in the module docstring.
     """
 
-    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=8, bias=True, *, rng=None,
-                 dtype=np.float32):
+    def __init__(self, channels, rd_ratio=1.0 / 16, rd_channels=None, rd_divisor=8, add_maxpool=False, bias=True, *,
+                 norm=False, act="relu", gate="sigmoid", bn_momentum=0.1, bn_eps=1e-5, rng=None, dtype=np.float32):
         super().__init__(dtype)
         op = "SEModule"
-        self.config = dict(channels=channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor, bias=bias)
+        self.config = dict(channels=channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
+                           add_maxpool=add_maxpool, bias=bias, norm=norm, act=act, gate=gate,
+                           bn_momentum=bn_momentum, bn_eps=bn_eps)
         self.channels = positive_int(op, "channels", channels)
         self.bias = check_bool(op, "bias", bias)
+        self.add_maxpool = check_bool(op, "add_maxpool", add_maxpool)
+        self.norm = check_bool(op, "norm", norm)
+        for name, value, allowed in (("act", act, SE_ACTS), ("gate", gate, SE_GATES)):
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{op}: {name} must be one of {tuple(allowed)}, got {value!r}")
+        self.act, self.gate = act, gate
+        self._set_bn(bn_momentum, bn_eps)
         self.rd_channels = reduced_channels(op, self.channels, rd_ratio, rd_channels, rd_divisor)
         rng = make_rng(rng)
         self._add_conv("fc1.", rng, self.channels, self.rd_channels, 1, bias=self.bias)
+        if self.norm:
+            self._add_batch_norm("bn.", self.rd_channels)
         self._add_conv("fc2.", rng, self.rd_channels, self.channels, 1, bias=self.bias)
 
     def forward(self, x, training=False):
-        """``y = x * g``; both modes compute the same (no batch statistics)."""
+        """``y = x * g``; with ``norm`` the BatchNorm uses batch statistics in training (and
+        updates its running statistics), otherwise both modes compute the same."""
         x = self._check_input("x", x, 4, self.channels)
         n, c = x.shape[:2]
+        if self.add_maxpool:
+            self._check_image("x", x, "the maximum over H W of an empty image does not exist; timm's amax refuses it")
         s = x.mean(axis=(2, 3))  # (N, C) squeeze
+        k_max = None
+        if self.add_maxpool:
+            m, k_max = F.amax_forward(x, (2, 3), keepdims=False)  # (N, C)
+            half = x.dtype.type(0.5)
+            s = half * s + half * m  # (N, C)
         h, fc1 = pointwise(self, "fc1.", s)  # (N, D)
-        a, relu = F.relu_forward(h)  # (N, D)
+        k_bn = None
+        if self.norm:
+            if training and n == 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {(1, self.rd_channels, 1, 1)}"
+                )
+            h, k_bn = self._batch_norm("bn.", h, training)  # (N, D)
+        a, k_act = SE_ACTS[self.act][0](h)  # (N, D)
         z, fc2 = pointwise(self, "fc2.", a)  # (N, C)
-        g = F.sigmoid(z).reshape(n, c, 1, 1)  # (N, C, 1, 1)
+        g, k_gate = SE_GATES[self.gate][0](z)  # (N, C)
+        g = g.reshape(n, c, 1, 1)  # (N, C, 1, 1)
         y = x * g  # (N, C, H, W)
-        return y, SEModuleCache(x, fc1, relu, fc2, g)
+        return y, SEModuleCache(x, fc1, k_act, fc2, g, k_max, k_bn, k_gate)
 
     def backward(self, grad_out, cache: SEModuleCache):
-        """Returns ``((dx,), {"fc1.weight": ..., "fc1.bias": ..., "fc2.weight": ..., "fc2.bias": ...})``."""
+        """Returns ``((dx,), grads)`` with a gradient for every parameter key."""
         op = "SEModule.backward"
         x, g = cache.x, cache.gate
         dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
@@ -194,10 +259,28 @@ class SEModule(Block):
         n, c, h, w = x.shape
         grads = self.zero_grads()
         d_g = np.einsum("ncl,ncl->nc", dy.reshape(n, c, h * w), x.reshape(n, c, h * w))  # (N, C)
-        d_z = d_g * (g * (1 - g)).reshape(n, c)  # (N, C)
+        if self.gate == "sigmoid":
+            d_z = d_g * (g * (1 - g)).reshape(n, c)  # (N, C)
+        else:
+            d_z = SE_GATES[self.gate][1](d_g, cache.gate_cache)["x"]  # (N, C)
         d_a = pointwise_backward(self, "fc2.", d_z, cache.fc2, grads)  # (N, D)
-        d_h = F.relu_backward(d_a, cache.relu)["x"]  # (N, D)
-        d_s = pointwise_backward(self, "fc1.", d_h, cache.fc1, grads)  # (N, C)
+        d_h = SE_ACTS[self.act][1](d_a, cache.relu)["x"]  # (N, D)
+        if self.norm:
+            d_h = self._batch_norm_backward("bn.", d_h, cache.bn, grads)  # (N, D)
+        d_s = self._fc1_backward(d_h, cache, grads)  # (N, C)
         d_x = dy * g  # (N, C, H, W) through the gate's factor
-        d_x += (d_s * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)  # through the squeeze
+        if self.add_maxpool:
+            half = x.dtype.type(0.5)
+            d_x += (d_s * (half * inv_area(x.dtype, h, w))).reshape(n, c, 1, 1)  # through the mean
+            d_x += F.amax_backward(half * d_s, cache.max_hw)["x"]  # through the max
+        else:
+            d_x += (d_s * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)  # through the squeeze
         return (d_x,), grads
+
+    def _fc1_backward(self, d_h, cache, grads):
+        """fc1's backward; its bias gradient is exactly 0 when a training BatchNorm follows."""
+        g = F.linear_backward(d_h, cache.fc1)
+        grads["fc1.weight"] += g["weight"].reshape(grads["fc1.weight"].shape)
+        if "bias" in g and not bias_grad_is_zero(cache.bn):
+            grads["fc1.bias"] += g["bias"]
+        return g["x"]  # (N, C)

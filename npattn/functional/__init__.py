@@ -4,11 +4,17 @@
 from .activations import (
     abs_backward,
     abs_forward,
+    gelu_backward,
+    gelu_forward,
+    hard_sigmoid_backward,
+    hard_sigmoid_forward,
     relu_backward,
     relu_forward,
     sigmoid,
     sigmoid_backward,
     sigmoid_forward,
+    silu_backward,
+    silu_forward,
     softmax_backward,
     softmax_forward,
     tanh_backward,
@@ -32,6 +38,7 @@ __all__ = [
     "im2col", "linear_backward", "linear_forward", "max_pool2d_backward", "max_pool2d_forward", "relu_backward", "relu_forward", "sigmoid",
     "sigmoid_backward", "sigmoid_forward", "softmax_backward", "softmax_forward",
     "spatial_sum_backward", "spatial_sum_forward", "tanh_backward", "tanh_forward",
+    "gelu_backward", "gelu_forward", "hard_sigmoid_backward", "hard_sigmoid_forward", "silu_backward", "silu_forward",
 ]
 
 from .deform import (
@@ -52,12 +59,22 @@ __all__ += [
 from .conv1d import conv1d_backward, conv1d_forward
 from .hardswish import hardswish_backward, hardswish_forward
 from .layer_norm import layer_norm2d_backward, layer_norm2d_forward, layer_norm_backward, layer_norm_forward
-from .reduce import amax_backward, amax_forward, mean_backward, mean_forward
+from .reduce import (
+    amax_backward,
+    amax_forward,
+    l2_norm_backward,
+    l2_norm_forward,
+    logsumexp_backward,
+    logsumexp_forward,
+    mean_backward,
+    mean_forward,
+)
 
 __all__ += [
     "amax_backward", "amax_forward", "conv1d_backward", "conv1d_forward", "hardswish_backward",
     "hardswish_forward", "layer_norm2d_backward", "layer_norm2d_forward", "layer_norm_backward",
     "layer_norm_forward", "mean_backward", "mean_forward",
+    "l2_norm_backward", "l2_norm_forward", "logsumexp_backward", "logsumexp_forward",
 ]
 
 from .attention import (

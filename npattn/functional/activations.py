@@ -1,7 +1,7 @@
 """Element-wise activations and softmax, each with its backward.
 
-Every backward follows PyTorch's choice at the kinks: ``relu'(0) = 0`` and
-``abs'(0) = 0``.
+Every backward follows PyTorch's choice at the kinks: ``relu'(0) = 0``,
+``abs'(0) = 0``, and ``hard_sigmoid'`` 0 at -3 and 3.
 """
 
 from __future__ import annotations
@@ -151,3 +151,109 @@ def softmax_backward(dy, cache: SoftmaxCache):
     dy = upstream("softmax_backward", "dy", dy, y.shape, y.dtype)
     dot = (dy * y).sum(axis=cache.axis, keepdims=True)  # shape of x with axis of size 1
     return {"x": y * (dy - dot)}  # shape of x
+
+
+# ---- the gates and activations of timm's SEModule (``act``, ``gate``) ------------------
+
+
+@dataclass(frozen=True)
+class SiluCache:
+    x: np.ndarray  # the input
+    s: np.ndarray  # shape of x: sigmoid(x)
+
+
+def silu_forward(x):
+    """``y = x * sigmoid(x)`` (SiLU, "swish"), as ``torch.nn.SiLU``.
+
+    Notes
+    -----
+    With s = sigmoid(x) and s' = s (1 - s)::
+
+        y  = x s
+        dx = dy * (s + x s (1 - s)) = dy * s * (1 + x (1 - s))
+
+    Smooth everywhere. For very negative x, s underflows to 0 and so do y and dx.
+    """
+    x = float_array("silu", "x", x)
+    s = sigmoid(x)
+    return x * s, SiluCache(x, s)
+
+
+def silu_backward(dy, cache: SiluCache):
+    x, s = cache.x, cache.s
+    dy = upstream("silu_backward", "dy", dy, x.shape, x.dtype)
+    return {"x": dy * s * (1 + x * (1 - s))}  # shape of x
+
+
+@dataclass(frozen=True)
+class GeluCache:
+    x: np.ndarray  # the input
+    cdf: np.ndarray  # shape of x: Phi(x), the standard normal distribution function
+
+
+def gelu_forward(x):
+    """``y = x * Phi(x)`` with the exact normal distribution function (``erf``), as
+    ``torch.nn.GELU(approximate="none")`` and timm's ``GELU``.
+
+    Notes
+    -----
+    With Phi(x) = (1 + erf(x / sqrt 2)) / 2 and the normal density
+    phi(x) = exp(-x^2 / 2) / sqrt(2 pi) = Phi'(x)::
+
+        y  = x Phi(x)
+        dx = dy * (Phi(x) + x phi(x))
+
+    Smooth everywhere (no tanh approximation). ``erf`` is ``scipy.special.erf``.
+    """
+    from scipy.special import erf  # imported here: ``import npattn`` stays fast
+
+    x = float_array("gelu", "x", x)
+    dt = x.dtype.type
+    cdf = (dt(0.5) * (dt(1) + erf(x * dt(1 / np.sqrt(2))))).astype(x.dtype, copy=False)
+    return x * cdf, GeluCache(x, cdf)
+
+
+def gelu_backward(dy, cache: GeluCache):
+    x = cache.x
+    dy = upstream("gelu_backward", "dy", dy, x.shape, x.dtype)
+    dt = x.dtype.type
+    pdf = np.exp(dt(-0.5) * x * x) * dt(1 / np.sqrt(2 * np.pi))  # shape of x: phi(x)
+    return {"x": dy * (cache.cdf + x * pdf)}  # shape of x
+
+
+HARD_SIGMOID_SLOPE = 1.0 / 6.0  # the derivative inside (-3, 3), exact (see hard_sigmoid_forward)
+
+
+@dataclass(frozen=True)
+class HardSigmoidCache:
+    slope: np.ndarray  # shape of x: 1/6 for -3 < x < 3, else 0
+
+
+def hard_sigmoid_forward(x):
+    """``y = relu6(x + 3) / 6``, as ``torch.nn.Hardsigmoid`` (timm's ``"hard_sigmoid"``).
+
+    Notes
+    -----
+    Forward, piecewise::
+
+        y = 0              x <= -3
+        y = x / 6 + 1/2    -3 < x < 3
+        y = 1              x >= 3
+
+    Backward, ``dx = dy * slope`` with slope = 1/6 strictly inside (-3, 3) and 0 outside
+    and at the two kinks, PyTorch's choice (the one-sided slopes are 0 and 1/6 at each).
+
+    PyTorch's CPU kernel multiplies by the float32 constant ``1.0f / 6.0f`` even for
+    float64 tensors, so its float64 gradient is 1/6 (1 + 2.98e-8); npattn keeps the exact
+    1/6 (``HARD_SIGMOID_SLOPE``), and its cross-check against timm accounts for the constant.
+    """
+    x = float_array("hard_sigmoid", "x", x)
+    dt = x.dtype.type
+    y = np.clip(x + dt(3), dt(0), dt(6)) / dt(6)
+    slope = np.where((x > -3) & (x < 3), dt(HARD_SIGMOID_SLOPE), dt(0)).astype(x.dtype, copy=False)
+    return y, HardSigmoidCache(slope)
+
+
+def hard_sigmoid_backward(dy, cache: HardSigmoidCache):
+    dy = upstream("hard_sigmoid_backward", "dy", dy, cache.slope.shape, cache.slope.dtype)
+    return {"x": dy * cache.slope}  # shape of x

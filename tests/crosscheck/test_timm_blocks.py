@@ -53,6 +53,21 @@ CASES = {
     "GlobalContext_ln_eps_gcnet_init": (lambda r: npattn.GlobalContext(16, fuse_add=True, rd_channels=4, ln_eps=1e-5,
                                                                        init="gcnet", rng=r, dtype=F64), (3, 16, 4, 5),
                                         {True: ("conv_attn.bias",), False: ("conv_attn.bias",)}),
+    # timm's options of SEModule, EcaModule and CbamModule
+    "SEModule_maxpool": (lambda r: npattn.SEModule(16, rd_channels=5, add_maxpool=True, rng=r, dtype=F64), (3, 16, 5, 4), {}),
+    "SEModule_norm": (lambda r: npattn.SEModule(16, rd_channels=6, norm=True, bn_momentum=0.3, bn_eps=1e-3, rng=r,
+                                                dtype=F64), (3, 16, 3, 5), {True: ("fc1.bias",)}),
+    "SEModule_silu": (lambda r: npattn.SEModule(12, rd_channels=4, act="silu", rng=r, dtype=F64), (2, 12, 3, 4), {}),
+    "SEModule_gelu": (lambda r: npattn.SEModule(12, rd_channels=4, act="gelu", rng=r, dtype=F64), (2, 12, 4, 3), {}),
+    "SEModule_hardswish_hard_sigmoid": (lambda r: npattn.SEModule(12, rd_ratio=0.25, rd_divisor=2, act="hardswish",
+                                                                  gate="hard_sigmoid", rng=r, dtype=F64), (3, 12, 5, 3), {}),
+    "SEModule_all_options_hard_sigmoid": (lambda r: npattn.SEModule(20, rd_channels=7, add_maxpool=True, bias=False, norm=True,
+                                                       act="gelu", gate="hard_sigmoid", rng=r, dtype=F64), (2, 20, 3, 4), {}),
+    "ECA_mlp": (lambda r: npattn.ECA(16, use_mlp=True, rng=r, dtype=F64), (3, 16, 4, 5), {}),
+    "ECA_mlp_rd3": (lambda r: npattn.ECA(24, use_mlp=True, rd_channels=3, rng=r, dtype=F64), (1, 24, 3, 2), {}),
+    "ECA_mlp_ratio_divisor": (lambda r: npattn.ECA(40, use_mlp=True, rd_ratio=0.25, rd_divisor=4, gamma=1, rng=r,
+                                                   dtype=F64), (2, 40, 2, 3), {}),
+    "CBAM_mlp_bias": (lambda r: npattn.CBAM(16, rd_channels=4, mlp_bias=True, rng=r, dtype=F64), (3, 16, 4, 5), {}),
     "SimAM": (lambda r: npattn.SimAM(dtype=F64), (3, 8, 4, 5), {}),
     "SimAM_lambda": (lambda r: npattn.SimAM(0.25, dtype=F64), (1, 5, 2, 7), {}),
 }
@@ -109,9 +124,33 @@ def one_step(block, module, x, training, rng, zero):
     return errs
 
 
+# PyTorch's CPU hardsigmoid backward multiplies by the float32 constant 1.0f / 6.0f also in
+# float64 (1/6 (1 + 2.98e-8)); npattn's slope is the exact 1/6. The hard-sigmoid cases run
+# npattn with torch's constant, so that the rest is held to 1e-10, and
+# test_hard_sigmoid_differs_from_torch_by_its_float32_constant shows that constant is the
+# whole difference.
+TORCH_HARD_SIGMOID_SLOPE = float(np.float32(1.0) / np.float32(6.0))
+
+
+def test_hard_sigmoid_differs_from_torch_by_its_float32_constant():
+    from npattn.functional import hard_sigmoid_backward, hard_sigmoid_forward
+
+    x = np.array([-3.0, -2.5, 0.0, 1.0, 2.999, 3.0, 4.0])
+    tx = torch.from_numpy(x.copy()).requires_grad_(True)
+    torch.nn.functional.hardsigmoid(tx).backward(torch.ones_like(tx))
+    _, cache = hard_sigmoid_forward(x)
+    dx = hard_sigmoid_backward(np.ones_like(x), cache)["x"]
+    np.testing.assert_array_equal(dx, [0, 1 / 6, 1 / 6, 1 / 6, 1 / 6, 0, 0])
+    np.testing.assert_array_equal(tx.grad.numpy(), np.where(dx != 0, TORCH_HARD_SIGMOID_SLOPE, 0.0))
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_block_matches_timm_over_train_train_eval(name):
+def test_block_matches_timm_over_train_train_eval(name, monkeypatch):
     make, shape, zeros = CASES[name]
+    if "hard_sigmoid" in name:
+        from npattn.functional import activations
+
+        monkeypatch.setattr(activations, "HARD_SIGMOID_SLOPE", TORCH_HARD_SIGMOID_SLOPE)
     rng = np.random.default_rng(0)
     block = make(rng)
     randomize(block, rng)
@@ -153,7 +192,8 @@ def test_cbam_ties_match_torch_amax(training):
     assert max(errs.values()) < TOL, errs
 
 
-@pytest.mark.parametrize("name", ["SEModule", "CBAM", "ECA_adaptive", "CoordAttn_bias", "GlobalContext_both_attn"])
+@pytest.mark.parametrize("name", ["SEModule", "CBAM", "ECA_adaptive", "CoordAttn_bias", "GlobalContext_both_attn",
+                                  "SEModule_norm", "ECA_mlp", "CBAM_mlp_bias"])
 def test_timm_state_dict_saved_to_npz_loads_into_npattn(name):
     """A timm module's own state_dict (its initialisation, then perturbed by torch) saved
     with NumPy loads into the npattn block without renaming, and the outputs agree."""

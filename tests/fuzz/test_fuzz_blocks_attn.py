@@ -61,6 +61,8 @@ def empty_image_behaviour(name, blk, h, w):
         return "error"  # the 2x2 max-pool would be empty: torch refuses it
     if name == "DeformConv2dPack" or h * w > 0:
         return "ok"
+    if name == "SEModule" and blk.add_maxpool:
+        return "error"  # the maximum of an empty image does not exist (timm's amax refuses it)
     if name in ("SEModule", "ECA"):
         return "nan_grads"
     if name == "GlobalContext":
@@ -74,6 +76,10 @@ def bn_values(name, n, h, w, blk=None):
     """Values per channel a training-mode BatchNorm of the block sees (None: no BatchNorm)."""
     if name == "NonLocalAttn" and blk is not None and not blk.norm:
         return None
+    if name == "CBAM" and blk is not None and blk.no_spatial:
+        return None
+    if name == "SEModule":
+        return n if blk is not None and blk.norm else None
     return {"CBAM": n * h * w, "CoordAttn": n * (h + w), "NonLocalAttn": n * h * w}.get(name)
 
 
@@ -89,15 +95,30 @@ def image_block_cases(draw, names=None):
     c = draw(st.integers(1, 6))
     if name == "SEModule":
         rd = dict(rd_channels=draw(st.integers(1, 4))) if draw(st.booleans()) else dict(rd_ratio=0.5, rd_divisor=1)
-        blk = npattn.SEModule(c, **rd, bias=draw(st.booleans()), rng=seed, dtype=dtype)
+        opts = dict(add_maxpool=draw(st.booleans()), norm=draw(st.booleans()),
+                    act=draw(st.sampled_from(["relu", "silu", "hardswish", "gelu"])),
+                    gate=draw(st.sampled_from(["sigmoid", "hard_sigmoid"])),
+                    bn_momentum=draw(st.sampled_from([0.1, 0.01, 1.0])), bn_eps=draw(st.sampled_from([1e-5, 1e-3])))
+        blk = npattn.SEModule(c, **rd, bias=draw(st.booleans()), **opts, rng=seed, dtype=dtype)
     elif name == "CBAM":
+        opts = dict(mlp_bias=draw(st.booleans()), no_spatial=draw(st.booleans()),
+                    pool_types=draw(st.lists(st.sampled_from(["avg", "max", "lp", "lse"]), min_size=1, max_size=4)),
+                    spatial_order=draw(st.sampled_from(["avg_max", "max_avg"])),
+                    max_grad=draw(st.sampled_from(["split", "first"])),
+                    bn_momentum=draw(st.sampled_from([0.1, 0.01])), bn_eps=draw(st.sampled_from([1e-5, 1e-3])))
         blk = npattn.CBAM(c, rd_channels=draw(st.integers(1, 3)), spatial_kernel_size=draw(st.sampled_from([1, 3, 5, 7])),
-                          rng=seed, dtype=dtype)
+                          **opts, rng=seed, dtype=dtype)
     elif name == "ECA":
-        if draw(st.booleans()):
+        variant = draw(st.sampled_from(["k", "adaptive", "ns", "mlp"]))
+        if variant == "k":
             blk = npattn.ECA(kernel_size=draw(st.sampled_from([1, 3, 5])), rng=seed, dtype=dtype)
-        else:
+        elif variant == "adaptive":
             blk = npattn.ECA(c, gamma=draw(st.sampled_from([1, 2])), beta=draw(st.sampled_from([1, 2])), rng=seed, dtype=dtype)
+        elif variant == "ns":  # ECA-NS: one kernel per channel
+            blk = npattn.ECA(c, kernel_size=draw(st.sampled_from([1, 3, 5])), shared=False, rng=seed, dtype=dtype)
+        else:  # timm's use_mlp
+            blk = npattn.ECA(c, use_mlp=True, rd_channels=draw(st.sampled_from([None, 1, 3])), rd_divisor=draw(st.sampled_from([1, 8])),
+                             rng=seed, dtype=dtype)
     elif name == "CoordAttn":
         blk = npattn.CoordAttn(c, rd_channels=draw(st.integers(1, 4)), bias=draw(st.booleans()),
                                has_skip=draw(st.booleans()), bn_momentum=draw(st.sampled_from([0.1, 0.0, 1.0, 0.05])),
@@ -283,7 +304,7 @@ def test_image_block_invalid_inputs(case, what, data):
     blk, x, rng, dtype, name = case["block"], case["x"], case["rng"], case["dtype"], case["name"]
     n, c, h, w = x.shape
     training = case["training"]
-    m = bn_values(name, n, h, w)
+    m = bn_values(name, n, h, w, blk)
     valid = empty_image_behaviour(name, blk, h, w) != "error" and not (training and m is not None and m <= 1)
     extra = [] if valid else ["x", "input size"]  # the draw itself may be refused first
     if what == "grad_out":

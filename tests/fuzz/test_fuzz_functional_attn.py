@@ -1,5 +1,6 @@
 """Fuzzing the primitive ops added for the channel/spatial attention and transformer
-blocks: conv1d, mean, amax, layer_norm2d, layer_norm (last axis), hardswish and
+blocks: conv1d, mean, amax (both max_grad rules), l2_norm, logsumexp, layer_norm2d,
+layer_norm (last axis), hardswish, silu, gelu, hard_sigmoid and
 scaled_dot_product_attention (each forward and backward), and the attention variants (every
 keyword of scaled_dot_product_attention_forward, lse and dlse, varlen_attention_forward
 with empty sequences) at the end of the file.
@@ -274,6 +275,89 @@ def test_reduce_invalid_arguments(op, case, what, data):
         fz.expect_error(["dy"], bwd, bad_upstream(dy, data, rng, dtype), cache)
 
 
+# ------------------------------------------- amax with max_grad="first", l2_norm, logsumexp (CBAM's pools)
+
+
+def first_max_oracle(x, axes, dy_kept):
+    """dy at the first maximal element of each group in row-major order of the reduced
+    axes (the first NaN if any), 0 elsewhere: loops over np.ndindex, float64."""
+    g = np.zeros(x.shape)
+    kept = [a for a in range(x.ndim) if a not in axes]
+    for out in np.ndindex(*[x.shape[a] for a in kept]):
+        best, where = None, None
+        for red in np.ndindex(*[x.shape[a] for a in axes]):
+            idx = [0] * x.ndim
+            for a, i in zip(kept, out):
+                idx[a] = i
+            for a, i in zip(axes, red):
+                idx[a] = i
+            v = x[tuple(idx)]
+            if best is None or v > best or (math.isnan(v) and not math.isnan(best)):
+                best, where = v, tuple(idx)
+        g[where] = dy_kept[tuple(0 if a in axes else where[a] for a in range(x.ndim))]
+    return g
+
+
+def lse_oracle(x, axes, keepdims):
+    """log sum exp over ``axes`` in float64, shifted by the maximum (scipy's logsumexp
+    fails on a tuple of axes with an empty kept axis)."""
+    m = np.max(x, axis=axes, keepdims=True)
+    y = m + np.log(np.sum(np.exp(x - m), axis=axes, keepdims=True))
+    return y if keepdims else np.squeeze(y, axis=axes)
+
+
+@fz.examples(4)
+@given(op=st.sampled_from(["amax_first", "l2_norm", "logsumexp"]), case=reduce_cases())
+def test_pools_valid(op, case):
+    x, axis, keepdims, dtype, rng = case["x"], case["axis"], case["keepdims"], case["dtype"], case["rng"]
+    if op == "amax_first":
+        fwd, bwd, kw = F.amax_forward, F.amax_backward, {"max_grad": "first"}
+    else:
+        fwd, bwd, kw = getattr(F, f"{op}_forward"), getattr(F, f"{op}_backward"), {}
+    axes = norm_axes(axis, x.ndim)
+    if any(x.shape[a] == 0 for a in axes):
+        fz.expect_error(["axis", "x"], fwd, x, axis, keepdims=keepdims, **kw)
+        return
+    fin = fz.finite(x)
+    y, cache = fz.run(fwd, x, axis, keepdims=keepdims, finite=fin, **kw)
+    x64 = x.astype(np.float64)
+    with np.errstate(all="ignore"):
+        want = {"amax_first": lambda: np.max(x64, axis=axes, keepdims=bool(keepdims)),
+                "l2_norm": lambda: np.sqrt(np.sum(x64 * x64, axis=axes, keepdims=bool(keepdims))),
+                "logsumexp": lambda: lse_oracle(x64, axes, bool(keepdims))}[op]()
+    assert y.shape == want.shape and y.dtype == dtype
+    dy = fz.relayout(fz.fill(rng, y.shape, dtype), case["layout"], rng)
+    g = fz.run(bwd, dy, cache, finite=fin)["x"]
+    assert g.shape == x.shape and g.dtype == dtype
+    dy_kept = dy.astype(np.float64).reshape(np.max(x64, axis=axes, keepdims=True).shape)
+    if op == "amax_first":  # the value is exact; the whole gradient to the first maximum (ties or not)
+        fz.assert_bitwise(y.astype(np.float64), want, "amax vs np.max")
+        if case["kind"] != "special":
+            # (+ 0.0: the other elements hold 0 * dy, which may be -0.0)
+            fz.assert_bitwise(g.astype(np.float64) + 0.0, first_max_oracle(x64, axes, dy_kept) + 0.0,
+                              "amax first-maximum gradient")
+        event("ties" if case["kind"] == "ties" else "other")
+        return
+    if not fin:
+        return
+    fz.assert_finite(op, y, g)
+    with np.errstate(all="ignore"):
+        if op == "l2_norm":  # x / |x|, 0 for an all-zero group (the kink: torch's lp_pool2d gives 0)
+            nrm = np.sqrt(np.sum(x64 * x64, axis=axes, keepdims=True))
+            want_g = np.where(nrm == 0, 0.0, x64 / nrm) * dy_kept
+            event("zero group" if (nrm == 0).any() else "no zero group")
+        else:  # the softmax over the group
+            want_g = np.exp(x64 - lse_oracle(x64, axes, True)) * dy_kept
+    fz.assert_close(y.astype(np.float64), want, np.abs(want) + 1.0, f"{op} vs formula", dtype)
+    fz.assert_close(g.astype(np.float64), want_g, np.abs(dy_kept) + 0 * x64, f"{op} gradient", dtype)
+
+
+@fz.examples(2)
+@given(case=reduce_cases(), bad=st.sampled_from(["last", "", None, 1, "Split"]))
+def test_amax_max_grad_anything_else_is_refused(case, bad):
+    fz.expect_error(["max_grad", "axis", "x"], F.amax_forward, case["x"], case["axis"], max_grad=bad)
+
+
 # --------------------------------------------------------------------------- layer_norm2d
 
 
@@ -527,6 +611,39 @@ def test_hardswish_invalid_arguments(case, what, data):
             return
         fz.expect_error(["dy"], F.hardswish_backward, bad_upstream(dy if x.ndim else np.zeros((), dtype), data, rng, dtype),
                         cache)
+
+
+# --------------------------------------------------------------------------- silu, gelu, hard_sigmoid (SEModule)
+
+
+@fz.examples(4)
+@given(op=st.sampled_from(["silu", "gelu", "hard_sigmoid"]), case=hardswish_cases())
+def test_se_activations_valid(op, case):
+    x, dy, dtype = case["x"], case["dy"], case["dtype"]
+    fwd, bwd = getattr(F, f"{op}_forward"), getattr(F, f"{op}_backward")
+    fin = fz.finite(x, dy)
+    y, cache = fz.run(fwd, x, finite=fin)
+    g = fz.run(bwd, dy, cache, finite=fin)
+    assert set(g) == {"x"} and y.shape == g["x"].shape == x.shape and y.dtype == g["x"].dtype == dtype
+    if not fin:
+        return
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    with np.errstate(all="ignore"):
+        if op == "silu":
+            s = scipy.special.expit(x64)
+            want, slope = x64 * s, s * (1 + x64 * (1 - s))
+        elif op == "gelu":
+            cdf = scipy.special.ndtr(x64)
+            want, slope = x64 * cdf, cdf + x64 * np.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
+        else:  # PyTorch's choice at the kinks: slope 0 at -3 and 3
+            want, slope = np.clip(x64 + 3, 0, 6) / 6, np.where((x64 > -3) & (x64 < 3), 1 / 6, 0.0)
+    fz.assert_finite(op, y, g["x"])
+    fz.assert_close(y.astype(np.float64), want, np.abs(x64) + 1.0, f"{op} vs formula", dtype)
+    fz.assert_close(g["x"].astype(np.float64), dy64 * slope, np.abs(dy64) * 1.2, f"{op} backward", dtype)
+    if op == "hard_sigmoid":
+        on = (x64 == -3) | (x64 == 3)
+        assert not g["x"][on].any(), "hard_sigmoid: slope 0 at the kinks (PyTorch)"
+        event("kinks" if on.any() else "no kinks")
 
 
 # --------------------------------------------------------------------------- scaled_dot_product_attention
