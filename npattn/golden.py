@@ -795,7 +795,9 @@ def export(case_id: str, out_dir, golden_dir=None, *, force=False) -> list:
     there is never replaced (GoldenError naming it) unless ``force``."""
     case = load(case_id, golden_dir)
     out_dir = pathlib.Path(out_dir)
-    refuse_overwrite([out_dir / n for n in ("inputs.npz", "state_dict.npz", "grad_output.npy", "case.json")], force)
+    seconds = sorted(k for k in case.arrays if k.startswith("grad_output."))  # grad_output.lse
+    names = ["inputs.npz", "state_dict.npz", "grad_output.npy"] + [f"{k}.npy" for k in seconds] + ["case.json"]
+    refuse_overwrite([out_dir / n for n in names], force)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     p = out_dir / "inputs.npz"
@@ -807,7 +809,7 @@ def export(case_id: str, out_dir, golden_dir=None, *, force=False) -> list:
     p = out_dir / "grad_output.npy"
     np.save(p, case.arrays["grad_output"], allow_pickle=False)
     written.append(p)
-    for key in sorted(k for k in case.arrays if k.startswith("grad_output.")):  # grad_output.lse
+    for key in seconds:
         p = out_dir / f"{key}.npy"
         np.save(p, case.arrays[key], allow_pickle=False)
         written.append(p)
