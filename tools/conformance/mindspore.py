@@ -67,7 +67,7 @@ def cases(runner):
             continue
         runner.run(case_id, lambda: deform(case))
     for case_id, _ in runner.cases("deform_conv2d_pack", "modulated_deform_conv2d_pack"):
-        runner.skip(case_id, "a layer with its own offset convolution: not composed by this runner (the deform op is covered by the cases above)")
+        runner.skip(case_id, "a layer with its own offset convolution: not composed by this runner (the deform op is covered by the cases above)", "not run")
 
 
 if __name__ == "__main__":

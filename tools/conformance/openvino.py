@@ -61,7 +61,7 @@ def cases(runner):
         default.run(case_id, lambda: deform(case, False), note="bilinear_interpolation_pad=False (default); forward only")
     for case_id, _ in runner.cases("deform_conv2d_pack", "modulated_deform_conv2d_pack"):
         for r in (runner, default):
-            r.skip(case_id, "a layer with its own offset convolution: not composed by this runner (the deform op is covered by the cases above)")
+            r.skip(case_id, "a layer with its own offset convolution: not composed by this runner (the deform op is covered by the cases above)", "not run")
     if default.finish():
         runner.crashed.append("openvino_pad_false")
 

@@ -3,7 +3,9 @@
     python tools/conformance/paddle.py [--out build/conformance]
 
 Paddle takes torchvision's layouts (NCHW, offset channels (dy, dx) per tap, mask per
-tap) and states groups and deformable groups as arguments, read from the case. Float64
+tap) and states groups and deformable groups as arguments, read from the case. mmcv's
+layers with their own offset convolution (``*_pack``) are composed from
+``paddle.nn.functional.conv2d`` and the deformable convolution. Float64
 runs in float64 on the CPU. Gradients: ``paddle.grad`` of ``sum(y * grad_output)``.
 """
 
@@ -41,11 +43,34 @@ def deform(case):
     return {"output": y.numpy()} | {keys[n]: g.numpy() for n, g in zip(t, grads)}
 
 
+def pack(case):
+    """mmcv's DeformConv2dPack / ModulatedDeformConv2dPack: the offset convolution
+    (``paddle.nn.functional.conv2d``), then for the modulated layer offset = the first
+    2 G K channels and mask = sigmoid(the last G K), then the deformable convolution."""
+    import paddle
+
+    cfg, a = case.meta["config"], case.arrays
+    modulated = case.meta["block"] == "ModulatedDeformConv2dPack"
+    state = {k: paddle.to_tensor(v, stop_gradient=False) for k, v in case.state_dict().items()}
+    x = paddle.to_tensor(a["input.x"], stop_gradient=False)
+    geo = {k: cfg.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))}
+    t = paddle.nn.functional.conv2d(x, state["conv_offset.weight"], state["conv_offset.bias"], **geo)
+    gk = cfg.get("deform_groups", 1) * state["weight"].shape[2] * state["weight"].shape[3]
+    offset, mask = (t[:, : 2 * gk], paddle.nn.functional.sigmoid(t[:, 2 * gk :])) if modulated else (t, None)
+    # the framework call
+    y = paddle.vision.ops.deform_conv2d(
+        x, offset, state["weight"], state.get("bias"), deformable_groups=cfg.get("deform_groups", 1),
+        groups=cfg.get("groups", 1), mask=mask, **geo,
+    )
+    grads = paddle.grad([(y * paddle.to_tensor(a["grad_output"])).sum()], [x] + list(state.values()))
+    return {"output": y.numpy(), "grad.input.x": grads[0].numpy()} | {f"grad.param.{k}": g.numpy() for k, g in zip(state, grads[1:])}
+
+
 def cases(runner):
     for case_id, case in runner.cases("deform_conv2d", "deform_conv2d_block"):
         runner.run(case_id, lambda: deform(case))
-    for case_id, _ in runner.cases("deform_conv2d_pack", "modulated_deform_conv2d_pack"):
-        runner.skip(case_id, "a layer with its own offset convolution: not composed by this runner (the deform op is covered by the cases above)")
+    for case_id, case in runner.cases("deform_conv2d_pack", "modulated_deform_conv2d_pack"):
+        runner.run(case_id, lambda: pack(case), note="offset convolution with paddle.nn.functional.conv2d")
 
 
 if __name__ == "__main__":

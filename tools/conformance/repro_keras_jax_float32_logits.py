@@ -49,3 +49,9 @@ y_default = layer(x, x)
 y_scores, _ = layer(x, x, return_attention_scores=True)
 print(f"keras MultiHeadAttention float64: default path vs einsum path differ by "
       f"{float(np.max(np.abs(np.asarray(y_default) - np.asarray(y_scores))) / np.max(np.abs(np.asarray(y_scores)))):.2e}")
+
+# a query row whose every key is masked: jax.nn.dot_product_attention gives the mean of v
+allowed = np.ones((2, 3, 5, 5), dtype=bool)
+allowed[:, :, 1, :] = False
+row = np.asarray(jax.nn.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=allowed))[:, 1]
+print(f"fully masked query row: max |output - mean of v| = {float(np.max(np.abs(row - v.mean(axis=1)))):.1e}")
