@@ -7,7 +7,9 @@ group-major (``npattn.layouts.mindspore_pack_offset_mask``); the op is always mo
 so a DCNv1 case runs with a mask of ones (and its mask gradient is not compared). Its
 gradient with respect to the packed tensor unpacks to the offset's and the mask's with
 ``npattn.layouts.mindspore_unpack_offset_mask``. Gradients: ``mindspore.grad`` of
-``sum(y * grad_output)``. MindSpore's op takes float16 and float32 only.
+``sum(y * grad_output)``. MindSpore's op takes float16 and float32 only. mmcv's layers with
+their own offset convolution (``*_pack``) are composed from ``ops.conv2d``, ``ops.sigmoid``
+and the deformable convolution.
 """
 
 from __future__ import annotations
@@ -60,14 +62,67 @@ def deform(case):
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def pack(case):
+    """mmcv's DeformConv2dPack / ModulatedDeformConv2dPack: the offset convolution
+    (``ops.conv2d``), offset = its first 2 G K channels and (modulated) mask = sigmoid of
+    the last G K, packed for the deformable convolution; DeformConv2dPack, which has no
+    mask, runs with a mask of ones."""
+    import mindspore as ms
+    import numpy as np
+    from mindspore import ops
+
+    cfg, a = case.meta["config"], case.arrays
+    state = case.state_dict()
+    names = list(state)
+    modulated = case.meta["block"] == "ModulatedDeformConv2dPack"
+    kh, kw = state["weight"].shape[2:]
+    g = cfg.get("deform_groups", 1)
+    gk = g * kh * kw
+
+    def pair(name, default):
+        v = cfg.get(name, default)
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    (sh, sw), (ph, pw), (dh, dw) = pair("stride", 1), pair("padding", 0), pair("dilation", 1)
+    # torchvision's offset channel order (dy, dx per tap) -> MindSpore's packed [x | y | mask]
+    # is a fixed permutation: the packing adapter applied to channel indices gives it
+    index = np.arange(3 * gk, dtype=np.float64).reshape(1, 3 * gk, 1, 1)
+    order = layouts.mindspore_pack_offset_mask(index[:, : 2 * gk], index[:, 2 * gk :], taps=kh * kw)[0, :, 0, 0].astype(np.int64)
+    order = ms.Tensor(order)
+
+    def f(x, *params):
+        p = dict(zip(names, params))
+        t = ops.conv2d(x, p["conv_offset.weight"], p["conv_offset.bias"], stride=(sh, sw), pad_mode="pad",
+                       padding=(ph, pw), dilation=(dh, dw))
+        if modulated:
+            t = ops.concat([t[:, : 2 * gk], ops.sigmoid(t[:, 2 * gk :])], axis=1)
+        else:
+            t = ops.concat([t, ops.ones_like(t[:, :gk])], axis=1)
+        packed = ops.gather(t, order, 1)
+        # the framework call
+        return ops.deformable_conv2d(
+            x, p["weight"], packed, (kh, kw), (1, 1, sh, sw), (ph, ph, pw, pw), bias=p.get("bias"),
+            dilations=(1, 1, dh, dw), groups=cfg.get("groups", 1), deformable_groups=g, modulated=True,
+        )
+
+    args = [ms.Tensor(a["input.x"])] + [ms.Tensor(state[k]) for k in names]
+    dy = ms.Tensor(a["grad_output"])
+    y = f(*args)
+    grads = ms.grad(lambda *t: (f(*t) * dy).sum(), grad_position=tuple(range(len(args))))(*args)
+    return {"output": y.asnumpy(), "grad.input.x": grads[0].asnumpy()} | {f"grad.param.{k}": gr.asnumpy() for k, gr in zip(names, grads[1:])}
+
+
 def cases(runner):
     for case_id, case in runner.cases("deform_conv2d", "deform_conv2d_block"):
         if case.meta["dtype"] != "float32":
             runner.skip(case_id, "float64: MindSpore's DeformableOffsets takes float16 or float32 only (TypeError for float64)")
             continue
         runner.run(case_id, lambda: deform(case))
-    for case_id, _ in runner.cases("deform_conv2d_pack", "modulated_deform_conv2d_pack"):
-        runner.skip(case_id, "a layer with its own offset convolution: not composed by this runner (the deform op is covered by the cases above)", "not run")
+    for case_id, case in runner.cases("deform_conv2d_pack", "modulated_deform_conv2d_pack"):
+        if case.meta["dtype"] != "float32":
+            runner.skip(case_id, "float64: MindSpore's DeformableOffsets takes float16 or float32 only (TypeError for float64)")
+            continue
+        runner.run(case_id, lambda: pack(case), note="offset convolution with ops.conv2d")
 
 
 if __name__ == "__main__":
