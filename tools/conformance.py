@@ -293,8 +293,8 @@ def write_doc(doc: pathlib.Path, results_dir: pathlib.Path, summaries: dict, rep
               "computes in float32 at best, so the float64 cases meet float32's tolerance and not float64's. On a CPU",
               "with bfloat16 instructions (AVX512-BF16, AMX) the plugin's default `INFERENCE_PRECISION_HINT` is bf16:",
               "the offset convolution of the `*_pack` layers then errs by about 5e-3 (the deformable convolution",
-              "itself stayed in float32 here). The runner compiles every model with `INFERENCE_PRECISION_HINT=f32`",
-              f"({(summaries.get('openvino') or {}).get('versions', {}).get('CPU plugin', 'see the runner')}). Float64 cases of this run:", ""]
+              "itself stayed in float32 here). The runner compiles every model with `INFERENCE_PRECISION_HINT=f32`;",
+              f"this run: {(summaries.get('openvino') or {}).get('versions', {}).get('inference precision', 'not run')}. Float64 cases of this run:", ""]
     lines += [f"- `openvino` `{c}`: {r['judged']['text']} (max rel err {r['judged']['rel_err']:.1e})" for c, r in f32] or ["- none"]
     lines.append("")
     conv = [(row, c, r) for row, s in summaries.items() if s for c, r in sorted(s["cases"].items())

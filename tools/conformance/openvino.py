@@ -38,7 +38,7 @@ def versions():
 
     default = openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
     return {"openvino": openvino.__version__.split("-")[0],
-            "CPU plugin": f"run with INFERENCE_PRECISION_HINT=f32 (its default here: {default.get_type_name()})"}
+            "inference precision": f"f32 (the CPU plugin's default here: {default.get_type_name()})"}
 
 
 def deform(case, pad):
