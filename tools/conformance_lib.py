@@ -133,28 +133,31 @@ def main(framework: str, versions_fn, cases_fn, argv=None) -> int:
 def deform_arrays(case):
     """The deform_conv2d arguments of a function case or a DeformConv2d block case, in
     torchvision's layout: input, offset, weight, bias (or None), mask (or None), and the
-    geometry (stride, padding, dilation as pairs, groups, offset groups)."""
+    geometry (stride, padding, dilation as pairs, groups and offset groups as the manifest
+    states them, border_grad)."""
     a, cfg = case.arrays, case.meta["config"]
     if case.meta["kind"] == "function":
         x, offset, weight = a["input.input"], a["input.offset"], a["input.weight"]
         bias, mask = a.get("input.bias"), a.get("input.mask")
-        names = {"input": "input", "offset": "offset", "weight": "weight", "bias": "bias", "mask": "mask"}
     else:
         x, offset, weight = a["input.x"], a["input.offset"], a["param.weight"]
         bias, mask = a.get("param.bias"), a.get("input.mask")
-        names = {"input": "input.x", "offset": "input.offset", "weight": "param.weight", "bias": "param.bias", "mask": "input.mask"}
 
     def pair(v, default):
         v = cfg.get(v, default)
         return (v, v) if isinstance(v, int) else tuple(v)
 
     kh, kw = weight.shape[2:]
+    # the manifest states both groups (the frameworks take them as arguments); the shapes agree
+    groups = cfg.get("groups", x.shape[1] // weight.shape[1])
+    offset_groups = cfg.get("offset_groups", offset.shape[1] // (2 * kh * kw))
+    if (groups, offset_groups) != (x.shape[1] // weight.shape[1], offset.shape[1] // (2 * kh * kw)):
+        raise ValueError(f"{case.case_id}: the manifest's groups {groups} / offset_groups {offset_groups} disagree with the shapes")
     geometry = {
         "stride": pair("stride", 1), "padding": pair("padding", 0), "dilation": pair("dilation", 1),
-        "groups": x.shape[1] // weight.shape[1], "offset_groups": offset.shape[1] // (2 * kh * kw),
-        "border_grad": cfg.get("border_grad", "torchvision"),
+        "groups": groups, "offset_groups": offset_groups, "border_grad": cfg.get("border_grad", "torchvision"),
     }
-    return x, offset, weight, bias, mask, geometry, names
+    return x, offset, weight, bias, mask, geometry
 
 
 def deform_result_keys(case):

@@ -36,7 +36,7 @@ def deform(case):
     import numpy as np
     from mindspore import ops
 
-    x, offset, weight, bias, mask, geo, _ = C.deform_arrays(case)
+    x, offset, weight, bias, mask, geo = C.deform_arrays(case)
     taps = weight.shape[2] * weight.shape[3]
     packed = layouts.mindspore_pack_offset_mask(offset, mask, taps=taps)
     (sh, sw), (ph, pw), (dh, dw) = geo["stride"], geo["padding"], geo["dilation"]

@@ -46,7 +46,7 @@ def deform(case, pad):
     import openvino as ov
     import openvino.opset8 as ops
 
-    x, offset, weight, bias, mask, geo, _ = C.deform_arrays(case)
+    x, offset, weight, bias, mask, geo = C.deform_arrays(case)
     inputs = {"input": x, "offset": offset} | ({"mask": mask} if mask is not None else {})
     params = {k: ops.parameter(v.shape, v.dtype, name=k) for k, v in inputs.items()}
     (sh, sw), (ph, pw), (dh, dw) = geo["stride"], geo["padding"], geo["dilation"]

@@ -29,7 +29,7 @@ def versions():
 def deform(case):
     import paddle
 
-    x, offset, weight, bias, mask, geo, _ = C.deform_arrays(case)
+    x, offset, weight, bias, mask, geo = C.deform_arrays(case)
     named = {"input": x, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     t = {k: paddle.to_tensor(v, stop_gradient=False) for k, v in named.items() if v is not None}
     # the framework call

@@ -31,7 +31,7 @@ def deform(case):
     import tvm
     from tvm import te, topi
 
-    x, offset, weight, bias, _, geo, _ = C.deform_arrays(case)
+    x, offset, weight, bias, _, geo = C.deform_arrays(case)
     dtype = str(x.dtype)
     data = te.placeholder(x.shape, dtype, name="data")
     off = te.placeholder(offset.shape, dtype, name="offset")
@@ -56,7 +56,7 @@ def deform(case):
 
 def cases(runner):
     for case_id, case in runner.cases("deform_conv2d", "deform_conv2d_block"):
-        x, offset, weight, bias, mask, geo, _ = C.deform_arrays(case)
+        x, offset, weight, bias, mask, geo = C.deform_arrays(case)
         if mask is not None:
             runner.skip(case_id, "a mask (DCNv2): topi.nn.deformable_conv2d_nchw has none")
             continue
