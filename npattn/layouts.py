@@ -33,7 +33,9 @@ MultiheadAttention weights and gradients  :func:`torch_mha_to_keras`, :func:`ker
 masks                                     :func:`torch_mha_mask_to_keras`,
                                           :func:`keras_mask_to_torch_mha`,
                                           :func:`attend_to_masked`, :func:`masked_to_attend`,
-                                          :func:`additive_to_attend`, :func:`attend_to_additive`
+                                          :func:`additive_to_attend`, :func:`attend_to_additive`,
+                                          :func:`torch_mha_mask_to_bhls`,
+                                          :func:`bhls_mask_to_torch_mha`
 deformable offsets and mask               :func:`mindspore_pack_offset_mask`,
                                           :func:`mindspore_unpack_offset_mask`
 ========================================  ==========================================
@@ -48,7 +50,7 @@ __all__ = [
     "seq_first_to_batch_first", "batch_first_to_seq_first", "bhtd_to_bthd", "bthd_to_bhtd",
     "torch_mha_to_keras", "keras_mha_to_torch", "KERAS_MHA_ORDER",
     "attend_to_masked", "masked_to_attend", "additive_to_attend", "attend_to_additive",
-    "torch_mha_mask_to_keras", "keras_mask_to_torch_mha",
+    "torch_mha_mask_to_keras", "keras_mask_to_torch_mha", "torch_mha_mask_to_bhls", "bhls_mask_to_torch_mha",
     "mindspore_pack_offset_mask", "mindspore_unpack_offset_mask",
 ]
 
@@ -408,6 +410,66 @@ def keras_mask_to_torch_mha(attention_mask, num_heads):
         raise TypeError(f"keras_mask_to_torch_mha: attention_mask must be boolean, got dtype {m.dtype}")
     b, l, s = m.shape
     return np.ascontiguousarray(np.broadcast_to(~m[:, None], (b, num_heads, l, s)).reshape(b * num_heads, l, s))
+
+
+def torch_mha_mask_to_bhls(key_padding_mask=None, attn_mask=None, *, batch, num_heads, tgt_len, src_len):
+    """torch ``MultiheadAttention``'s two masks as one (B, H, L, S) mask, the form of
+    Paddle's ``MultiHeadAttention`` ``attn_mask`` and of the fused attention functions:
+
+    - both boolean (True = masked out): boolean, True = may attend::
+
+          attend[b, h, l, s] = not kpm[b, s] and not attn_mask[l, s]   (or attn_mask[b H + h, l, s])
+
+    - either one floating: additive float, the sum of the two (a boolean part counts as
+      -inf where True, 0 elsewhere), as torch adds them.
+
+    ``attn_mask`` is (L, S) or (B H, L, S) in torch's batch-major head order; None for
+    both gives None. Inverse: :func:`bhls_mask_to_torch_mha` (to the 3-D ``attn_mask``).
+    """
+    op = "torch_mha_mask_to_bhls"
+    if key_padding_mask is None and attn_mask is None:
+        return None
+    shape = (batch, num_heads, tgt_len, src_len)
+    parts = []
+    if key_padding_mask is not None:
+        kpm = _array(op, "key_padding_mask", key_padding_mask)
+        if kpm.shape != (batch, src_len):
+            raise ValueError(f"{op}: key_padding_mask must have shape ({batch}, {src_len}), got {kpm.shape}")
+        parts.append(kpm[:, None, None, :])
+    if attn_mask is not None:
+        am = _array(op, "attn_mask", attn_mask)
+        if am.shape == (tgt_len, src_len):
+            parts.append(am[None, None])
+        elif am.shape == (batch * num_heads, tgt_len, src_len):
+            parts.append(am.reshape(shape))
+        else:
+            raise ValueError(
+                f"{op}: attn_mask must have shape ({tgt_len}, {src_len}) or ({batch * num_heads}, {tgt_len}, {src_len}), got {am.shape}"
+            )
+    if all(p.dtype == np.bool_ for p in parts):
+        attend = np.ones(shape, dtype=bool)
+        for p in parts:
+            attend &= ~p
+        return attend
+    dtype = np.result_type(*(p.dtype for p in parts if p.dtype != np.bool_))
+    added = np.zeros(shape, dtype=dtype)
+    for p in parts:
+        added = added + (np.where(p, -np.inf, 0.0).astype(dtype) if p.dtype == np.bool_ else p)
+    return added
+
+
+def bhls_mask_to_torch_mha(mask):
+    """A (B, H, L, S) mask (boolean True = may attend, or additive float) to torch
+    ``MultiheadAttention``'s 3-D ``attn_mask`` (B H, L, S): a boolean mask is negated
+    (torch's True = masked out), a float one kept::
+
+        attn_mask[b H + h, l, s] = not mask[b, h, l, s]      (boolean)
+        attn_mask[b H + h, l, s] = mask[b, h, l, s]          (float)
+
+    Inverse of :func:`torch_mha_mask_to_bhls` given this as ``attn_mask``."""
+    m = _array("bhls_mask_to_torch_mha", "mask", mask, 4, "(B, H, L, S)")
+    b, h, l, s = m.shape
+    return np.ascontiguousarray((~m if m.dtype == np.bool_ else m).reshape(b * h, l, s))
 
 
 # ---------------------------------------------------------------------------- deformable offsets

@@ -187,3 +187,28 @@ def test_mindspore_packing_index_map_and_round_trip(rng, with_mask):
         L.mindspore_pack_offset_mask(offset[:, :5], taps=taps)
     with pytest.raises(ValueError, match="mask must have shape"):
         L.mindspore_pack_offset_mask(offset, offset, taps=taps)
+
+
+@pytest.mark.parametrize("float_masks", [False, True])
+def test_torch_masks_to_bhls_and_back_give_the_same_attention(rng, float_masks):
+    """torch's key_padding_mask + attn_mask -> one (B, H, L, S) mask -> torch's 3-D
+    attn_mask: npattn's MultiheadAttention gives the same output; boolean masks stay
+    boolean (True = attend), float ones become their sum."""
+    b, h, l, s = 2, 3, 4, 5
+    blk = npattn.MultiheadAttention(6, h, batch_first=True, rng=4, dtype=np.float64)
+    q, k = rng.standard_normal((b, l, 6)), rng.standard_normal((b, s, 6))
+    kpm = rng.random((b, s)) < 0.3
+    am = rng.random((b * h, l, s)) < 0.3
+    kpm[:, 0] = False
+    am[:, :, 0] = False
+    if float_masks:
+        am = np.where(am, -np.inf, rng.standard_normal(am.shape))
+    y0, _ = blk.forward(q, k, k, key_padding_mask=kpm, attn_mask=am)
+    m = L.torch_mha_mask_to_bhls(kpm, am, batch=b, num_heads=h, tgt_len=l, src_len=s)
+    assert m.shape == (b, h, l, s) and (m.dtype == np.float64 if float_masks else m.dtype == np.bool_)
+    if not float_masks:
+        assert m[1, 2, 3, 4] == (not kpm[1, 4] and not am[1 * h + 2, 3, 4])
+    y1, _ = blk.forward(q, k, k, attn_mask=L.bhls_mask_to_torch_mha(m))
+    np.testing.assert_allclose(y1, y0, rtol=1e-14, atol=1e-14)
+    m2 = L.torch_mha_mask_to_bhls(None, L.bhls_mask_to_torch_mha(m), batch=b, num_heads=h, tgt_len=l, src_len=s)
+    assert np.array_equal(m2, m)

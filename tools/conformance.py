@@ -57,7 +57,7 @@ RUNNERS = {
     "tvm": ["tvm"],
 }
 ROWS = {
-    "paddle": "PaddlePaddle `paddle.vision.ops.deform_conv2d`",
+    "paddle": "PaddlePaddle `paddle.vision.ops.deform_conv2d`, `paddle.nn.MultiHeadAttention`",
     "openvino": "OpenVINO DeformableConvolution-8, `bilinear_interpolation_pad=True`",
     "openvino_pad_false": "OpenVINO DeformableConvolution-8, default `bilinear_interpolation_pad=False`",
     "keras": "Keras 3 (JAX) `MultiHeadAttention`, default path",
