@@ -58,7 +58,7 @@ RUNNERS = {
 }
 ROWS = {
     "paddle": "PaddlePaddle `paddle.vision.ops.deform_conv2d`, `paddle.nn.MultiHeadAttention`",
-    "openvino": "OpenVINO DeformableConvolution-8, `bilinear_interpolation_pad=True`",
+    "openvino": "OpenVINO DeformableConvolution-8 (`bilinear_interpolation_pad=True`), ScaledDotProductAttention-13",
     "openvino_pad_false": "OpenVINO DeformableConvolution-8, default `bilinear_interpolation_pad=False`",
     "keras": "Keras 3 (JAX) `MultiHeadAttention`, default path",
     "keras_unfused": "Keras 3 (JAX) `MultiHeadAttention`, `return_attention_scores=True`",

@@ -1,4 +1,5 @@
-"""OpenVINO's DeformableConvolution-8 (Python opset API) on npattn's deform fixtures.
+"""OpenVINO's DeformableConvolution-8 (Python opset API) on npattn's deform fixtures, and
+its ScaledDotProductAttention-13 on the SDPA fixtures.
 
     python tools/conformance/openvino.py [--out build/conformance]
 
@@ -99,6 +100,26 @@ def pack(case, pad):
     return {"output": np.asarray(compiled([x])[0])}
 
 
+def sdpa(case):
+    """``opset13.scaled_dot_product_attention`` (torch's semantics: boolean mask True =
+    attend, float mask added, optional scale), inputs as given."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops13
+
+    a, cfg = case.arrays, case.meta["config"]
+    names = [n for n in ("q", "k", "v", "attn_mask") if f"input.{n}" in a]
+    params = [ops13.parameter(a[f"input.{n}"].shape, a[f"input.{n}"].dtype, name=n) for n in names]
+    scale = ops13.constant(np.array(cfg["scale"], dtype=a["input.q"].dtype)) if "scale" in cfg else None
+    mask = params[3] if len(params) > 3 else None
+    if mask is None and scale is not None:  # the scale is the fifth input: an explicit zero mask before it
+        mask = ops13.constant(np.array(0, dtype=a["input.q"].dtype))
+    # the framework call
+    y = ops13.scaled_dot_product_attention(params[0], params[1], params[2], mask, scale)
+    compiled = ov.Core().compile_model(ov.Model([y], params), "CPU", F32)
+    return {"output": np.asarray(compiled([a[f"input.{n}"] for n in names])[0])}
+
+
 def cases(runner):
     default = C.Runner("openvino_pad_false", runner.versions, runner.out, runner.golden_dir)
     for case_id, case in runner.cases("deform_conv2d", "deform_conv2d_block"):
@@ -107,6 +128,8 @@ def cases(runner):
     for case_id, case in runner.cases("deform_conv2d_pack", "modulated_deform_conv2d_pack"):
         runner.run(case_id, lambda: pack(case, True), note="offset convolution with opset8.convolution; pad=True; forward only")
         default.run(case_id, lambda: pack(case, False), note="offset convolution with opset8.convolution; pad=False; forward only")
+    for case_id, case in runner.cases("scaled_dot_product_attention"):
+        runner.run(case_id, lambda: sdpa(case), note="opset13.scaled_dot_product_attention; forward only")
     if default.finish():
         runner.crashed.append("openvino_pad_false")
 
