@@ -64,7 +64,7 @@ ROWS = {
     "keras_unfused": "Keras 3 (JAX) `MultiHeadAttention`, `return_attention_scores=True`",
     "jax": "JAX: SDPA in `jnp`, SE channels-last",
     "jax_dot_product_attention": "JAX `jax.nn.dot_product_attention`",
-    "mindspore": "MindSpore `ops.deformable_conv2d`",
+    "mindspore": "MindSpore `ops.deformable_conv2d`, `nn.MultiheadAttention`",
     "tvm": "Apache TVM `topi.nn.deformable_conv2d_nchw`",
 }
 # (title, script, runner whose venv runs it, {row: outcome it explains})

@@ -1,4 +1,6 @@
-"""MindSpore's ``ops.deformable_conv2d`` on npattn's deform fixtures.
+"""MindSpore's ``ops.deformable_conv2d`` on npattn's deform fixtures, and
+``nn.MultiheadAttention`` (torch's API, keys and masks: no adapter) on the
+MultiheadAttention fixtures, in float32 and float64.
 
     python tools/conformance/mindspore.py [--out build/conformance]
 
@@ -112,6 +114,33 @@ def pack(case):
     return {"output": y.asnumpy(), "grad.input.x": grads[0].asnumpy()} | {f"grad.param.{k}": gr.asnumpy() for k, gr in zip(names, grads[1:])}
 
 
+def mha(case):
+    """``mindspore.nn.MultiheadAttention``: torch's API, state_dict keys and masks, so the
+    fixture's arrays go in as they are."""
+    import mindspore as ms
+    import numpy as np
+
+    cfg, a, state = case.meta["config"], case.arrays, case.state_dict()
+    dtype = ms.float64 if a["input.query"].dtype == np.float64 else ms.float32
+    layer = ms.nn.MultiheadAttention(cfg["embed_dim"], cfg["num_heads"], has_bias=cfg.get("bias", True), kdim=cfg.get("kdim"),
+                                     vdim=cfg.get("vdim"), batch_first=cfg.get("batch_first", False), dtype=dtype)
+    params = {n: p for n, p in layer.parameters_and_names()}
+    for n, p in params.items():
+        p.set_data(ms.Tensor(state[n]))
+    masks = {n: ms.Tensor(a[f"input.{n}"]) for n in ("key_padding_mask", "attn_mask") if f"input.{n}" in a}
+    qkv = [ms.Tensor(a[f"input.{n}"]) for n in ("query", "key", "value")]
+    dy = ms.Tensor(a["grad_output"])
+
+    def f(q, k, v):
+        # the framework call
+        return layer(q, k, v, need_weights=False, **masks)[0]
+
+    y = f(*qkv)
+    d_in, d_w = ms.grad(lambda *t: (f(*t) * dy).sum(), grad_position=(0, 1, 2), weights=list(params.values()))(*qkv)
+    out = {"output": y.asnumpy()} | {f"grad.input.{n}": g.asnumpy() for n, g in zip(("query", "key", "value"), d_in)}
+    return out | {f"grad.param.{n}": g.asnumpy() for n, g in zip(params, d_w)}
+
+
 def cases(runner):
     for case_id, case in runner.cases("deform_conv2d", "deform_conv2d_block"):
         if case.meta["dtype"] != "float32":
@@ -123,6 +152,8 @@ def cases(runner):
             runner.skip(case_id, "float64: MindSpore's DeformableOffsets takes float16 or float32 only (TypeError for float64)")
             continue
         runner.run(case_id, lambda: pack(case), note="offset convolution with ops.conv2d")
+    for case_id, case in runner.cases("multihead_attention"):
+        runner.run(case_id, lambda: mha(case), note="mindspore.nn.MultiheadAttention")
 
 
 if __name__ == "__main__":
