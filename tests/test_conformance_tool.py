@@ -64,9 +64,10 @@ def test_a_wrong_result_fails_with_its_figure(tool, manifest):
 def test_cells_count_outcomes(tool):
     records = [
         ("a/x_f64", {"status": "run", "judged": {"kind": "pass", "rel_err": 1e-16}}),
+        ("a/x_f32", {"status": "run", "judged": {"kind": "pass", "rel_err": 2e-7}}),
         ("a/y_f64", {"status": "run", "judged": {"kind": "convention", "convention": "mmcv", "rel_err": 0.4}}),
         ("a/z_f64", {"status": "not expressible", "reason": "no mask"}),
     ]
     text = tool.cell(records)
-    assert "**pass** 1" in text and "**differs by convention** 1: mmcv" in text and "not expressible 1" in text
+    assert "**pass** 2 (f64 ≤ 1.0e-16, f32 ≤ 2.0e-07)" in text and "**differs by convention** 1: mmcv" in text and "not expressible 1" in text
     assert tool.cell([]) == "—"

@@ -198,8 +198,12 @@ def cell(records: list) -> str:
     for (kind, conv), items in sorted(groups.items(), key=lambda kv: order.index(kv[0][0])):
         n = len(items)
         if kind == "pass":
-            worst = max(r["judged"]["rel_err"] for _, r in items)
-            parts.append(f"**pass** {n} (≤ {worst:.1e})")
+            figures = []
+            for suffix in ("_f64", "_f32"):
+                errs = [r["judged"]["rel_err"] for c, r in items if c.endswith(suffix)]
+                if errs:
+                    figures.append(f"{suffix[1:]} ≤ {max(errs):.1e}")
+            parts.append(f"**pass** {n} ({', '.join(figures)})")
         elif kind == "convention":
             which = conv or "another"
             parts.append(f"**differs by convention** {n}: {which} at p = -1")
@@ -255,11 +259,12 @@ def write_doc(doc: pathlib.Path, results_dir: pathlib.Path, summaries: dict, rep
         "",
         "Rows: framework (and the way it was called); columns: fixture family (`golden/<family>/`). A cell counts",
         "the family's cases (float64 and float32 twins) by outcome: **pass** (with the worst normwise relative",
-        "error), **differs by convention** (which), **float32 arithmetic in a float64 case** (misses float64's",
-        "tolerance, meets float32's), **fails** (with the figure), or not expressible through the framework's",
-        "public API, or not run (an expressible layer this runner does not compose); reasons under",
-        "[Not expressible](#not-expressible). —: the framework's runner takes no case of the family (the",
-        "framework has no such op). Families no runner takes are left out.",
+        "error of the float64 and of the float32 cases), **differs by convention** (which), **float32",
+        "arithmetic in a float64 case** (misses float64's tolerance, meets float32's), **fails** (with the",
+        "figure), not expressible through the framework's public API, or not run (an expressible layer this",
+        "runner does not compose); reasons under [Not expressible](#not-expressible). —: the runner takes no",
+        "case of the family (the framework has no such op, or it is not run here). Families no runner takes",
+        "are left out.",
         "",
         "| | " + " | ".join(f"`{f}`" for f in families) + " |",
         "|---|" + "---|" * len(families),
