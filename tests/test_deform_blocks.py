@@ -249,3 +249,16 @@ def test_conv_offset2d_empty_image_raises_naming_x(shape):
     with pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1") as info:
         npattn.ConvOffset2D(3, dtype=np.float64).forward(np.zeros(shape))
     assert str(info.value).startswith("ConvOffset2D: x must") and str(shape) in str(info.value)
+
+
+def test_deform_conv2d_block_stated_offset_groups(rng):
+    from npattn import DeformConv2d
+
+    blk = DeformConv2d(4, 6, 3, padding=1, groups=2, offset_groups=2, rng=0, dtype=np.float64)
+    x = rng.standard_normal((1, 4, 4, 5))
+    y, _ = blk.forward(x, rng.uniform(-1, 1, (1, 2 * 2 * 9, 4, 5)))
+    assert y.shape == (1, 6, 4, 5)
+    with pytest.raises(ValueError, match="offset_groups=2 disagrees with the shapes, which give offset_groups = 1"):
+        blk.forward(x, rng.uniform(-1, 1, (1, 18, 4, 5)))
+    with pytest.raises(ValueError, match="in_channels must be divisible by offset_groups"):
+        DeformConv2d(4, 6, 3, offset_groups=3)

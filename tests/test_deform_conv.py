@@ -393,3 +393,20 @@ def test_cuda_arrays_need_the_cuda_backend_and_cupy():
     if cupy_or_reason()[0] is None:
         with pytest.raises(BackendUnavailable, match="input is a CUDA array, which needs CuPy"):
             deform_conv2d_forward(x, off, w)
+
+
+def test_stated_groups_and_offset_groups(rng):
+    """groups / offset_groups, when stated, must agree with the shapes; the result is the
+    inferred one's (the manifest states both for every deform case)."""
+    x = rng.standard_normal((2, 4, 5, 6))
+    weight = rng.standard_normal((6, 2, 3, 3))  # groups 2
+    offset = rng.uniform(-1.5, 1.5, (2, 2 * 2 * 9, 3, 4))  # offset groups 2
+    y0, _ = deform_conv2d_forward(x, offset, weight)
+    y1, _ = deform_conv2d_forward(x, offset, weight, groups=2, offset_groups=2)
+    assert np.array_equal(y0, y1)
+    with pytest.raises(ValueError, match=r"groups=1 disagrees with the shapes, which give groups = 2"):
+        deform_conv2d_forward(x, offset, weight, groups=1)
+    with pytest.raises(ValueError, match=r"offset_groups=4 disagrees with the shapes, which give offset_groups = 2"):
+        deform_conv2d_forward(x, offset, weight, offset_groups=4)
+    with pytest.raises(TypeError, match="offset_groups must be an int"):
+        deform_conv2d_forward(x, offset, weight, offset_groups=2.0)

@@ -49,16 +49,16 @@ CASES = [
     ("conv_offset2d/filters3", "ConvOffset2D", "block", {"filters": 3}, {"x": (2, 3, 6, 5)}, ["eval"], 501),
     ("batch_map_offsets/b3", "batch_map_offsets", "function", {}, {"input": (3, 5, 4), "offsets": (3, 5, 4, 2)}, ["eval"], 502),
     ("deform_conv2d/v1_groups2_offgroups2", "deform_conv2d", "function",
-     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1), "border_grad": "torchvision"},
+     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1), "border_grad": "torchvision", "groups": 2, "offset_groups": 2},
      {"input": (2, 4, 7, 6), "offset": (2, 2 * 2 * 3 * 2, 3, 5), "weight": (6, 2, 3, 2), "bias": (6,)}, ["eval"], 601),
     ("deform_conv2d/v2_groups2_offgroups2", "deform_conv2d", "function",
-     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1), "border_grad": "torchvision"},
+     {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1), "border_grad": "torchvision", "groups": 2, "offset_groups": 2},
      {"input": (2, 4, 7, 6), "offset": (2, 2 * 2 * 3 * 2, 3, 5), "weight": (6, 2, 3, 2), "bias": (6,), "mask": (2, 2 * 3 * 2, 3, 5)}, ["eval"], 602),
     ("deform_conv2d_block/k3_groups2", "DeformConv2d", "block",
-     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "groups": 2, "border_grad": "torchvision"},
+     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "groups": 2, "offset_groups": 1, "border_grad": "torchvision"},
      {"x": (2, 4, 5, 6), "offset": (2, 18, 5, 6), "mask": (2, 9, 5, 6)}, ["eval"], 603),
     ("modulated_deform_conv2d_pack/k3_dg2", "ModulatedDeformConv2dPack", "block",
-     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "deform_groups": 2, "border_grad": "mmcv"},
+     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "groups": 1, "deform_groups": 2, "border_grad": "mmcv"},
      {"x": (2, 4, 5, 6)}, ["eval"], 604),
     # channel and spatial attention in timm's layout (cross-checked against timm's modules)
     ("se_module/default", "SEModule", "block", {"channels": 16}, {"x": (3, 16, 4, 5)}, ["eval"], 701),
@@ -120,19 +120,32 @@ _ZERO_OFFSET_SHAPES = {"input": (2, 4, 5, 6), "offset": (2, 2 * 2 * 9, 5, 8), "w
 _PACK = {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 1, "padding": 1, "deform_groups": 2}
 CASES += [
     ("deform_conv2d/zero_offsets_pad1_torchvision", "deform_conv2d", "function",
-     {"padding": (1, 2), "border_grad": "torchvision"}, _ZERO_OFFSET_SHAPES, ["eval"], 605),
+     {"padding": (1, 2), "border_grad": "torchvision", "groups": 2, "offset_groups": 2}, _ZERO_OFFSET_SHAPES, ["eval"], 605),
     ("deform_conv2d/zero_offsets_pad1_mmcv", "deform_conv2d", "function",
-     {"padding": (1, 2), "border_grad": "mmcv"}, _ZERO_OFFSET_SHAPES, ["eval"], 605),
+     {"padding": (1, 2), "border_grad": "mmcv", "groups": 2, "offset_groups": 2}, _ZERO_OFFSET_SHAPES, ["eval"], 605),
     ("modulated_deform_conv2d_pack/init_torchvision", "ModulatedDeformConv2dPack", "block",
-     dict(_PACK, border_grad="torchvision"), {"x": (2, 4, 5, 6)}, ["eval"], 606),
+     dict(_PACK, groups=1, border_grad="torchvision"), {"x": (2, 4, 5, 6)}, ["eval"], 606),
     ("modulated_deform_conv2d_pack/init_mmcv", "ModulatedDeformConv2dPack", "block",
-     dict(_PACK, border_grad="mmcv"), {"x": (2, 4, 5, 6)}, ["eval"], 606),
+     dict(_PACK, groups=1, border_grad="mmcv"), {"x": (2, 4, 5, 6)}, ["eval"], 606),
     ("deform_conv2d_pack/k3_groups2_dg2", "DeformConv2dPack", "block",
      dict(_PACK, groups=2, border_grad="mmcv"), {"x": (2, 4, 5, 6)}, ["eval"], 607),
     ("deform_conv2d_pack/init_torchvision", "DeformConv2dPack", "block",
      dict(_PACK, groups=2, border_grad="torchvision"), {"x": (2, 4, 5, 6)}, ["eval"], 608),
     ("deform_conv2d_pack/init_mmcv", "DeformConv2dPack", "block",
      dict(_PACK, groups=2, border_grad="mmcv"), {"x": (2, 4, 5, 6)}, ["eval"], 608),
+]
+
+# What the other frameworks can run (docs/conformance.md): one weight group and one offset
+# group (Apache TVM asserts on more), DCNv1 without a bias (TVM's op has neither mask nor
+# bias), DCNv2 with one group of each (MindSpore's packed offsets; every runner).
+CASES += [
+    ("deform_conv2d/v1_groups1_offgroups1_nobias", "deform_conv2d", "function",
+     {"stride": (1, 2), "padding": (1, 1), "dilation": (1, 1), "border_grad": "torchvision", "groups": 1, "offset_groups": 1},
+     {"input": (2, 3, 6, 7), "offset": (2, 2 * 3 * 3, 6, 4), "weight": (4, 3, 3, 3)}, ["eval"], 611),
+    ("deform_conv2d/v2_groups1_offgroups1", "deform_conv2d", "function",
+     {"stride": (1, 1), "padding": (1, 0), "dilation": (2, 1), "border_grad": "torchvision", "groups": 1, "offset_groups": 1},
+     {"input": (2, 3, 7, 5), "offset": (2, 2 * 3 * 2, 5, 4), "weight": (5, 3, 3, 2), "bias": (5,), "mask": (2, 3 * 2, 5, 4)},
+     ["eval"], 612),
 ]
 
 # Cases in a layer's initial state: zero offsets (and, for the layers, a zero offset conv),
@@ -182,6 +195,11 @@ CASES += [
       "key_padding_mask": ("float", (2, 3)), "attn_mask": ("float", (6, 4, 3))}, ["eval"], 708),
     ("multihead_attention/no_bias_no_mask", "MultiheadAttention", "block", {"embed_dim": 4, "num_heads": 4, "bias": False},
      {"query": (3, 1, 4), "key": (2, 1, 4), "value": (2, 1, 4)}, ["eval"], 709),
+    # sequence-first (batch_first=False, torch's default) with boolean masks: what Keras's
+    # MultiHeadAttention runs once its inputs are made batch-first and its mask True = attend
+    ("multihead_attention/seq_first_bool_masks", "MultiheadAttention", "block", {"embed_dim": 6, "num_heads": 2},
+     {"query": (4, 3, 6), "key": (5, 3, 6), "value": (5, 3, 6),
+      "key_padding_mask": ("bool_masked", (3, 5)), "attn_mask": ("bool_masked", (4, 5))}, ["eval"], 710),
 ]
 
 # Attention variants (the masking pipeline of npattn.functional.attention): the diagonal

@@ -109,6 +109,10 @@ class DeformConv2d(Block):
     border_grad : "torchvision" (default, this layer's framework) or "mmcv": the offset
         gradient at positions exactly at -1 on either axis (right-hand derivative, or 0);
         see :func:`npattn.functional.deform_conv2d_forward`
+    offset_groups : int or None
+        None (default, as torchvision): the number of offset groups follows from the
+        offset's channels at each call. An int states it, and a forward whose offset
+        has another number of groups raises ValueError.
 
     State: ``weight`` (out_channels, in_channels / groups, kh, kw) and ``bias``
     (out_channels,), initialised as torchvision (kaiming_uniform(a=sqrt(5)), i.e.
@@ -123,7 +127,7 @@ class DeformConv2d(Block):
 
     def __init__(
         self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-        *, rng=None, dtype=np.float32, backend=None, border_grad="torchvision",
+        *, rng=None, dtype=np.float32, backend=None, border_grad="torchvision", offset_groups=None,
     ):
         super().__init__(dtype)
         op = type(self).__name__
@@ -131,6 +135,12 @@ class DeformConv2d(Block):
          self.groups) = _conv_config(op, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.backend = backend
         self.border_grad = sampling.check_border_grad(op, border_grad)
+        self.offset_groups = None if offset_groups is None else positive_int(op, "offset_groups", offset_groups)
+        if self.offset_groups is not None and self.in_channels % self.offset_groups:
+            raise ValueError(
+                f"{op}: in_channels must be divisible by offset_groups, got in_channels={self.in_channels}, "
+                f"offset_groups={self.offset_groups}"
+            )
         self._add_conv("", make_rng(rng), self.in_channels, self.out_channels, self.kernel_size, self.groups, bias)
 
     def forward(self, x, offset, mask=None, *, training=False):
@@ -141,7 +151,7 @@ class DeformConv2d(Block):
         xp, x = self._placed_input("x", x, 4, self.in_channels)
         return deform_conv2d_forward(
             x, offset, self._param("weight", xp), self._param("bias", xp), self.stride, self.padding, self.dilation, mask,
-            backend=self.backend, border_grad=self.border_grad,
+            backend=self.backend, border_grad=self.border_grad, offset_groups=self.offset_groups,
         )
 
     def backward(self, grad_out, cache):

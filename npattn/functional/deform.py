@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import sampling
-from .._checks import conv_out_size, float_array, pair, same_dtype
+from .._checks import conv_out_size, float_array, pair, positive_int, same_dtype
 from .._xp import cupy_or_reason, device_namespace, is_cuda_array, like_forward
 
 __all__ = [
@@ -116,6 +116,8 @@ def deform_conv2d_forward(
     backend=None,
     column_budget_bytes=None,
     border_grad="torchvision",
+    groups=None,
+    offset_groups=None,
 ):
     """Deformable 2-D convolution, exactly as ``torchvision.ops.deform_conv2d``.
 
@@ -156,6 +158,11 @@ def deform_conv2d_forward(
     border_grad : "torchvision" (default) or "mmcv"
         The offset gradient's convention at the image border, used by the backward
         (stored in the cache); the forward does not depend on it. See Notes.
+    groups, offset_groups : int or None
+        The weight groups and offset groups as stated by the caller (the fixtures'
+        manifest states both, as the frameworks that take them as arguments need).
+        None (default): inferred from the shapes as above. An int must equal the number
+        the shapes give; a different one raises ValueError.
 
     Returns
     -------
@@ -244,12 +251,19 @@ def deform_conv2d_forward(
     out_h = conv_out_size(op, height, weight_h, stride[0], padding[0], dilation[0], "height")
     out_w = conv_out_size(op, width, weight_w, stride[1], padding[1], dilation[1], "width")
 
-    offset_groups = offset.shape[1] // (2 * k_taps)
-    if offset_groups == 0 or offset.shape[1] != 2 * k_taps * offset_groups:
+    n_offset_groups = offset.shape[1] // (2 * k_taps)
+    if n_offset_groups == 0 or offset.shape[1] != 2 * k_taps * n_offset_groups:
         raise ValueError(
             f"{op}: offset must have 2 * offset_groups * kh * kw channels, a positive multiple of "
             f"2 * {weight_h} * {weight_w} = {2 * k_taps}; got offset shape {tuple(offset.shape)}"
         )
+    for name, stated, inferred in (("groups", groups, weight_groups), ("offset_groups", offset_groups, n_offset_groups)):
+        if stated is not None and positive_int(op, name, stated) != inferred:
+            raise ValueError(
+                f"{op}: {name}={stated} disagrees with the shapes, which give {name} = {inferred} "
+                f"(input {tuple(input.shape)}, offset {tuple(offset.shape)}, weight {tuple(weight.shape)})"
+            )
+    offset_groups = n_offset_groups
     if c_in % offset_groups:
         raise ValueError(
             f"{op}: the input channels must be divisible by offset_groups = {offset_groups} "
