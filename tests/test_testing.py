@@ -36,7 +36,7 @@ def test_mmcv_layers_in_float32_match_golden(case_id):
 def test_golden_cases_patterns():
     every = golden_cases()
     assert every == sorted(golden.list_cases()) and len(every) > 50
-    f64 = golden_cases("aff/*_f64")
+    f64 = golden_cases("aff/c8_*_f64")
     assert f64 == ["aff/c8_r4_eval_f64", "aff/c8_r4_train_f64"]
     assert all(c.endswith("_eval_f32") for c in golden_cases("*_eval_f32"))
     assert golden_cases("deform_conv2d_pack/init_[mt]*_f64") == ["deform_conv2d_pack/init_mmcv_eval_f64", "deform_conv2d_pack/init_torchvision_eval_f64"]

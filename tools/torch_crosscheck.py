@@ -111,15 +111,7 @@ def run_case(meta: dict, arrays: dict):
     np_block = golden.build_block(meta, np.float64)
     state = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(("param.", "buffer."))}
     np_block.load_state_dict(state)
-    rename = None  # official key -> npattn key, for a case named for a paper's official code
-    if meta.get("official"):
-        import torch_ref_official
-
-        official = meta["official"]
-        module, reference = torch_ref_official.make_official_block(np_block, official), torch_ref_official.describe(official)
-        rename = lambda k: torch_ref_official.npattn_key(official, k)  # noqa: E731
-    else:
-        module, reference = _torch_module(np_block)
+    module, reference = _torch_module(np_block)
     module.train(meta["mode"] == "train")
     tin = _inputs(meta, arrays)
     y = module(*(tin[n] for n in names))
@@ -127,17 +119,6 @@ def run_case(meta: dict, arrays: dict):
     out["output"] = y.detach().numpy()
     for n in grad_names:
         out[f"grad.input.{n}"] = tin[n].grad.numpy()
-    if rename is not None:  # back to npattn's keys and shapes (the official MLP is (D, C), npattn's (D, C, 1, 1))
-        for k, p in module.named_parameters():
-            shape = state[rename(k)].shape
-            g = p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape))
-            out[f"grad.param.{rename(k)}"] = g.reshape(shape)
-        if meta["mode"] == "train":
-            params = dict(module.named_parameters())
-            for k, v in module.state_dict().items():
-                if k not in params:
-                    out[f"buffer_after.{rename(k)}"] = v.numpy().reshape(state[rename(k)].shape)
-        return out, reference
     for k, p in module.named_parameters():
         out[f"grad.param.{k}"] = p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape))
     if meta["mode"] == "train":

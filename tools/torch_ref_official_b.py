@@ -570,10 +570,28 @@ OFFICIAL = {
 }
 
 
+# The transcriptions of tools/torch_ref_official.py (Jongchan's CBAM, BangguWu's ECA and
+# ECA-NS, moskomule's SE) go through the same tables, so that every fixture naming an
+# official module is run by ``run_case`` below.
+def _register_cbam_eca_se():
+    import torch_ref_official as other
+
+    for name, (describe, _block, build, keys) in other.OFFICIAL.items():
+        KEY_MAPS[f"{name}_keys"] = [(k, v) for k, v in keys.items()] if keys else _SAME
+        REFERENCES[name] = (describe, build, lambda b, n=name: f"{n}_keys")
+        CONFIG_CHECKS[name] = lambda b, n=name: other.check_official_config(b, n)
+
+
+CONFIG_CHECKS = {}  # reference -> raises ValueError unless the npattn block is configured as it
+_register_cbam_eca_se()
+
+
 def make_official(reference, np_block, dtype=torch.float64):
     """(official module with the npattn block's arrays loaded strictly, eval mode; key map;
     description) for ``reference`` (a key of REFERENCES)."""
     describe, build, keys = REFERENCES[reference]
+    if reference in CONFIG_CHECKS:
+        CONFIG_CHECKS[reference](np_block)
     module = build(np_block).to(dtype)
     mapping = KEY_MAPS[keys(np_block)]
     state = to_official_state(np_block.state_dict(), mapping, module)
@@ -605,4 +623,8 @@ def run_case(meta, arrays):
         state = {k: v.numpy() for k, v in module.state_dict().items()}
         buffers = {k: blk[k].shape for k in blk.buffer_names()}
         out.update({f"buffer_after.{k}": v for k, v in from_official(state, mapping, buffers).items()})
+    if meta["official"] in CONFIG_CHECKS:  # a transcription of tools/torch_ref_official.py
+        import torch_ref_official
+
+        return out, torch_ref_official.describe(meta["official"])
     return out, f"tools/torch_ref_official_b.py: {describe}"
