@@ -373,6 +373,7 @@ class Walk:
     derivation: Derivation
     steps: list
     summary: list  # (ok, message)
+    values: dict  # forward symbols (inputs included) -> value
 
     @property
     def ok(self):
@@ -593,7 +594,7 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
     rep = gradcheck_block(block, [inputs[k] for k in names_in], training=example.training, raise_on_failure=False,
                           structural=False)
     summary.append((rep.ok, f"float64 gradcheck of the whole block: max rel err {rep.max_rel_err:.1e}"))
-    return Walk(example, deriv, steps, summary)
+    return Walk(example, deriv, steps, summary, values)
 
 
 # ---- printing -------------------------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""``npattn explain``: the derivation in each converted block's docstring and the code stay in step.
+
+Every block in ``npattn.explain.EXAMPLES`` is walked: every forward tag equals the code's
+value, every backward symbol is shown with its shape and passes its local check (the line
+alone against central differences of the forward lines it undoes). A deliberately wrong
+backward line must fail its check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import types
+
+import numpy as np
+import pytest
+
+from npattn import explain
+from npattn.cli import main
+
+NAMES = [ex.name for ex in explain.EXAMPLES]
+_WALKS = {}
+
+
+def walked(name):
+    if name not in _WALKS:
+        _WALKS[name] = explain.walk(explain.find_example(name), seed=0)
+    return _WALKS[name]
+
+
+def run_cli(*argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(list(argv))
+    return rc, out.getvalue()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_explain_cli_passes_and_shows_every_backward_symbol(name):
+    rc, text = run_cli("explain", name.upper(), "--values", "3")
+    assert rc == 0, text
+    assert f"{name}: all checks passed" in text
+    deriv = explain.derivation_of(explain.find_example(name).module)
+    blocks = re.split(r"\n  (?=\S)", text)
+    for ln in deriv.backward:
+        entry = next((b for b in blocks if b.startswith(f"{ln.sym} = ")), None)
+        assert entry is not None, f"{ln.sym} not shown"
+        assert ln.shape in entry  # the derivation's symbolic shape, beside the value's
+        assert "value (" in entry
+        assert "ok   local check through" in entry, entry
+        assert "FAIL" not in entry
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_backward_symbol_is_a_variable_the_walk_shows(name):
+    w = walked(name)
+    lhs = {ln.sym for ln in w.derivation.backward}
+    assert lhs <= w.shown(), sorted(lhs - w.shown())
+    for step in w.steps:
+        assert step.value is not None, step.line.sym
+        if step.kind == "backward":
+            assert np.shape(step.value) == np.shape(w.values[step.line.sym[1:]])
+            assert any("local check" in msg for ok, msg in step.verdicts)
+        assert step.ok, (step.line.sym, step.verdicts)
+    assert w.ok, w.summary
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_is_bound_and_every_forward_symbol_the_code_has_is_compared(name):
+    w = walked(name)
+    params = [k for k in explain.find_example(name).build(np.random.default_rng(0)).parameter_names()]
+    msgs = " ".join(m for _, m in w.summary)
+    for key in params:
+        assert f"gradient of {key} equals" in msgs
+    compared = [s for s in w.steps if s.kind == "forward" and s.source == "code"]
+    assert compared and all(any("tag equals" in m for _, m in s.verdicts) for s in compared)
+
+
+class _Skewed:
+    """numpy with one op made wrong: stands for a mistaken backward line."""
+
+    def __init__(self, name, factor):
+        self._name, self._factor = name, factor
+
+    def __getattr__(self, attr):
+        fn = getattr(np, attr)
+        if attr != self._name:
+            return fn
+        return lambda *a, **k: self._factor * fn(*a, **k)
+
+
+def test_a_wrong_backward_line_fails_its_local_check(monkeypatch):
+    from npattn.blocks import se
+
+    monkeypatch.setattr(se, "np", _Skewed("einsum", 1.5))  # dg = 1.5 sum dy * x: wrong
+    w = explain.walk(explain.find_example("SEBlock"), seed=0)
+    by_sym = {s.line.sym: s for s in w.steps if s.kind == "backward"}
+    assert not by_sym["dg"].ok
+    assert any(not ok and "local check" in msg for ok, msg in by_sym["dg"].verdicts)
+    # the lines after it undo their own step correctly, on the wrong upstream value
+    assert by_sym["dz"].ok and by_sym["dW2"].ok
+    assert not w.ok
+    _WALKS.clear()
+    rc, text = run_cli("explain", "SEBlock")
+    assert rc == 1 and "FAIL" in text and "some checks FAILED" in text
+
+
+def test_a_wrong_forward_tag_and_a_missing_symbol_fail():
+    doc = """x.
+
+Forward::
+
+    s = mean x            (N, C)     squeeze        [mean(x, (2, 3)) * 2]
+    y = x * s             (N, C, H, W)              [x * s[:, :, None, None]]
+
+Backward::
+
+    ds = sum dy x         (N, C)
+    dq = ...              (N, C)
+"""
+    d = explain.parse_derivation(doc)
+    assert [ln.sym for ln in d.forward] == ["s", "y"] and d.forward[0].tag == "mean(x, (2, 3)) * 2"
+    assert d.backward[1].shape == "(N, C)" and d.backward[0].tag is None
+
+
+@pytest.mark.parametrize("doc, match", [
+    ("Forward::\n\n    s = mean x   [mean(x, 2)]\n\nBackward::\n\n    ds = 1   (N,)\n", "no \\(shape\\)"),
+    ("Forward::\n\n    y = x   (N,)\n\nBackward::\n\n    dy = 1   (N,)\n", "has no \\[tag\\]"),
+    ("Forward::\n\n    y = x   (N,)   [x]\n", "no line 'Backward::'"),
+    ("Forward::\n\n    s = x   (N,)   [x]\n\nBackward::\n\n    ds = 1   (N,)\n", "must define y"),
+])
+def test_malformed_derivations_are_refused(doc, match):
+    with pytest.raises(explain.DerivationError, match=match):
+        explain.parse_derivation(doc)
+
+
+def test_unknown_block_is_a_user_error(capsys):
+    assert main(["explain", "NoSuchBlock"]) == 2
+    assert "blocks with one: " in capsys.readouterr().err
