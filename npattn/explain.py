@@ -111,6 +111,7 @@ class Example:
     build: object  # callable rng -> block (float64)
     inputs: dict  # argument name -> shape
     training: bool = False
+    override: str | None = None  # heading of a literal block replacing lines (parse_derivation)
 
 
 def _se(rng):
@@ -119,8 +120,15 @@ def _se(rng):
     return SEBlock(8, reduction=4, bias=True, rng=rng, dtype=np.float64)
 
 
+def _se_module(rng):
+    from .blocks.se import SEModule
+
+    return SEModule(8, rd_channels=3, rng=rng, dtype=np.float64)
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}),
+    Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks"),
 ]
 
 
@@ -200,12 +208,12 @@ def _parse_line(sym, rest, lineno, where):
                           f"(fields are separated by two or more spaces)")
 
 
-def _literal_block(lines, marker, where):
-    """(start, lines) of the literal block after the line that is exactly ``marker``."""
+def _literal_block(lines, marker, where, exact=False):
+    """[(lineno, line)] of the literal block after the line ``marker`` (or ``Word, ...::``)."""
     word = marker[:-2]
     for i, ln in enumerate(lines):
         t = ln.strip()
-        if t.endswith("::") and (t == marker or t.startswith(word + ",") or t.startswith(word + " ")):
+        if t == marker or (not exact and t.endswith("::") and (t.startswith(word + ",") or t.startswith(word + " "))):
             indent = len(ln) - len(ln.lstrip())
             out = []
             for j in range(i + 1, len(lines)):
@@ -217,8 +225,45 @@ def _literal_block(lines, marker, where):
     raise DerivationError(f"{where}: the module docstring has no line '{marker}' (or '{word}, ...::')")
 
 
-def parse_derivation(doc: str, where="docstring") -> Derivation:
-    """The Forward and Backward lines of a module docstring (format: this module's docstring)."""
+def _apply_override(lines, heading, fwd, bwd, where):
+    """Replace lines of ``fwd``/``bwd`` by those of the literal block under ``heading``."""
+    found = None
+    for i, ln in enumerate(lines):
+        t = ln.strip()
+        if heading in t and t.endswith("::"):
+            found = t
+            break
+    if found is None:
+        raise DerivationError(f"{where}: no literal block under a line containing {heading!r} and ending '::'")
+    new = []
+    for lineno, t in _literal_block(lines, found, where, exact=True):
+        m = _SYM.match(t.strip())
+        if m:
+            new.append(_parse_line(m.group(1), m.group(2), lineno, where))
+        elif t.strip() and new:
+            new[-1].text.append(t.strip())
+    pending = []
+    for ln in new:
+        for section in (fwd, bwd):
+            idx = next((i for i, old in enumerate(section) if old.sym == ln.sym), None)
+            if idx is not None:
+                section[idx] = ln
+                section[idx:idx] = pending
+                pending = []
+                break
+        else:
+            pending.append(ln)
+    if pending:
+        raise DerivationError(f"{where}: the lines of {found!r} defining {', '.join(p.sym for p in pending)} "
+                              f"replace no line and come before none that does")
+
+
+def parse_derivation(doc: str, where="docstring", override=None) -> Derivation:
+    """The Forward and Backward lines of a module docstring (format: this module's docstring).
+
+    ``override``: text of a line ending in ``::`` whose literal block replaces
+    lines of the same symbols (a second block of the module, an option); a line with a
+    new symbol is inserted before the next line of that block that replaces one."""
     lines = doc.splitlines()
     result = []
     for marker in ("Forward::", "Backward::"):
@@ -233,6 +278,8 @@ def parse_derivation(doc: str, where="docstring") -> Derivation:
             raise DerivationError(f"{where}: the '{marker}' block defines no symbol")
         result.append(parsed)
     fwd, bwd = result
+    if override:
+        _apply_override(lines, override, fwd, bwd, where)
     for ln in fwd:
         if not ln.tag:
             raise DerivationError(f"{where}, line {ln.lineno}: Forward line '{ln.sym}' has no [tag]")
@@ -244,9 +291,14 @@ def parse_derivation(doc: str, where="docstring") -> Derivation:
     return Derivation(fwd, bwd)
 
 
-def derivation_of(module_name: str) -> Derivation:
+def derivation_of(module_name: str, override=None) -> Derivation:
     mod = importlib.import_module(module_name)
-    return parse_derivation(mod.__doc__ or "", module_name)
+    return parse_derivation(mod.__doc__ or "", module_name, override)
+
+
+def derivation_for(example: "Example") -> Derivation:
+    """The derivation an example walks (its module's, with its override applied)."""
+    return derivation_of(example.module, example.override)
 
 
 # ---- the op vocabulary -------------------------------------------------------------------
@@ -475,7 +527,7 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
     """Run ``example``'s block and walk its derivation (see the module docstring)."""
     from .gradcheck import gradcheck_block
 
-    deriv = derivation_of(example.module)
+    deriv = derivation_for(example)
     rng = np.random.default_rng(seed)
     block = example.build(rng)
     _random_state(block, rng)

@@ -41,7 +41,7 @@ def test_explain_cli_passes_and_shows_every_backward_symbol(name):
     rc, text = run_cli("explain", name.upper(), "--values", "3")
     assert rc == 0, text
     assert f"{name}: all checks passed" in text
-    deriv = explain.derivation_of(explain.find_example(name).module)
+    deriv = explain.derivation_for(explain.find_example(name))
     blocks = re.split(r"\n  (?=\S)", text)
     for ln in deriv.backward:
         entry = next((b for b in blocks if b.startswith(f"{ln.sym} = ")), None)

@@ -43,7 +43,13 @@ of timm's ResNets and EfficientNets): the two layers are 1x1 convolutions ``fc1`
 1, 1) and ``fc2`` (C, D, 1, 1) with biases by default, and the hidden width is timm's
 ``D = make_divisible(C * rd_ratio, rd_divisor, round_limit=0)`` unless ``rd_channels``
 is given. On the pooled (N, C, 1, 1) map a 1x1 convolution is the linear layer above
-with W1 = fc1.weight[:, :, 0, 0], so the forward and backward are the lines above.
+with W1 = fc1.weight[:, :, 0, 0], so the forward and backward are the lines above, with
+these bindings (``npattn explain SEModule`` walks them)::
+
+    W1 = fc1.weight[:, :, 0, 0]        (D, C)        fc1's 1x1 kernel as a matrix      [param("fc1.weight")[:, :, 0, 0]]
+    b1 = fc1.bias                      (D,)          fc1's bias                        [param("fc1.bias")]
+    W2 = fc2.weight[:, :, 0, 0]        (C, D)        fc2's 1x1 kernel as a matrix      [param("fc2.weight")[:, :, 0, 0]]
+    b2 = fc2.bias                      (C,)          fc2's bias                        [param("fc2.bias")]
 
 timm's options of ``SEModule`` change single lines (timm's semantics and keys)::
 
@@ -170,7 +176,7 @@ class SEModuleCache:
     fc1: object  # LinearCache of fc1 on the pooled vector: s (N, C), W1 (D, C)
     relu: object  # cache of the activation on h (N, D) (ReluCache for "relu")
     fc2: object  # LinearCache of fc2: a (N, D), W2 (C, D)
-    gate: np.ndarray  # (N, C, 1, 1) g = gate(z)
+    g: np.ndarray  # (N, C) the gate g = gate(z)
     max_hw: object = None  # add_maxpool: AmaxCache of max over (H, W) of x
     bn: object = None  # norm: BatchNormCache of bn on fc1's output (N, D)
     gate_cache: object = None  # the gate's cache on z (N, C)
@@ -238,7 +244,7 @@ class SEModule(Block):
         """``y = x * g``; with ``norm`` the BatchNorm uses batch statistics in training (and
         updates its running statistics), otherwise both modes compute the same."""
         x = self._check_input("x", x, 4, self.channels)
-        n, c = x.shape[:2]
+        n = x.shape[0]
         if self.add_maxpool:
             self._check_image("x", x, "the maximum over H W of an empty image does not exist; timm's amax refuses it")
         s = x.mean(axis=(2, 3))  # (N, C) squeeze
@@ -258,42 +264,41 @@ class SEModule(Block):
         a, k_act = SE_ACTS[self.act][0](h)  # (N, D)
         z, fc2 = pointwise(self, "fc2.", a)  # (N, C)
         g, k_gate = SE_GATES[self.gate][0](z)  # (N, C)
-        g = g.reshape(n, c, 1, 1)  # (N, C, 1, 1)
-        y = x * g  # (N, C, H, W)
+        y = x * g[:, :, None, None]  # (N, C, H, W)
         return y, SEModuleCache(x, fc1, k_act, fc2, g, k_max, k_bn, k_gate)
 
     def backward(self, grad_out, cache: SEModuleCache):
         """Returns ``((dx,), grads)`` with a gradient for every parameter key."""
         op = "SEModule.backward"
-        x, g = cache.x, cache.gate
+        x, g = cache.x, cache.g
         dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
         shape_is(op, "grad_out", dy, x.shape)
         same_dtype(op, "x", x, grad_out=dy)
-        n, c, h, w = x.shape
-        grads = self.zero_grads()
-        d_g = np.einsum("ncl,ncl->nc", dy.reshape(n, c, h * w), x.reshape(n, c, h * w))  # (N, C)
+        N, C, H, W = x.shape
+        grads = self.zero_grads()  # dW1, db1 (fc1.*), dW2, db2 (fc2.*) and bn.* are added into it
+        dg = np.einsum("ncl,ncl->nc", dy.reshape(N, C, H * W), x.reshape(N, C, H * W))  # (N, C)
         if self.gate == "sigmoid":
-            d_z = d_g * (g * (1 - g)).reshape(n, c)  # (N, C)
+            dz = dg * (g * (1 - g))  # (N, C)
         else:
-            d_z = SE_GATES[self.gate][1](d_g, cache.gate_cache)["x"]  # (N, C)
-        d_a = pointwise_backward(self, "fc2.", d_z, cache.fc2, grads)  # (N, D)
-        d_h = SE_ACTS[self.act][1](d_a, cache.relu)["x"]  # (N, D)
+            dz = SE_GATES[self.gate][1](dg, cache.gate_cache)["x"]  # (N, C)
+        da = pointwise_backward(self, "fc2.", dz, cache.fc2, grads)  # (N, D); dW2, db2
+        dh = SE_ACTS[self.act][1](da, cache.relu)["x"]  # (N, D)
         if self.norm:
-            d_h = self._batch_norm_backward("bn.", d_h, cache.bn, grads)  # (N, D)
-        d_s = self._fc1_backward(d_h, cache, grads)  # (N, C)
-        d_x = dy * g  # (N, C, H, W) through the gate's factor
+            dh = self._batch_norm_backward("bn.", dh, cache.bn, grads)  # (N, D) before the BatchNorm
+        ds = self._fc1_backward(dh, cache, grads)  # (N, C); dW1, db1
+        dx = dy * g[:, :, None, None]  # (N, C, H, W) through the gate's factor
         if self.add_maxpool:
             half = x.dtype.type(0.5)
-            d_x += (d_s * (half * inv_area(x.dtype, h, w))).reshape(n, c, 1, 1)  # through the mean
-            d_x += F.amax_backward(half * d_s, cache.max_hw)["x"]  # through the max
+            dx += (ds * (half * inv_area(x.dtype, H, W)))[:, :, None, None]  # through the mean
+            dx += F.amax_backward(half * ds, cache.max_hw)["x"]  # through the max
         else:
-            d_x += (d_s * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)  # through the squeeze
-        return (d_x,), grads
+            dx += (ds * inv_area(x.dtype, H, W))[:, :, None, None]  # through the squeeze
+        return (dx,), grads
 
     def _fc1_backward(self, d_h, cache, grads):
         """fc1's backward; its bias gradient is exactly 0 when a training BatchNorm follows."""
-        g = F.linear_backward(d_h, cache.fc1)
-        grads["fc1.weight"] += g["weight"].reshape(grads["fc1.weight"].shape)
-        if "bias" in g and not bias_grad_is_zero(cache.bn):
-            grads["fc1.bias"] += g["bias"]
-        return g["x"]  # (N, C)
+        fc1 = F.linear_backward(d_h, cache.fc1)
+        grads["fc1.weight"] += fc1["weight"].reshape(grads["fc1.weight"].shape)
+        if "bias" in fc1 and not bias_grad_is_zero(cache.bn):
+            grads["fc1.bias"] += fc1["bias"]
+        return fc1["x"]  # (N, C)
