@@ -126,9 +126,16 @@ def _se_module(rng):
     return SEModule(8, rd_channels=3, rng=rng, dtype=np.float64)
 
 
+def _simam(rng):
+    from .blocks.simam import SimAM
+
+    return SimAM(1e-4, dtype=np.float64)
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks"),
+    Example("SimAM", "npattn.blocks.simam", _simam, {"x": (2, 3, 5, 4)}),
 ]
 
 
@@ -162,7 +169,10 @@ class Line:
         """Names the tag reads."""
         if not self.tag:
             return set()
-        return {n.id for n in ast.walk(ast.parse(self.tag, mode="eval")) if isinstance(n, ast.Name)}
+        tree = ast.parse(self.tag, mode="eval")
+        sized = {id(n.value) for n in ast.walk(tree)  # x.shape, x.ndim: sizes, not values
+                 if isinstance(n, ast.Attribute) and n.attr in ("shape", "ndim", "dtype", "size")}
+        return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in sized}
 
 
 @dataclass
