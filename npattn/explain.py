@@ -22,7 +22,8 @@ separated by runs of two or more spaces::
   the value, in the block's ``forward`` (Forward lines) or ``backward`` (Backward lines),
   or in a helper function of the block's module they call.
 - ``math-form``: the formula as a reader writes it (free text, one space between terms).
-- ``(shape)``: required; the value's shape in named sizes, e.g. ``(N, C, H, W)``,
+- ``(shape)``: required (on the next line when the formula fills its line); the
+  value's shape in named sizes, e.g. ``(N, C, H, W)``,
   ``(D, C)``, ``(C,)``, ``()``. A name is bound the first time it is met and checked after
   (N, C, H, W always from the input x); an entry may be an integer or an expression over
   names met before (``(N, 2 C)``, written ``(N, 2*C)``).
@@ -132,10 +133,17 @@ def _simam(rng):
     return SimAM(1e-4, dtype=np.float64)
 
 
+def _gct(rng):
+    from .blocks.gct import GCT
+
+    return GCT(6, dtype=np.float64)
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks"),
     Example("SimAM", "npattn.blocks.simam", _simam, {"x": (2, 3, 5, 4)}),
+    Example("GCT", "npattn.blocks.gct", _gct, {"x": (2, 6, 5, 3)}),
 ]
 
 
@@ -218,6 +226,30 @@ def _parse_line(sym, rest, lineno, where):
                           f"(fields are separated by two or more spaces)")
 
 
+def _parse_block(rows, where):
+    """Lines of one literal block: ``SYM = ...`` starts a line, other text continues it. A
+    formula too long for its line may put its (shape) and the rest on the next line."""
+    raw = []  # [sym, rest, lineno, [continuation]]
+    for lineno, t in rows:
+        m = _SYM.match(t.strip())
+        if m:
+            raw.append([m.group(1), m.group(2), lineno, []])
+        elif t.strip() and raw:
+            raw[-1][3].append(t.strip())
+    parsed = []
+    for sym, rest, lineno, text in raw:
+        try:
+            ln = _parse_line(sym, rest, lineno, where)
+        except DerivationError:
+            if not text:
+                raise
+            ln = _parse_line(sym, rest + "  " + text[0], lineno, where)
+            text = text[1:]
+        ln.text = text
+        parsed.append(ln)
+    return parsed
+
+
 def _literal_block(lines, marker, where, exact=False):
     """[(lineno, line)] of the literal block after the line ``marker`` (or ``Word, ...::``)."""
     word = marker[:-2]
@@ -245,13 +277,7 @@ def _apply_override(lines, heading, fwd, bwd, where):
             break
     if found is None:
         raise DerivationError(f"{where}: no literal block under a line containing {heading!r} and ending '::'")
-    new = []
-    for lineno, t in _literal_block(lines, found, where, exact=True):
-        m = _SYM.match(t.strip())
-        if m:
-            new.append(_parse_line(m.group(1), m.group(2), lineno, where))
-        elif t.strip() and new:
-            new[-1].text.append(t.strip())
+    new = _parse_block(_literal_block(lines, found, where, exact=True), where)
     pending = []
     for ln in new:
         for section in (fwd, bwd):
@@ -277,13 +303,7 @@ def parse_derivation(doc: str, where="docstring", override=None) -> Derivation:
     lines = doc.splitlines()
     result = []
     for marker in ("Forward::", "Backward::"):
-        parsed = []
-        for lineno, t in _literal_block(lines, marker, where):
-            m = _SYM.match(t.strip())
-            if m:
-                parsed.append(_parse_line(m.group(1), m.group(2), lineno, where))
-            elif t.strip() and parsed:
-                parsed[-1].text.append(t.strip())
+        parsed = _parse_block(_literal_block(lines, marker, where), where)
         if not parsed:
             raise DerivationError(f"{where}: the '{marker}' block defines no symbol")
         result.append(parsed)
