@@ -75,12 +75,29 @@ What is checked
   ``y`` and the walked gradients of the inputs and parameters, and a float64 gradcheck
   of the whole block is run.
 
+Where the code's values are found
+---------------------------------
+
+The walk records every function of the block's module file as it returns (``forward``,
+``backward``, helpers such as a ``_mlp``), keeping its ndarray locals (and dicts of
+ndarrays). ``SYM`` is the local ``SYM`` of ``forward`` (``backward`` for ``dSYM``), else
+of a helper; a symbol ``base_key`` may also be the entry ``key`` of a local dict ``base``
+(``v_avg`` is ``v["avg"]``: one line per pool of a loop). So in the code:
+
+- one value, one name: a symbol is assigned once (``dx += ...`` on the same array is
+  fine; a name rebound to another value shows only its last value);
+- sizes are capitals, ``N, C, H, W = x.shape``, never ``h, w`` (``h`` is a hidden layer);
+- gradients are ``d`` + the symbol with no underscore (``dz``, ``dW1``; ``dy`` upstream).
+
 Adding a block
 --------------
 
-Write its derivation in the format above, name the code's locals as the symbols, and
-add an :class:`Example` to :data:`EXAMPLES` (a small float64 block and input shapes).
-``tests/test_explain.py`` then walks it.
+Write its derivation in the format above, name the code's locals as the symbols (the
+change must leave every output and gradient bit-identical), and add an :class:`Example`
+to :data:`EXAMPLES` (a small float64 block, input shapes, the mode).
+``tests/test_explain.py`` then walks it. Two blocks in one module share the lines: the
+second one's :attr:`Example.override` names a literal block (``name ...::``) whose lines
+replace those of the same symbols (SEModule's bindings in ``npattn/blocks/se.py``).
 """
 
 from __future__ import annotations
@@ -139,11 +156,18 @@ def _gct(rng):
     return GCT(6, dtype=np.float64)
 
 
+def _eca(rng):
+    from .blocks.eca import ECA
+
+    return ECA(9, rng=rng, dtype=np.float64)  # the adaptive k of C = 9 is 3
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks"),
     Example("SimAM", "npattn.blocks.simam", _simam, {"x": (2, 3, 5, 4)}),
     Example("GCT", "npattn.blocks.gct", _gct, {"x": (2, 6, 5, 3)}),
+    Example("ECA", "npattn.blocks.eca", _eca, {"x": (2, 9, 4, 3)}),
 ]
 
 
