@@ -94,7 +94,8 @@ Adding a block
 
 Write its derivation in the format above, name the code's locals as the symbols (the
 change must leave every output and gradient bit-identical), and add an :class:`Example`
-to :data:`EXAMPLES` (a small float64 block, input shapes, the mode).
+to :data:`EXAMPLES` (a small float64 block, input shapes, the mode, and which golden
+cases' configurations the derivation describes, for ``npattn exercise check``).
 ``tests/test_explain.py`` then walks it. Two blocks in one module share the lines: the
 second one's :attr:`Example.override` names a literal block (``name ...::``) whose lines
 replace those of the same symbols (SEModule's bindings in ``npattn/blocks/se.py``).
@@ -111,7 +112,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Example", "EXAMPLES", "Line", "Derivation", "parse_derivation", "walk", "find_example", "explain"]
+__all__ = ["Example", "EXAMPLES", "Line", "Derivation", "parse_derivation", "derivation_for", "walk", "find_example",
+           "explain", "op_vocabulary", "local_check", "bindings_of"]
 
 TOL = 1e-6  # local check and tag comparison, relative to a Cauchy-Schwarz scale (float64)
 
@@ -130,6 +132,7 @@ class Example:
     inputs: dict  # argument name -> shape
     training: bool = False
     override: str | None = None  # heading of a literal block replacing lines (parse_derivation)
+    fixtures: object = None  # callable config -> bool: the golden cases the derivation describes
 
 
 def _se(rng):
@@ -163,11 +166,14 @@ def _eca(rng):
 
 
 EXAMPLES = [
-    Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}),
-    Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks"),
-    Example("SimAM", "npattn.blocks.simam", _simam, {"x": (2, 3, 5, 4)}),
-    Example("GCT", "npattn.blocks.gct", _gct, {"x": (2, 6, 5, 3)}),
-    Example("ECA", "npattn.blocks.eca", _eca, {"x": (2, 9, 4, 3)}),
+    Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
+    Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
+            fixtures=lambda c: c.get("bias", True) and not c.get("add_maxpool") and not c.get("norm")
+            and c.get("act", "relu") == "relu" and c.get("gate", "sigmoid") == "sigmoid"),
+    Example("SimAM", "npattn.blocks.simam", _simam, {"x": (2, 3, 5, 4)}, fixtures=lambda c: True),
+    Example("GCT", "npattn.blocks.gct", _gct, {"x": (2, 6, 5, 3)}, fixtures=lambda c: c.get("mode", "l2") == "l2"),
+    Example("ECA", "npattn.blocks.eca", _eca, {"x": (2, 9, 4, 3)},
+            fixtures=lambda c: c.get("shared", True) and not c.get("use_mlp")),
 ]
 
 
@@ -358,6 +364,11 @@ def derivation_for(example: "Example") -> Derivation:
 # ---- the op vocabulary -------------------------------------------------------------------
 
 
+def op_vocabulary() -> dict:
+    """The names a tag may use (a fresh dict): the ops of this module's docstring."""
+    return _vocabulary()
+
+
 def _vocabulary():
     from . import functional as F
 
@@ -533,6 +544,17 @@ def _random_state(block, rng):
         else:
             state[k] = 0.5 * rng.standard_normal(v.shape)
     block.load_state_dict(state)
+
+
+def bindings_of(deriv: Derivation) -> dict:
+    """Forward symbols bound to the block (tags calling ``param`` or ``attr``): sym -> Line."""
+    return {ln.sym: ln for ln in deriv.forward if re.search(r"\b(param|attr)\s*\(", ln.tag)}
+
+
+def local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
+    """The local check of the line ``d<sym>`` (module docstring): a list of (ok, message).
+    ``values``: the forward symbols; ``grads``: the gradients walked so far (``dy`` included)."""
+    return _local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs)
 
 
 def _local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
