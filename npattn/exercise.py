@@ -135,9 +135,15 @@ def _bound(deriv, block, state, dtype=None):
     vocab = E.op_vocabulary()
     out = {}
     for sym, ln in E.bindings_of(deriv).items():
-        v = E._eval(ln.tag, dict(vocab, param=lambda k: state[k], attr=lambda a: getattr(block, a)))
+        v = E._eval(ln.tag, dict(vocab, param=lambda k: state[k], buffer=lambda k: state[k],
+                                 attr=lambda a: getattr(block, a)))
         out[sym] = v if dtype is None or not isinstance(v, np.ndarray) else v.astype(dtype)
     return out
+
+
+def _params(deriv):
+    """The symbols bound to parameters (differentiated), in the derivation's order."""
+    return [sym for sym, ln in E.bindings_of(deriv).items() if re.search(r"\bparam\s*\(", ln.tag)]
 
 
 def _param_grads(deriv, grads, state):
@@ -172,8 +178,8 @@ def check_file(path, *, stream=None, seed=0, golden_dir=None) -> bool:
     state = block.state_dict()
     inputs = {k: rng.standard_normal(shape) for k, shape in ex.inputs.items()}
     bound = _bound(deriv, block, state)
-    arrays = dict(inputs, **{k: v for k, v in bound.items() if isinstance(v, np.ndarray)})
-    consts = {k: v for k, v in bound.items() if not isinstance(v, np.ndarray)}
+    arrays = dict(inputs, **{k: v for k, v in bound.items() if k in _params(deriv)})
+    consts = {k: v for k, v in bound.items() if k not in _params(deriv)}  # constants and buffers
 
     def fwd(**a):
         return mod.forward(**a, **consts, training=ex.training)
@@ -253,8 +259,8 @@ def check_file(path, *, stream=None, seed=0, golden_dir=None) -> bool:
         cstate = case.state_dict()
         cb = _bound(deriv, cblock, cstate)
         cinputs = case.inputs()
-        carr = dict(cinputs, **{k: v for k, v in cb.items() if isinstance(v, np.ndarray)})
-        cconst = {k: v for k, v in cb.items() if not isinstance(v, np.ndarray)}
+        carr = dict(cinputs, **{k: v for k, v in cb.items() if k in _params(deriv)})
+        cconst = {k: v for k, v in cb.items() if k not in _params(deriv)}
         try:
             yc, cc = mod.forward(**carr, **cconst, training=meta.get("mode") == "train")
             gc = mod.backward(case.arrays["grad_output"], cc)

@@ -33,13 +33,14 @@ separated by runs of two or more spaces::
   Backward line may end with one (then it is evaluated and compared with the code's
   value); without it the code's value is walked and checked by the local check.
 
-Three kinds of Forward line:
+Kinds of Forward line:
 
 - inputs are the forward's arguments (``x``); they need no line;
 - a parameter binding: ``W1 = fc.0.weight   (D, C)   fc.0   [param("fc.0.weight")]``
   binds a symbol to a state_dict key. The tag may take a view of it that keeps its
   size, ``[param("fc1.weight")[:, :, 0, 0]]`` (a 1x1 conv read as a matrix); the
   gradient of the symbol is then the gradient of the key, viewed the same way;
+- a buffer, not differentiated: ``rm = bn.running_mean   (D,)   [buffer("bn.running_mean")]``;
 - a constant of the block's configuration: ``lam = e_lambda   ()   [attr("e_lambda")]``;
 - every other line computes its symbol from earlier ones, ``[linear(s, W1, b1)]``.
 
@@ -58,7 +59,7 @@ Op vocabulary of the tags (``npattn.functional``'s forward functions, value only
 ``abs``, ``sqrt``, ``exp``, ``log``, ``sign``, ``softmax(x, axis)``,
 ``l2_norm(x, axis, keepdims=False)``, ``logsumexp(x, axis, keepdims=False)``,
 ``batch_norm(x, gamma, beta, running_mean, running_var, training, eps=1e-5)``,
-``concat([a, b], axis)``, ``einsum``, ``np``, ``param(key)``, ``attr(name)``.
+``concat([a, b], axis)``, ``einsum``, ``np``, ``param(key)``, ``buffer(key)``, ``attr(name)``.
 
 What is checked
 ---------------
@@ -165,6 +166,12 @@ def _eca(rng):
     return ECA(9, rng=rng, dtype=np.float64)  # the adaptive k of C = 9 is 3
 
 
+def _cbam(rng):
+    from .blocks.cbam import CBAM
+
+    return CBAM(8, rd_channels=3, spatial_kernel_size=3, rng=rng, dtype=np.float64)
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -174,6 +181,10 @@ EXAMPLES = [
     Example("GCT", "npattn.blocks.gct", _gct, {"x": (2, 6, 5, 3)}, fixtures=lambda c: c.get("mode", "l2") == "l2"),
     Example("ECA", "npattn.blocks.eca", _eca, {"x": (2, 9, 4, 3)},
             fixtures=lambda c: c.get("shared", True) and not c.get("use_mlp")),
+    Example("CBAM", "npattn.blocks.cbam", _cbam, {"x": (2, 8, 5, 4)}, training=True,
+            fixtures=lambda c: not c.get("mlp_bias") and tuple(c.get("pool_types", ("avg", "max"))) == ("avg", "max")
+            and not c.get("no_spatial") and c.get("spatial_order", "avg_max") == "avg_max"
+            and c.get("max_grad", "split") == "split"),
 ]
 
 
@@ -548,7 +559,7 @@ def _random_state(block, rng):
 
 def bindings_of(deriv: Derivation) -> dict:
     """Forward symbols bound to the block (tags calling ``param`` or ``attr``): sym -> Line."""
-    return {ln.sym: ln for ln in deriv.forward if re.search(r"\b(param|attr)\s*\(", ln.tag)}
+    return {ln.sym: ln for ln in deriv.forward if re.search(r"\b(param|buffer|attr)\s*\(", ln.tag)}
 
 
 def local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
@@ -634,7 +645,7 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
     rec.frames = fwd_frames
     for ln in deriv.forward:
         step = Step(ln, "forward", None, "missing")
-        env = dict(vocab, **values, param=param, attr=attr)
+        env = dict(vocab, **values, param=param, buffer=param, attr=attr)
         try:
             tagged = _eval(ln.tag, env)
         except Exception as exc:  # a tag that does not run is a failed line
@@ -651,7 +662,9 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
                                   else f"tag differs from the code's {ln.sym}: rel err {err:.1e}"))
             step.value, step.source = code, "code"
         else:
-            step.value, step.source = np.asarray(tagged), ("parameter" if keys else "tag")
+            bound = re.search(r"\b(buffer|attr)\s*\(", ln.tag)
+            step.value = np.asarray(tagged)
+            step.source = "parameter" if keys else (f"the block's {bound.group(1)}" if bound else "tag")
         ok, msg = _shape_check(ln, step.value, dims)
         if not ok:
             step.verdicts.append((False, msg))
@@ -674,7 +687,7 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
         elif sym in names_in:
             step.value, step.source = input_grads[names_in.index(sym)], "returned input gradient"
         if ln.tag:
-            env = dict(vocab, **values, **grads, param=param, attr=attr)
+            env = dict(vocab, **values, **grads, param=param, buffer=param, attr=attr)
             try:
                 tagged = _eval(ln.tag, env)
                 if step.value is None:
