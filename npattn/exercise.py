@@ -90,14 +90,15 @@ GRADIENTS = ({dsyms},)  # what backward returns, in the derivation's order
 def forward({", ".join(args)}, training={ex.training}):
     """The forward pass (given). Returns ``(y, cache)``, cache a dict of every symbol."""
 ''' + "\n".join(body) + f'''
-    cache = dict({", ".join(f"{n}={n}" for n in cache_names)})
+    cache = dict({", ".join(f"{n}={n}" for n in cache_names)}, training=training)
     return y, cache
 
 
 def backward(dy, cache):
     """Return a dict with every gradient of GRADIENTS, e.g. {{"{deriv.backward[0].sym}": ..., ...}}.
 
-    ``dy`` is dL/dy; ``cache`` holds the forward's symbols (``cache["x"]``, ...).
+    ``dy`` is dL/dy; ``cache`` holds the forward's symbols (``cache["x"]``, ...) and
+    ``cache["training"]``.
     The derivation, in the order to compute it (``dy`` first):
     """
 ''' + "\n".join(_comment_lines(deriv.backward)) + '''

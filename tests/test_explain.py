@@ -206,3 +206,59 @@ def test_exercise_refuses_to_overwrite(tmp_path):
     assert "exists; pass --force" in out.getvalue() and path.read_text() == "# my work\n"
     assert run_cli("exercise", "SimAM", str(tmp_path), "--force")[0] == 0
     assert "def backward(dy, cache)" in path.read_text()
+
+
+CBAM_SOLUTION = '''    from npattn import functional as F
+
+    x, x1, gc, gs, p, q = (cache[k] for k in ("x", "x1", "gc", "gs", "p", "q"))
+    W1, W2, Ws, gamma, eps = (cache[k] for k in ("W1", "W2", "Ws", "gamma", "eps"))
+    N, C, H, W = x.shape
+    dgs = (dy * x1).sum(axis=1, keepdims=True)
+    dr = dgs * gs * (1 - gs)
+    if cache["training"]:
+        mu, var = q.mean(axis=(0, 2, 3), keepdims=True), q.var(axis=(0, 2, 3), keepdims=True)
+    else:
+        mu, var = cache["rm"].reshape(1, 1, 1, 1), cache["rv"].reshape(1, 1, 1, 1)
+    inv = 1 / np.sqrt(var + eps)
+    q_hat = (q - mu) * inv
+    dgamma = (dr * q_hat).sum(axis=(0, 2, 3))
+    dbeta = dr.sum(axis=(0, 2, 3))
+    dq_hat = dr * gamma.reshape(1, 1, 1, 1)
+    if cache["training"]:
+        dq = inv * (dq_hat - dq_hat.mean(axis=(0, 2, 3), keepdims=True)
+                    - q_hat * (dq_hat * q_hat).mean(axis=(0, 2, 3), keepdims=True))
+    else:
+        dq = dq_hat * inv
+    _, k_conv = F.conv2d_forward(p, Ws, None, padding=(Ws.shape[2] - 1) // 2)
+    g_conv = F.conv2d_backward(dq, k_conv)
+    dp, dWs = g_conv["x"], g_conv["weight"]
+    ties_c = x1 == x1.max(axis=1, keepdims=True)
+    dx1 = dy * gs + dp[:, 0:1] / C + dp[:, 1:2] * (ties_c / ties_c.sum(axis=1, keepdims=True)).astype(x.dtype)
+    dgc = (dx1 * x).sum(axis=(2, 3))
+    dzc = dgc * gc * (1 - gc)
+    out = dict(dgs=dgs, dr=dr, dq=dq, dgamma=dgamma, dbeta=dbeta, dp=dp, dWs=dWs, dx1=dx1, dgc=dgc, dzc=dzc,
+               dz_avg=dzc, dz_max=dzc)
+    dW1, dW2 = 0, 0
+    for t in ("avg", "max"):
+        v = cache["v_" + t]
+        h = v @ W1.T
+        dW2 = dW2 + dzc.T @ np.maximum(h, 0)
+        dh = (dzc @ W2) * (h > 0)
+        dW1 = dW1 + dh.T @ v
+        out["dv_" + t] = dh @ W1
+    ties_hw = x == x.max(axis=(2, 3), keepdims=True)
+    dx = (dx1 * gc[:, :, None, None] + out["dv_avg"][:, :, None, None] / (H * W)
+          + out["dv_max"][:, :, None, None] * (ties_hw / ties_hw.sum(axis=(2, 3), keepdims=True)).astype(x.dtype))
+    out.update(dW1=dW1, dW2=dW2, dx=dx)
+    return out
+'''
+
+
+def test_cbam_exercise_solution_passes_in_training_and_eval_fixtures(tmp_path):
+    assert run_cli("exercise", "CBAM", str(tmp_path))[0] == 0
+    _solve(tmp_path / "cbam_exercise.py", CBAM_SOLUTION)
+    rc, text = run_cli("exercise", "check", str(tmp_path))
+    assert rc == 0, text
+    assert "line by line: all 17 gradients right" in text
+    assert "_train_f64" in text and "_eval_f32" in text and "FAIL" not in text
+    assert text.count("  golden cbam/") == 12
