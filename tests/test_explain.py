@@ -106,7 +106,22 @@ def test_a_wrong_backward_line_fails_its_local_check(monkeypatch):
     assert rc == 1 and "FAIL" in text and "some checks FAILED" in text
 
 
-def test_a_wrong_forward_tag_and_a_missing_symbol_fail():
+def test_a_wrong_forward_tag_and_a_symbol_the_code_lacks_fail(monkeypatch):
+    from npattn.blocks import se
+
+    doc = se.__doc__
+    assert doc.count("[relu(h)]") == 1 and doc.count("    da = dz W2 ") == 1
+    wrong = doc.replace("[relu(h)]", "[relu(h) * 2]").replace("    da = dz W2 ", "    dq = dz W2 ")
+    monkeypatch.setattr(se, "__doc__", wrong)
+    w = explain.walk(explain.find_example("SEBlock"), seed=0)
+    steps = {s.line.sym: s for s in w.steps}
+    assert not steps["a"].ok and "tag differs from the code's a" in steps["a"].verdicts[0][1]
+    assert not steps["dq"].ok and "the code has no dq" in steps["dq"].verdicts[0][1]
+    assert not steps["dh"].ok  # its local check needs da, which no line walked
+    assert steps["h"].ok and steps["dz"].ok and not w.ok
+
+
+def test_parse_fields():
     doc = """x.
 
 Forward::
@@ -116,12 +131,17 @@ Forward::
 
 Backward::
 
-    ds = sum dy x         (N, C)
-    dq = ...              (N, C)
+    ds = sum dy x         (N, C)     a reason with [brackets] inside
+    dx = a formula long enough to wrap
+                          (N, C, H, W)  its reason
+                                        continued
 """
     d = explain.parse_derivation(doc)
     assert [ln.sym for ln in d.forward] == ["s", "y"] and d.forward[0].tag == "mean(x, (2, 3)) * 2"
-    assert d.backward[1].shape == "(N, C)" and d.backward[0].tag is None
+    assert d.forward[1].tag == "x * s[:, :, None, None]" and d.forward[0].reason == "squeeze"
+    assert d.backward[0].tag is None and d.backward[0].reason == "a reason with [brackets] inside"
+    assert d.backward[1].shape == "(N, C, H, W)" and d.backward[1].reason == "its reason"
+    assert d.backward[1].text == ["continued"]
 
 
 @pytest.mark.parametrize("doc, match", [
