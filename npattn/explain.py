@@ -8,13 +8,31 @@ defined in the block's module), and checks the code against the derivation line 
 The derivation format
 ---------------------
 
+A short example (SE's first lines, ``npattn/blocks/se.py`` has them all)::
+
+    Forward::
+
+        W1 = fc.0.weight            (D, C)        fc.0's weight         [param("fc.0.weight")]
+        s = mean_{H, W} x           (N, C)        squeeze               [mean(x, (2, 3))]
+        h = s W1^T                  (N, D)        fc.0                  [linear(s, W1)]
+        ...
+        y = x * g[:, :, None, None] (N, C, H, W)  excitation            [x * g[:, :, None, None]]
+
+    Backward, for dy = dL/dy::
+
+        dg = sum_{H, W} dy * x      (N, C)        y is bilinear in (x, g)
+        ...
+        dW1 = dh^T s                (D, C)        h is linear in W1
+        dx = dy * g + ds / (H W)    (N, C, H, W)  both paths from x to y
+
 Two literal blocks of the module docstring, introduced by a line that is ``Forward::``
 (or begins ``Forward,`` and ends with ``::``, as ``Forward, for x of shape (N, C, H, W)::``)
 and one that is ``Backward::`` (or ``Backward, ...::``). The first of each is walked;
-other literal blocks of the docstring (options, variants) are prose. Inside a block every line that starts with
-``SYM =`` defines one symbol; any other line (blank, indented text, a ``+=`` remark)
-continues the previous line's reason and is shown as text. A line has up to four fields,
-separated by runs of two or more spaces::
+other literal blocks of the docstring (options, variants) are prose. Inside a block every
+line that starts with ``SYM =`` defines one symbol; any other line (blank, indented
+text, a ``+=`` remark) continues the previous line's reason and is shown as text. A line
+has up to four fields, separated by runs of two or more spaces (one space inside a
+field)::
 
     SYM = math-form            (shape)        reason                 [tag]
 
@@ -75,6 +93,21 @@ What is checked
 - End to end: the block's returned output and gradients are compared with the walked
   ``y`` and the walked gradients of the inputs and parameters, and a float64 gradcheck
   of the whole block is run.
+
+Notation (one across the package)
+---------------------------------
+
+- sizes are capitals: N batch, C channels, H and W height and width, D a hidden width,
+  k a kernel size, L and S query and key lengths; never ``h``/``w`` for sizes;
+- ``x`` the input, ``y`` the output, ``dy = dL/dy`` the upstream gradient;
+- ``dSYM`` is always the gradient of ``SYM`` (no other word starts with a ``d`` prefix
+  meaning "derivative"; a width is ``D``, never ``d``);
+- ``W1, b1, W2, b2`` the weights and biases of a two-layer MLP, ``Ws`` a spatial conv's
+  kernel, ``gamma, beta`` a normalisation's scale and shift, ``rm, rv`` its running mean
+  and variance, ``eps`` its epsilon;
+- ``s`` a pooled (squeezed) vector, ``h`` a hidden pre-activation, ``a = act(h)``,
+  ``z`` a gate's pre-activation, ``g = sigmoid(z)`` a gate;
+- one value per pool, branch or head is ``SYM_t`` (``v_avg``, ``v_max``).
 
 Where the code's values are found
 ---------------------------------
