@@ -121,7 +121,9 @@ of a helper; a symbol ``base_key`` may also be the entry ``key`` of a local dict
 - one value, one name: a symbol is assigned once (``dx += ...`` on the same array is
   fine; a name rebound to another value shows only its last value);
 - sizes are capitals, ``N, C, H, W = x.shape``, never ``h, w`` (``h`` is a hidden layer);
-- gradients are ``d`` + the symbol with no underscore (``dz``, ``dW1``; ``dy`` upstream).
+- gradients are ``d`` + the symbol with no underscore (``dz``, ``dW1``; ``dy`` upstream);
+- a helper called more than once (a sub-block's ``forward`` run twice) shows the values
+  of its first call: give each call's result its own name in the caller, or a dict.
 
 Adding a block
 --------------
@@ -138,6 +140,7 @@ replace those of the same symbols (SEModule's bindings in ``npattn/blocks/se.py`
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import re
@@ -163,10 +166,11 @@ class Example:
     name: str  # the block's class name
     module: str  # the module whose docstring holds the derivation
     build: object  # callable rng -> block (float64)
-    inputs: dict  # argument name -> shape
+    inputs: dict  # argument name -> shape, in the forward's order
     training: bool = False
     override: str | None = None  # heading of a literal block replacing lines (parse_derivation)
     fixtures: object = None  # callable config -> bool: the golden cases the derivation describes
+    forward_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of forward (backend="numpy")
 
 
 def _se(rng):
@@ -495,10 +499,11 @@ class _Recorder:
         finally:
             sys.settrace(old)
 
-    def lookup(self, top, sym):
-        """The value of ``sym``: a local of the function ``top`` (the outermost call), else of a
-        helper frame, else an entry ``key`` of a local dict ``base`` for ``sym = base_key``."""
-        frames = [f for f in self.frames if f[0] == top][-1:] + [f for f in self.frames if f[0] != top]
+    def lookup(self, sym):
+        """The value of ``sym``: a local of the outermost call (it returns last), else of a
+        helper frame (the first to return that has it), else an entry ``key`` of a local
+        dict ``base`` for ``sym = base_key``."""
+        frames = self.frames[-1:] + self.frames[:-1]
         for _, snap in frames:
             if isinstance(snap.get(sym), np.ndarray):
                 return snap[sym]
@@ -656,6 +661,8 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
     mod = importlib.import_module(type(block).__module__)
     rec = _Recorder(inspect.getsourcefile(mod))
 
+    if example.forward_kwargs:  # e.g. backend="numpy": the readable path
+        block.forward = functools.partial(type(block).forward, block, **example.forward_kwargs)
     y_code, cache = rec.run(block.forward, **{k: v.copy() for k, v in inputs.items()}, training=example.training)
     fwd_frames = list(rec.frames)
     dy = rng.standard_normal(np.shape(y_code))
@@ -688,7 +695,7 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
         keys = re.findall(r"param\(\s*[\"']([^\"']+)[\"']\s*\)", ln.tag)
         if keys:
             bindings[ln.sym] = (keys[0], ln.tag)
-        code = rec.lookup("forward", ln.sym)
+        code = rec.lookup(ln.sym)
         if code is not None:
             ok, err = _close(tagged, code)
             step.verdicts.append((ok, f"tag equals the code's {ln.sym}" if ok
@@ -710,7 +717,7 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
     for ln in deriv.backward:
         sym = ln.sym[1:]
         step = Step(ln, "backward", None, "missing")
-        code = rec.lookup("backward", ln.sym)
+        code = rec.lookup(ln.sym)
         if code is not None:
             step.value, step.source = code, "code"
         elif sym in bindings:
