@@ -282,3 +282,60 @@ def test_cbam_exercise_solution_passes_in_training_and_eval_fixtures(tmp_path):
     assert "line by line: all 17 gradients right" in text
     assert "_train_f64" in text and "_eval_f32" in text and "FAIL" not in text
     assert text.count("  golden cbam/") == 12
+
+
+SOLUTIONS = {
+    "SimAM": '''    x, s, q, d, xc = (cache[k] for k in ("x", "s", "q", "d", "xc"))
+    H, W = x.shape[2:]
+    ds = dy * x
+    de = ds * s * (1 - s)
+    dq = -(de * d).sum(axis=(2, 3), keepdims=True) / q**2
+    dv = 4 * dq
+    dd = de / q + dv / (H * W - 1)
+    dxc = 2 * xc * dd
+    dmu = -dxc.sum(axis=(2, 3), keepdims=True)
+    dx = dy * s + dxc + dmu / (H * W)
+    return dict(ds=ds, de=de, dq=dq, dv=dv, dd=dd, dxc=dxc, dmu=dmu, dx=dx)
+''',
+    "GCT": '''    x, t, emb, norm, r, l, gate, alpha, gamma = (cache[k] for k in
+                                                 ("x", "t", "emb", "norm", "r", "l", "gate", "alpha", "gamma"))
+    C = x.shape[1]
+    dgate = (dy * x).sum(axis=(2, 3), keepdims=True)
+    dt = dgate
+    du = dt * (1 - t * t)
+    dbeta = du.sum(axis=0, keepdims=True)
+    dnorm = du * emb
+    dgamma = (dnorm / r).sum(axis=0, keepdims=True)
+    dr = -(dnorm * gamma).sum(axis=1, keepdims=True) / r**2
+    demb = du * norm + dr * emb / (C * r)
+    dalpha = (demb * l).sum(axis=0, keepdims=True)
+    dl = demb * alpha
+    dx = dy * gate + dl / l * x
+    return dict(dgate=dgate, dt=dt, du=du, dbeta=dbeta, dnorm=dnorm, dgamma=dgamma, dr=dr, demb=demb,
+                dalpha=dalpha, dl=dl, dx=dx)
+''',
+    "ECA": '''    x, g, s, w = (cache[k] for k in ("x", "g", "s", "w"))
+    N, C, H, W = x.shape
+    k = w.shape[2]
+    pad = (k - 1) // 2
+    dg = (dy * x).sum(axis=(2, 3))[:, None, :]
+    dz = dg * g * (1 - g)
+    s_pad = np.pad(s, ((0, 0), (0, 0), (pad, pad)))
+    dw = np.array([[[np.sum(dz[:, 0] * s_pad[:, 0, j:j + C]) for j in range(k)]]], dtype=x.dtype)
+    ds_pad = np.zeros_like(s_pad)
+    for j in range(k):
+        ds_pad[:, 0, j:j + C] += w[0, 0, j] * dz[:, 0]
+    ds = ds_pad[:, :, pad:pad + C]
+    dx = dy * g[:, 0, :, None, None] + ds[:, 0, :, None, None] / (H * W)
+    return dict(dg=dg, dz=dz, dw=dw, ds=ds, dx=dx)
+''',
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOLUTIONS))
+def test_exercise_solutions_pass_their_fixtures(name, tmp_path):
+    assert run_cli("exercise", name, str(tmp_path))[0] == 0
+    _solve(tmp_path / f"{name.lower()}_exercise.py", SOLUTIONS[name])
+    rc, text = run_cli("exercise", "check", str(tmp_path))
+    assert rc == 0, text
+    assert "gradients right" in text and text.count(" ok (worst rel err") >= 2 and "FAIL" not in text
