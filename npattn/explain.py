@@ -42,9 +42,9 @@ field)::
 - ``math-form``: the formula as a reader writes it (free text, one space between terms).
 - ``(shape)``: required (on the next line when the formula fills its line); the
   value's shape in named sizes, e.g. ``(N, C, H, W)``,
-  ``(D, C)``, ``(C,)``, ``()``. A name is bound the first time it is met and checked after
-  (N, C, H, W always from the input x); an entry may be an integer or an expression over
-  names met before (``(N, 2 C)``, written ``(N, 2*C)``).
+  ``(D, C)``, ``(C,)``, ``()``. A name is bound the first time it is met (in the order
+  of the lines) and checked after; an entry may be an integer or an expression over
+  names met before (``(N, 2*C)``).
 - ``reason``: free text (for a Backward line, the chain-rule step).
 - ``[tag]``: Forward lines must end with one: a Python expression over earlier symbols,
   the forward's arguments and ``training``, evaluated with the op vocabulary below. A
@@ -100,8 +100,9 @@ Notation (one across the package)
 - sizes are capitals: N batch, C channels, H and W height and width, D a hidden width,
   k a kernel size, L and S query and key lengths; never ``h``/``w`` for sizes;
 - ``x`` the input, ``y`` the output, ``dy = dL/dy`` the upstream gradient;
-- ``dSYM`` is always the gradient of ``SYM`` (no other word starts with a ``d`` prefix
-  meaning "derivative"; a width is ``D``, never ``d``);
+- ``dSYM`` is always the gradient of ``SYM``, and a ``d`` prefix means nothing else (a
+  width is ``D``; a symbol may still be ``d`` itself, SimAM's squared distance, whose
+  gradient is ``dd``);
 - ``W1, b1, W2, b2`` the weights and biases of a two-layer MLP, ``Ws`` a spatial conv's
   kernel, ``gamma, beta`` a normalisation's scale and shift, ``rm, rv`` its running mean
   and variance, ``eps`` its epsilon;
@@ -133,8 +134,9 @@ change must leave every output and gradient bit-identical), and add an :class:`E
 to :data:`EXAMPLES` (a small float64 block, input shapes, the mode, and which golden
 cases' configurations the derivation describes, for ``npattn exercise check``).
 ``tests/test_explain.py`` then walks it. Two blocks in one module share the lines: the
-second one's :attr:`Example.override` names a literal block (``name ...::``) whose lines
-replace those of the same symbols (SEModule's bindings in ``npattn/blocks/se.py``).
+second one's :attr:`Example.override` is text of the line (ending in ``::``) that
+introduces a literal block whose lines replace those of the same symbols (SEModule's
+bindings in ``npattn/blocks/se.py``); the same serves an option's variant lines.
 """
 
 from __future__ import annotations
