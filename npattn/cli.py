@@ -177,6 +177,37 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from . import explain
+
+    try:
+        ex = explain.find_example(args.block)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    w = explain.walk(ex, args.seed)
+    explain.report(w, args.values)
+    args.rc = 0 if w.ok else 1
+    return args.rc
+
+
+def cmd_exercise(args) -> int:
+    from . import exercise
+
+    try:
+        if args.block == "check":
+            ok = exercise.check_dir(args.dir)
+            args.rc = 0 if ok else 1
+            return args.rc
+        path = exercise.write(args.block, args.dir, force=args.force)
+    except (KeyError, FileExistsError, exercise.ExerciseError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    args.rc = 0
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npattn", description="NumPy reference for CNN attention blocks: golden fixtures and checks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run every primitive op forward and backward; print finite-difference errors")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("explain", help="walk a block's derivation on a small input: every forward and backward line, "
+                                       "its shape and values, each backward line checked alone")
+    p.add_argument("block", help="block class name, case-insensitive (SEBlock, CBAM, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the input, parameters and directions (default 0)")
+    p.add_argument("--values", type=int, default=4, metavar="N", help="values shown per variable (default 4)")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("exercise", help="write a block's backward as an exercise (npattn exercise BLOCK DIR), "
+                                        "or grade the exercises in DIR (npattn exercise check DIR)")
+    p.add_argument("block", help="block class name, or 'check' to grade DIR")
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true", help="replace a file that already exists (default: refuse)")
+    p.set_defaults(func=cmd_exercise)
     return parser
 
 

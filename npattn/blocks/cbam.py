@@ -3,43 +3,68 @@ Attention Module", ECCV 2018), in timm's layout (``timm.layers.cbam.CbamModule``
 options that reproduce the authors' release (Jongchan/attention-module, see docs/porting.md).
 
 A channel gate, then a spatial gate. For x of shape (N, C, H, W), D the hidden width,
-k the odd spatial kernel size and p = (k - 1) / 2::
+k the odd spatial kernel size and pad = (k - 1) / 2. The lines below are timm's default
+configuration (pools "avg" and "max", no MLP bias, spatial_order "avg_max"), in
+``npattn.explain``'s format; ``npattn explain CBAM`` walks them in training mode.
 
-    channel gate ("channel.*", fc1 (D, C, 1, 1) and fc2 (C, D, 1, 1), biases b1, b2 with
-    mlp_bias=True), one pooled vector v_t per entry t of ``pool_types``:
-    v_avg = mean_{h, w} x                    (N, C)       average pool
-    v_max = max_{h, w} x                     (N, C)       max pool
-    v_lp  = sqrt(sum_{h, w} x^2)             (N, C)       L2 pool (lp_pool2d with p = 2)
-    v_lse = log sum_{h, w} exp(x)            (N, C)       log-sum-exp pool
-    z_t = fc2(relu(fc1(v_t)))                (N, C)       one MLP, applied to each pool
-    gc  = sigmoid(sum_t z_t)                 (N, C)
-    x1  = x * gc                             (N, C, H, W)
+Forward::
 
-    spatial gate ("spatial.conv.conv.weight" (1, 2, k, k) without bias, then the
-    BatchNorm "spatial.conv.bn.*" of one channel, timm's ConvNormAct without activation):
-    p   = [mean_c x1, max_c x1]              (N, 2, H, W)  spatial_order="avg_max" (timm)
-        = [max_c x1, mean_c x1]                            spatial_order="max_avg" (official)
-    q   = conv_kxk(p), zero padding p        (N, 1, H, W)
-    r   = BN(q)                              (N, 1, H, W)  training: statistics over N H W values
-    gs  = sigmoid(r)                         (N, 1, H, W)
-    y   = x1 * gs                            (N, C, H, W)  (no_spatial=True: y = x1)
+    W1 = channel.fc1.weight            (D, C)        the MLP's first 1x1 conv as a matrix   [param("channel.fc1.weight")[:, :, 0, 0]]
+    W2 = channel.fc2.weight            (C, D)        the MLP's second                        [param("channel.fc2.weight")[:, :, 0, 0]]
+    Ws = spatial.conv.conv.weight      (1, 2, k, k)  the spatial conv, no bias               [param("spatial.conv.conv.weight")]
+    gamma = spatial.conv.bn.weight     (1,)          the spatial BatchNorm                   [param("spatial.conv.bn.weight")]
+    beta = spatial.conv.bn.bias        (1,)                                                  [param("spatial.conv.bn.bias")]
+    rm = spatial.conv.bn.running_mean  (1,)          buffers, used in eval                   [buffer("spatial.conv.bn.running_mean")]
+    rv = spatial.conv.bn.running_var   (1,)                                                  [buffer("spatial.conv.bn.running_var")]
+    eps = bn_eps                       ()                                                    [attr("bn_eps")]
+    v_avg = mean_{H, W} x              (N, C)        average pool                            [mean(x, (2, 3))]
+    v_max = max_{H, W} x               (N, C)        max pool                                [amax(x, (2, 3))]
+    z_avg = relu(v_avg W1^T) W2^T      (N, C)        the shared MLP on each pool             [linear(relu(linear(v_avg, W1)), W2)]
+    z_max = relu(v_max W1^T) W2^T      (N, C)                                                [linear(relu(linear(v_max, W1)), W2)]
+    zc = z_avg + z_max                 (N, C)                                                [z_avg + z_max]
+    gc = sigmoid(zc)                   (N, C)        the channel gate                        [sigmoid(zc)]
+    x1 = x * gc                        (N, C, H, W)                                          [x * gc[:, :, None, None]]
+    p = [mean_c x1, max_c x1]          (N, 2, H, W)  two maps over the channels              [concat([mean(x1, 1, keepdims=True), amax(x1, 1, keepdims=True)], 1)]
+    q = conv_kxk(p), zero padding pad  (N, 1, H, W)                                          [conv2d(p, Ws, padding=(Ws.shape[2] - 1) // 2)]
+    r = BN(q)                          (N, 1, H, W)  training: batch statistics of N H W values  [batch_norm(q, gamma, beta, rm, rv, training, eps=eps)]
+    gs = sigmoid(r)                    (N, 1, H, W)  the spatial gate                        [sigmoid(r)]
+    y = x1 * gs                        (N, C, H, W)                                          [x1 * gs]
+
+The options change single lines (names as in the constructor)::
+
+    mlp_bias=True:    z_t = (relu(v_t W1^T + b1)) W2^T + b2, keys channel.fc1.bias (D,), channel.fc2.bias (C,)
+    pool_types:       one v_t, z_t per entry t, zc = sum_t z_t, in the order given; besides
+                      "avg" and "max": v_lp = sqrt(sum_{H, W} x^2) (L2 pool, lp_pool2d with p = 2),
+                      v_lse = log sum_{H, W} exp(x) (log-sum-exp pool)
+    spatial_order:    "max_avg" (official: ChannelPool stacks [max, mean]) swaps p's two maps
+    no_spatial=True:  y = x1, no spatial.* keys
 
 Backward, for dy = dL/dy, in the order the code runs::
 
-    dgs = sum_c dy * x1                      (N, 1, H, W)
-    dx1 = dy * gs                            (N, C, H, W)  direct path
-    dr  = dgs * gs (1 - gs)                  (N, 1, H, W)
-    dq  = BN backward (training: also through the batch mean and variance)
-    dp, dW_s = conv backward                 (N, 2, H, W), (1, 2, k, k)
-    dx1 += dp_mean / C                       mean over channels: equal shares
-    dx1 += dp_max * share_c                  max over channels (share: see below)
-    dgc = sum_{h, w} dx1 * x                 (N, C)
-    dz  = dgc * gc (1 - gc)                  (N, C)        shared by every z_t
-    MLP backward once per pool (relu'(0) = 0), the weight (and bias) gradients summed:
-    dv_t                                     (N, C)
-    dx  = dx1 * gc + sum_t dv_t * dpool_t    (N, C, H, W)
-          dpool_avg = 1 / (H W),  dpool_max = share_hw,
-          dpool_lp  = x / v_lp (0 where v_lp = 0),  dpool_lse = exp(x - v_lse) (softmax over H W)
+    dgs = sum_c dy * x1                (N, 1, H, W)  y = x1 * gs, gs broadcast over C
+    dr = dgs * gs (1 - gs)             (N, 1, H, W)  sigmoid'
+    dq = BN backward of dr             (N, 1, H, W)  training: also through the batch mean and variance
+    dgamma = sum_{n,h,w} dr * q_hat    (1,)          r = gamma q_hat + beta
+    dbeta = sum_{n,h,w} dr             (1,)
+    dp = conv backward of dq           (N, 2, H, W)  the adjoint of the convolution
+    dWs = conv weight gradient         (1, 2, k, k)  the correlation of dq with p
+    dx1 = dy * gs + dp_mean / C + dp_max * share_c
+                                       (N, C, H, W)  the factor of y, the mean over C (equal shares)
+                                                     and the max over C (share: see below)
+    dgc = sum_{H, W} dx1 * x           (N, C)        x1 = x * gc
+    dzc = dgc * gc (1 - gc)            (N, C)        sigmoid'
+    dz_avg = dzc                       (N, C)        zc = z_avg + z_max                         [dzc]
+    dz_max = dzc                       (N, C)                                                   [dzc]
+    dv_avg = ((dz_avg W2) * [h_avg > 0]) W1
+                                       (N, C)        the MLP backward, relu'(0) = 0
+    dv_max = ((dz_max W2) * [h_max > 0]) W1
+                                       (N, C)        h_t = v_t W1^T
+    dW2 = sum_t dz_t^T a_t             (C, D)        both pools use W2: the sum of their shares
+    dW1 = sum_t dh_t^T v_t             (D, C)        dh_t = (dz_t W2) * [h_t > 0]
+    dx = dx1 * gc + dv_avg / (H W) + dv_max * share_hw
+                                       (N, C, H, W)  x1's factor, and the two pools
+                                                     (for "lp": dv_lp * x / v_lp, 0 where v_lp = 0;
+                                                     for "lse": dv_lse * exp(x - v_lse), a softmax over H W)
 
 Ties and kinks. ``max_grad`` fixes the gradient of both maxima at ties: ``"split"``
 (default) shares it evenly among the t equal elements (share = [x == max] / t), as
@@ -80,7 +105,7 @@ class CBAMCache:
     x: np.ndarray  # (N, C, H, W) the input
     pools: tuple  # per pool type t: (t, cache of the pool over (H, W) or None for "avg", (fc1, relu, fc2) caches)
     max_hw: object  # AmaxCache of the first "max" pool over (H, W) of x, None without one
-    gate_c: np.ndarray  # (N, C, 1, 1) channel gate gc
+    gate_c: np.ndarray  # (N, C) channel gate gc
     x1: np.ndarray  # (N, C, H, W) x * gc
     max_c: object  # AmaxCache of max over C of x1 (None with no_spatial)
     conv: object  # Conv2dCache of the k x k conv on p (N, 2, H, W) (None with no_spatial)
@@ -207,19 +232,20 @@ class CBAM(Block):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {(1, 1, 1, 1)}"
             )
-        # channel gate
-        z_sum = None
+        # channel gate: per pool t, v[t] and z[t] (the derivation's v_avg, z_avg, ...)
+        v, z = {}, {}
+        zc = None
         pools = []
         for t in self.pool_types:
-            v, k_pool = self._pool(t, x)  # (N, C)
-            z, k_mlp = self._mlp(v)  # (N, C)
-            z_sum = z if z_sum is None else z_sum + z  # (N, C) in the order of pool_types
+            v[t], k_pool = self._pool(t, x)  # (N, C)
+            z[t], k_mlp = self._mlp(v[t])  # (N, C)
+            zc = z[t] if zc is None else zc + z[t]  # (N, C) in the order of pool_types
             pools.append((t, k_pool, k_mlp))
         max_hw = next((k for t, k, _ in pools if t == "max"), None)
-        g_c = F.sigmoid(z_sum).reshape(n, c, 1, 1)  # (N, C, 1, 1)
-        x1 = x * g_c  # (N, C, H, W)
+        gc = F.sigmoid(zc)  # (N, C)
+        x1 = x * gc[:, :, None, None]  # (N, C, H, W)
         if self.no_spatial:
-            return x1, CBAMCache(x, tuple(pools), max_hw, g_c, x1, None, None, None, None)
+            return x1, CBAMCache(x, tuple(pools), max_hw, gc, x1, None, None, None, None)
         # spatial gate
         mx_c, k_max_c = F.amax_forward(x1, 1, max_grad=self.max_grad)  # (N, 1, H, W)
         mean_c = x1.mean(axis=1, keepdims=True)  # (N, 1, H, W)
@@ -228,36 +254,37 @@ class CBAM(Block):
         pad = (self.spatial_kernel_size - 1) // 2
         q, k_conv = self._conv("spatial.conv.conv.", p, padding=pad)  # (N, 1, H, W)
         r, k_bn = self._batch_norm("spatial.conv.bn.", q, training)  # (N, 1, H, W)
-        g_s = F.sigmoid(r)  # (N, 1, H, W)
-        y = x1 * g_s  # (N, C, H, W)
-        return y, CBAMCache(x, tuple(pools), max_hw, g_c, x1, k_max_c, k_conv, k_bn, g_s)
+        gs = F.sigmoid(r)  # (N, 1, H, W)
+        y = x1 * gs  # (N, C, H, W)
+        return y, CBAMCache(x, tuple(pools), max_hw, gc, x1, k_max_c, k_conv, k_bn, gs)
 
     def backward(self, grad_out, cache: CBAMCache):
         """Returns ``((dx,), grads)`` with a gradient for every parameter key."""
         op = "CBAM.backward"
-        x, x1, g_c, g_s = cache.x, cache.x1, cache.gate_c, cache.gate_s
+        x, x1, gc, gs = cache.x, cache.x1, cache.gate_c, cache.gate_s
         dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
         shape_is(op, "grad_out", dy, x.shape)
         same_dtype(op, "x", x, grad_out=dy)
-        n, c, h, w = x.shape
-        grads = self.zero_grads()
+        N, C, H, W = x.shape
+        grads = self.zero_grads()  # dW1, dW2, dWs, dgamma, dbeta are added into it
         if self.no_spatial:
-            d_x1 = dy  # (N, C, H, W) y = x1
+            dx1 = dy  # (N, C, H, W) y = x1
         else:
             # spatial gate
-            d_gs = np.einsum("nchw,nchw->nhw", dy, x1)[:, None]  # (N, 1, H, W)
-            d_x1 = dy * g_s  # (N, C, H, W) direct path
-            d_r = d_gs * (g_s * (1 - g_s))  # (N, 1, H, W)
-            d_q = self._batch_norm_backward("spatial.conv.bn.", d_r, cache.bn, grads)  # (N, 1, H, W)
-            d_p = self._conv_backward("spatial.conv.conv.", d_q, cache.conv, grads)  # (N, 2, H, W)
+            dgs = np.einsum("nchw,nchw->nhw", dy, x1)[:, None]  # (N, 1, H, W)
+            dx1 = dy * gs  # (N, C, H, W) direct path
+            dr = dgs * (gs * (1 - gs))  # (N, 1, H, W)
+            dq = self._batch_norm_backward("spatial.conv.bn.", dr, cache.bn, grads)  # (N, 1, H, W); dgamma, dbeta
+            dp = self._conv_backward("spatial.conv.conv.", dq, cache.conv, grads)  # (N, 2, H, W); dWs
             i_mean, i_max = (0, 1) if self.spatial_order == "avg_max" else (1, 0)
-            d_x1 += d_p[:, i_mean:i_mean + 1] * x.dtype.type(1.0 / c)  # (N, C, H, W) mean over channels
-            d_x1 += F.amax_backward(d_p[:, i_max:i_max + 1], cache.max_c)["x"]  # (N, C, H, W) max over channels
+            dx1 += dp[:, i_mean:i_mean + 1] * x.dtype.type(1.0 / C)  # (N, C, H, W) mean over channels
+            dx1 += F.amax_backward(dp[:, i_max:i_max + 1], cache.max_c)["x"]  # (N, C, H, W) max over channels
         # channel gate
-        d_gc = np.einsum("nchw,nchw->nc", d_x1, x)  # (N, C)
-        d_z = d_gc * (g_c * (1 - g_c)).reshape(n, c)  # (N, C) = d z_t for every pool t
-        d_x = d_x1 * g_c  # (N, C, H, W) through x1 = x * gc
+        dgc = np.einsum("nchw,nchw->nc", dx1, x)  # (N, C)
+        dzc = dgc * (gc * (1 - gc))  # (N, C) = dz_t for every pool t
+        dx = dx1 * gc[:, :, None, None]  # (N, C, H, W) through x1 = x * gc
+        dv = {}  # per pool t: the derivation's dv_avg, dv_max, ...
         for t, k_pool, k_mlp in cache.pools:
-            d_v = self._mlp_backward(d_z, k_mlp, grads)  # (N, C)
-            d_x += self._pool_backward(t, d_v, k_pool, x)  # (N, C, H, W) through the pool t
-        return (d_x,), grads
+            dv[t] = self._mlp_backward(dzc, k_mlp, grads)  # (N, C); dW1, dW2
+            dx += self._pool_backward(t, dv[t], k_pool, x)  # (N, C, H, W) through the pool t
+        return (dx,), grads

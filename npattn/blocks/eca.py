@@ -3,12 +3,16 @@ Attention for Deep Convolutional Neural Networks", CVPR 2020), in timm's layout
 (``timm.layers.eca.EcaModule``).
 
 A 1-D convolution of k taps over the channel axis of the pooled vector, no bias, zero
-padding (k - 1) / 2 at both ends. For x of shape (N, C, H, W) and w = conv.weight[0, 0]::
+padding p = (k - 1) / 2 at both ends. For x of shape (N, C, H, W), in ``npattn.explain``'s
+format (``npattn explain ECA`` walks the lines).
 
-    s[n, c]  = mean_{h, w} x[n, c]                                   (N, C)
-    z[n, c]  = sum_{j=0}^{k-1} w[j] s_pad[n, c + j]                  (N, C), s_pad = s padded by (k-1)/2
-    g        = sigmoid(z)                                            (N, C)
-    y        = x * g                                                 (N, C, H, W)
+Forward::
+
+    w = conv.weight                    (1, 1, k)     the k taps, shared by the channels  [param("conv.weight")]
+    s = mean_{H, W} x                  (N, 1, C)     the channels as a sequence         [mean(x, (2, 3))[:, None, :]]
+    z = sum_j w[j] s_pad[c + j]        (N, 1, C)     conv1d, s_pad = s padded by p      [conv1d(s, w, padding=(w.shape[2] - 1) // 2)]
+    g = sigmoid(z)                     (N, 1, C)                                        [sigmoid(z)]
+    y = x * g[:, 0, :, None, None]     (N, C, H, W)                                     [x * g[:, 0, :, None, None]]
 
 With ``channels`` given the kernel size is the paper's adaptive one (timm's rule, the
 ``kernel_size`` argument is then ignored)::
@@ -17,11 +21,12 @@ With ``channels`` given the kernel size is the paper's adaptive one (timm's rule
 
 Backward, for dy = dL/dy::
 
-    dg[n, c]  = sum_{h, w} dy * x                                    (N, C)
-    dz        = dg * g (1 - g)                                       (N, C)
-    dw[j]     = sum_{n, c} dz[n, c] s_pad[n, c + j]                  (k,)
-    ds_pad[n, c + j] += w[j] dz[n, c]   (then the padding dropped)   (N, C)
-    dx        = dy * g + ds / (H W)                                  (N, C, H, W)
+    dg = sum_{H, W} dy * x             (N, 1, C)     y = x * g, g broadcast over H W
+    dz = dg * g (1 - g)                (N, 1, C)     sigmoid' = g (1 - g)
+    dw = sum_{n,c} dz[c] s_pad[c+j]    (1, 1, k)     z is linear in w: tap j saw s_pad[c + j]
+    ds = sum_j w[j] dz[c - j + p]      (N, 1, C)     z is linear in s: the adjoint of the
+                                                     convolution, padding dropped
+    dx = dy * g + ds / (H W)           (N, C, H, W)  the factor of y, and the mean's even share
 
 (the convolution's lines are those of ``npattn.functional.conv1d_forward``).
 
@@ -78,7 +83,7 @@ def eca_kernel_size(channels, gamma=2, beta=1):
 class ECACache:
     x: np.ndarray  # (N, C, H, W) the input
     conv: object  # Conv1dCache of the channel convolution on s (N, 1, C); shared=False: on the windows (N, C, k)
-    gate: np.ndarray  # (N, C, 1, 1) g = sigmoid(z)
+    gate: np.ndarray  # (N, 1, C) g = sigmoid(z)
     relu: object = None  # use_mlp: ReluCache of u (N, R, C)
     conv2: object = None  # use_mlp: Conv1dCache of conv2 on v (N, R, C)
 
@@ -182,18 +187,18 @@ class ECA(Block):
             s_pad = np.pad(s[:, 0], ((0, 0), (pad, pad)))  # (N, C + 2 pad)
             win = np.lib.stride_tricks.sliding_window_view(s_pad, self.kernel_size, axis=1)  # (N, C, k)
             z, k_conv = F.conv1d_forward(np.ascontiguousarray(win), self._state["conv.weight"], groups=c)  # (N, C, 1)
-            g = F.sigmoid(z).reshape(n, c, 1, 1)  # (N, C, 1, 1)
-            return x * g, ECACache(x, k_conv, g)
+            g = F.sigmoid(z).reshape(n, 1, c)  # (N, 1, C)
+            return x * g[:, 0, :, None, None], ECACache(x, k_conv, g)
         if self.use_mlp:
             s_ = self._state
             u, k_conv = F.conv1d_forward(s, s_["conv.weight"], s_["conv.bias"])  # (N, R, C)
             v, k_relu = F.relu_forward(u)  # (N, R, C)
             z, k_conv2 = F.conv1d_forward(v, s_["conv2.weight"], s_["conv2.bias"], padding=pad)  # (N, 1, C)
-            g = F.sigmoid(z).reshape(n, c, 1, 1)  # (N, C, 1, 1)
-            return x * g, ECACache(x, k_conv, g, k_relu, k_conv2)
+            g = F.sigmoid(z)  # (N, 1, C)
+            return x * g[:, 0, :, None, None], ECACache(x, k_conv, g, k_relu, k_conv2)
         z, k_conv = F.conv1d_forward(s, self._state["conv.weight"], padding=pad)  # (N, 1, C)
-        g = F.sigmoid(z).reshape(n, c, 1, 1)  # (N, C, 1, 1)
-        y = x * g  # (N, C, H, W)
+        g = F.sigmoid(z)  # (N, 1, C)
+        y = x * g[:, 0, :, None, None]  # (N, C, H, W)
         return y, ECACache(x, k_conv, g)
 
     def backward(self, grad_out, cache: ECACache):
@@ -203,29 +208,29 @@ class ECA(Block):
         dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
         shape_is(op, "grad_out", dy, x.shape)
         same_dtype(op, "x", x, grad_out=dy)
-        n, c, h, w = x.shape
-        d_g = np.einsum("ncl,ncl->nc", dy.reshape(n, c, h * w), x.reshape(n, c, h * w))  # (N, C)
-        d_z = d_g * (g * (1 - g)).reshape(n, c)  # (N, C)
-        grads = {}
+        N, C, H, W = x.shape
+        dg = np.einsum("ncl,ncl->nc", dy.reshape(N, C, H * W), x.reshape(N, C, H * W))[:, None, :]  # (N, 1, C)
+        dz = dg * (g * (1 - g))  # (N, 1, C)
+        grads = {}  # dw (conv.weight), and the MLP's keys
         if not self.shared:
-            gc = F.conv1d_backward(d_z.reshape(n, c, 1), cache.conv)  # windows (N, C, k), weight (C, 1, k)
+            gc = F.conv1d_backward(dz.reshape(N, C, 1), cache.conv)  # windows (N, C, k), weight (C, 1, k)
             grads["conv.weight"] = gc["weight"]
             pad = (self.kernel_size - 1) // 2
-            d_pad = np.zeros((n, c + 2 * pad), dtype=x.dtype)  # (N, C + 2 pad)
+            d_pad = np.zeros((N, C + 2 * pad), dtype=x.dtype)  # (N, C + 2 pad)
             for j in range(self.kernel_size):  # fold: window tap j of channel c read s_pad[c + j]
-                d_pad[:, j:j + c] += gc["x"][:, :, j]
-            d_s = d_pad[:, pad:pad + c]  # (N, C) the padding dropped
+                d_pad[:, j:j + C] += gc["x"][:, :, j]
+            ds = d_pad[:, pad:pad + C][:, None, :]  # (N, 1, C) the padding dropped
         elif self.use_mlp:
-            g2 = F.conv1d_backward(d_z.reshape(n, 1, c), cache.conv2)  # v (N, R, C)
-            d_u = F.relu_backward(g2["x"], cache.relu)["x"]  # (N, R, C)
-            g1 = F.conv1d_backward(d_u, cache.conv)  # s (N, 1, C)
+            g2 = F.conv1d_backward(dz, cache.conv2)  # v (N, R, C)
+            du = F.relu_backward(g2["x"], cache.relu)["x"]  # (N, R, C)
+            g1 = F.conv1d_backward(du, cache.conv)  # s (N, 1, C)
             grads.update({"conv.weight": g1["weight"], "conv.bias": g1["bias"],
                           "conv2.weight": g2["weight"], "conv2.bias": g2["bias"]})
-            d_s = g1["x"].reshape(n, c)  # (N, C)
+            ds = g1["x"]  # (N, 1, C)
         else:
-            gc = F.conv1d_backward(d_z.reshape(n, 1, c), cache.conv)
-            grads["conv.weight"] = gc["weight"]
-            d_s = gc["x"].reshape(n, c)  # (N, C)
-        d_x = dy * g  # (N, C, H, W) through the gate's factor
-        d_x += (d_s * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)  # through the squeeze
-        return (d_x,), {k: grads[k] for k in self.parameter_names()}
+            gc = F.conv1d_backward(dz, cache.conv)
+            grads["conv.weight"] = gc["weight"]  # dw (1, 1, k)
+            ds = gc["x"]  # (N, 1, C)
+        dx = dy * g[:, 0, :, None, None]  # (N, C, H, W) through the gate's factor
+        dx += (ds[:, 0] * inv_area(x.dtype, H, W))[:, :, None, None]  # through the squeeze
+        return (dx,), {k: grads[k] for k in self.parameter_names()}

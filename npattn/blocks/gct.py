@@ -5,41 +5,48 @@ Parameters alpha, gamma, beta have shape (1, C, 1, 1); at initialisation alpha =
 gamma = 0, beta = 0, so the gate is 1 and the block is the identity. All sums below
 keep their reduced axes (as ``keepdim=True``); eps is ``epsilon``.
 
+The lines below are mode "l2", in ``npattn.explain``'s format (``npattn explain GCT``
+walks them).
+
 Forward, mode "l2"::
 
-    l    = sqrt(sum_{h, w} x^2 + eps)                 (N, C, 1, 1)  global context
-    emb  = alpha * l                                  (N, C, 1, 1)  embedding
-    r    = sqrt(mean_c emb^2 + eps)                   (N, 1, 1, 1)
-    norm = gamma / r                                  (N, C, 1, 1)  channel normalisation
-    t    = tanh(emb * norm + beta)                    (N, C, 1, 1)
-    y    = x * (1 + t)                                (N, C, H, W)  gating
+    alpha = alpha                      (1, C, 1, 1)  embedding weight                   [param("alpha")]
+    gamma = gamma                      (1, C, 1, 1)  gating weight                      [param("gamma")]
+    beta = beta                        (1, C, 1, 1)  gating bias                        [param("beta")]
+    eps = epsilon                      ()                                               [attr("epsilon")]
+    l = sqrt(sum_{H, W} x^2 + eps)     (N, C, 1, 1)  global context                     [sqrt(sum(x * x, (2, 3), keepdims=True) + eps)]
+    emb = alpha * l                    (N, C, 1, 1)  embedding                          [alpha * l]
+    r = sqrt(mean_c emb^2 + eps)       (N, 1, 1, 1)                                     [sqrt(mean(emb * emb, 1, keepdims=True) + eps)]
+    norm = gamma / r                   (N, C, 1, 1)  channel normalisation              [gamma / r]
+    u = emb * norm + beta              (N, C, 1, 1)                                     [emb * norm + beta]
+    t = tanh(u)                        (N, C, 1, 1)                                     [tanh(u)]
+    gate = 1 + t                       (N, C, 1, 1)                                     [1 + t]
+    y = x * gate                       (N, C, H, W)  gating                             [x * gate]
 
 Forward, mode "l1" (``after_relu=True`` skips the absolute value: the input is known to
-be non-negative)::
+be non-negative), the lines that differ::
 
     l    = sum_{h, w} |x|        (or sum_{h, w} x)    (N, C, 1, 1)
-    emb  = alpha * l                                  (N, C, 1, 1)
     r    = mean_c |emb| + eps                         (N, 1, 1, 1)
-    norm = gamma / r                                  (N, C, 1, 1)
-    t, y as in "l2"
 
-Backward, for dy = dL/dy, in the order the code computes it (u = emb * norm + beta)::
+Backward, for dy = dL/dy, in the order the code computes it::
 
-    dgate  = sum_{h, w} dy * x                        (N, C, 1, 1)
-    du     = dgate * (1 - t^2)                        (N, C, 1, 1)  tanh' = 1 - t^2
-    dbeta  = sum_n du                                 (1, C, 1, 1)
-    demb   = du * norm                                (N, C, 1, 1)  direct path
-    dnorm  = du * emb                                 (N, C, 1, 1)
-    dgamma = sum_n dnorm / r                          (1, C, 1, 1)
-    dr     = -sum_c dnorm * gamma / r^2               (N, 1, 1, 1)
-    l2:  demb += dr * emb / (C r)                     dr/demb_c = emb_c / (C r)
-    l1:  demb += dr * sign(emb) / C                   dr/demb_c = sign(emb_c) / C
-    dalpha = sum_n demb * l                           (1, C, 1, 1)
-    dl     = demb * alpha                             (N, C, 1, 1)
-    l2:  dx = dy * (1 + t) + (dl / l) * x             dl/dx = x / l
-    l1:  dx = dy * (1 + t) + dl * sign(x)             (dl * 1 with after_relu)
+    dgate = sum_{H, W} dy * x          (N, C, 1, 1)  y = x * gate, gate broadcast over H W
+    dt = dgate                         (N, C, 1, 1)  gate = 1 + t
+    du = dt * (1 - t^2)                (N, C, 1, 1)  tanh' = 1 - t^2
+    dbeta = sum_n du                   (1, C, 1, 1)  beta broadcast over N
+    dnorm = du * emb                   (N, C, 1, 1)  u = emb * norm + beta
+    dgamma = sum_n dnorm / r           (1, C, 1, 1)  norm = gamma / r
+    dr = -sum_c dnorm * gamma / r^2    (N, 1, 1, 1)  d(gamma / r)/dr = -gamma / r^2, r broadcast over C
+    demb = du * norm + dr * emb / (C r)
+                                       (N, C, 1, 1)  directly in u, and through r: dr/demb_c = emb_c / (C r)
+    dalpha = sum_n demb * l            (1, C, 1, 1)  emb = alpha * l
+    dl = demb * alpha                  (N, C, 1, 1)
+    dx = dy * gate + (dl / l) * x      (N, C, H, W)  the factor of y, and l: dl/dx = x / l
 
-with ``sign(0) = 0`` (PyTorch's derivative of |.| at 0).
+In mode "l1" the lines that differ are ``demb = du * norm + dr * sign(emb) / C``
+(dr/demb_c = sign(emb_c) / C) and ``dx = dy * gate + dl * sign(x)`` (``dl`` alone with
+``after_relu``), ``sign(0) = 0`` being PyTorch's derivative of |.| at 0.
 """
 
 from __future__ import annotations
@@ -115,13 +122,13 @@ class GCT(Block):
         """``y = x * gate`` with the gate of the module docstring; ``training`` does not
         change anything (GCT has no batch statistics). Returns ``(y, cache)``."""
         x = self._check_input("x", x, 4, self.num_channels)
-        n, c, h, w = x.shape
+        N, C, H, W = x.shape
         alpha, gamma, beta = self["alpha"], self["gamma"], self["beta"]
         eps = x.dtype.type(self.epsilon)
-        x_flat = x.reshape(n, c, h * w)  # (N, C, HW) a view
+        x_flat = x.reshape(N, C, H * W)  # (N, C, HW) a view
         abs_x = None
         if self.mode == "l2":
-            sum_sq = np.einsum("ncl,ncl->nc", x_flat, x_flat).reshape(n, c, 1, 1)  # (N, C, 1, 1)
+            sum_sq = np.einsum("ncl,ncl->nc", x_flat, x_flat).reshape(N, C, 1, 1)  # (N, C, 1, 1)
             l = np.sqrt(sum_sq + eps)  # (N, C, 1, 1)
             emb = alpha * l  # (N, C, 1, 1)
             r = np.sqrt((emb * emb).mean(axis=1, keepdims=True) + eps)  # (N, 1, 1, 1)
@@ -134,7 +141,8 @@ class GCT(Block):
             emb = alpha * l  # (N, C, 1, 1)
             r = np.abs(emb).mean(axis=1, keepdims=True) + eps  # (N, 1, 1, 1)
         norm = gamma / r  # (N, C, 1, 1)
-        t, tanh = F.tanh_forward(emb * norm + beta)  # (N, C, 1, 1)
+        u = emb * norm + beta  # (N, C, 1, 1)
+        t, tanh = F.tanh_forward(u)  # (N, C, 1, 1)
         gate = 1 + t  # (N, C, 1, 1)
         y = x * gate  # (N, C, H, W)
         return y, GCTCache(x, l, emb, r, norm, tanh, gate, abs_x)
@@ -146,29 +154,29 @@ class GCT(Block):
         dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
         shape_is(op, "grad_out", dy, x.shape)
         same_dtype(op, "x", x, grad_out=dy)
-        n, c, h, w = x.shape
+        N, C, H, W = x.shape
         alpha, gamma = self["alpha"], self["gamma"]
         emb, r, norm, l = cache.emb, cache.r, cache.norm, cache.l
 
-        d_gate = np.einsum("ncl,ncl->nc", dy.reshape(n, c, h * w), x.reshape(n, c, h * w)).reshape(n, c, 1, 1)  # (N, C, 1, 1)
-        d_u = F.tanh_backward(d_gate, cache.tanh)["x"]  # (N, C, 1, 1)
-        d_beta = d_u.sum(axis=0, keepdims=True)  # (1, C, 1, 1)
-        d_emb = d_u * norm  # (N, C, 1, 1)
-        d_norm = d_u * emb  # (N, C, 1, 1)
-        d_gamma = (d_norm / r).sum(axis=0, keepdims=True)  # (1, C, 1, 1)
-        d_r = -(d_norm * gamma).sum(axis=1, keepdims=True) / (r * r)  # (N, 1, 1, 1)
+        dgate = np.einsum("ncl,ncl->nc", dy.reshape(N, C, H * W), x.reshape(N, C, H * W)).reshape(N, C, 1, 1)  # (N, C, 1, 1)
+        dt = dgate  # (N, C, 1, 1) gate = 1 + t
+        du = F.tanh_backward(dt, cache.tanh)["x"]  # (N, C, 1, 1)
+        dbeta = du.sum(axis=0, keepdims=True)  # (1, C, 1, 1)
+        dnorm = du * emb  # (N, C, 1, 1)
+        dgamma = (dnorm / r).sum(axis=0, keepdims=True)  # (1, C, 1, 1)
+        dr = -(dnorm * gamma).sum(axis=1, keepdims=True) / (r * r)  # (N, 1, 1, 1)
         if self.mode == "l2":
-            d_emb = d_emb + d_r * emb / (c * r)  # (N, C, 1, 1)
+            demb = du * norm + dr * emb / (C * r)  # (N, C, 1, 1) directly, and through r
         else:
-            d_emb = d_emb + d_r * np.sign(emb) / c  # (N, C, 1, 1)
-        d_alpha = (d_emb * l).sum(axis=0, keepdims=True)  # (1, C, 1, 1)
-        d_l = d_emb * alpha  # (N, C, 1, 1)
-        d_x = dy * cache.gate  # (N, C, H, W) through the gate's factor
+            demb = du * norm + dr * np.sign(emb) / C  # (N, C, 1, 1)
+        dalpha = (demb * l).sum(axis=0, keepdims=True)  # (1, C, 1, 1)
+        dl = demb * alpha  # (N, C, 1, 1)
+        dx = dy * cache.gate  # (N, C, H, W) through the gate's factor
         if self.mode == "l2":
-            d_x += (d_l / l) * x  # through l = sqrt(sum x^2 + eps)
+            dx += (dl / l) * x  # through l = sqrt(sum x^2 + eps)
         elif self.after_relu:
-            d_x += d_l  # through l = sum x
+            dx += dl  # through l = sum x
         else:
-            d_x += F.abs_backward(np.broadcast_to(d_l, x.shape), cache.abs_x)["x"]  # through l = sum |x|
-        grads = {"alpha": d_alpha, "gamma": d_gamma, "beta": d_beta}
-        return (d_x,), grads
+            dx += F.abs_backward(np.broadcast_to(dl, x.shape), cache.abs_x)["x"]  # through l = sum |x|
+        grads = {"alpha": dalpha, "gamma": dgamma, "beta": dbeta}
+        return (dx,), grads

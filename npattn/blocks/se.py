@@ -4,32 +4,52 @@ The layout is the common PyTorch one, ``fc = Sequential(Linear(C, C//r), ReLU,
 Linear(C//r, C), Sigmoid)`` with state_dict keys ``fc.0.weight`` and ``fc.2.weight``
 (plus ``fc.0.bias`` and ``fc.2.bias`` with ``bias=True``, as in the original Caffe model).
 
-Forward, for x of shape (N, C, H, W) and D = C // r::
+For x of shape (N, C, H, W) and D = C // r (H and W are sizes; h is the hidden layer).
+The format of the two blocks below (one symbol a line, its shape, its reason, and for
+the forward an executable tag) is described in ``npattn.explain``; ``npattn explain
+SEBlock`` walks them on numbers.
 
-    s = mean_{h, w} x                      (N, C)     squeeze
-    h = s W1^T + b1                        (N, D)     fc.0
-    a = relu(h)                            (N, D)     fc.1
-    z = a W2^T + b2                        (N, C)     fc.2
-    g = sigmoid(z)                         (N, C)     fc.3
-    y = x * g[:, :, None, None]            (N, C, H, W)  excitation
+Forward::
+
+    W1 = fc.0.weight                   (D, C)        fc.0's weight                     [param("fc.0.weight")]
+    b1 = fc.0.bias                     (D,)          fc.0's bias (bias=True)           [param("fc.0.bias")]
+    W2 = fc.2.weight                   (C, D)        fc.2's weight                     [param("fc.2.weight")]
+    b2 = fc.2.bias                     (C,)          fc.2's bias (bias=True)           [param("fc.2.bias")]
+    s = mean_{H, W} x                  (N, C)        squeeze                           [mean(x, (2, 3))]
+    h = s W1^T + b1                    (N, D)        fc.0                              [linear(s, W1, b1)]
+    a = relu(h)                        (N, D)        fc.1                              [relu(h)]
+    z = a W2^T + b2                    (N, C)        fc.2                              [linear(a, W2, b2)]
+    g = sigmoid(z)                     (N, C)        fc.3, the channel gate            [sigmoid(z)]
+    y = x * g[:, :, None, None]        (N, C, H, W)  excitation                        [x * g[:, :, None, None]]
 
 Backward, for dy = dL/dy, in the order the code computes it::
 
-    dg  = sum_{h, w} dy * x                (N, C)     y is bilinear in (x, g)
-    dz  = dg * g * (1 - g)                 (N, C)     sigmoid' = g (1 - g)
-    dW2 = dz^T a,  db2 = sum_n dz          (C, D), (C,)
-    da  = dz W2                            (N, D)
-    dh  = da * [h > 0]                     (N, D)     relu'(0) = 0, as PyTorch
-    dW1 = dh^T s,  db1 = sum_n dh          (D, C), (D,)
-    ds  = dh W1                            (N, C)
-    dx  = dy * g + ds / (H W)              (N, C, H, W)  both paths from x to y
+    dg = sum_{H, W} dy * x             (N, C)        y is bilinear in (x, g): dy/dg is x
+    dz = dg * g * (1 - g)              (N, C)        sigmoid' = g (1 - g)
+    dW2 = dz^T a                       (C, D)        z is linear in W2, row n adds dz[n] a[n]^T
+    db2 = sum_n dz                     (C,)          b2 is added to every row
+    da = dz W2                         (N, D)        z is linear in a
+    dh = da * [h > 0]                  (N, D)        relu' = [h > 0]; relu'(0) = 0, as PyTorch
+    dW1 = dh^T s                       (D, C)        h is linear in W1
+    db1 = sum_n dh                     (D,)          b1 is added to every row
+    ds = dh W1                         (N, C)        h is linear in s
+    dx = dy * g + ds / (H W)           (N, C, H, W)  both paths from x to y: the gate's factor, and
+                                                     the squeeze, whose mean spreads ds evenly
+
+(without bias, b1 = b2 = 0 and their lines drop out.)
 
 ``SEModule`` is the same computation in timm's layout (``timm.layers.SEModule``, the SE
 of timm's ResNets and EfficientNets): the two layers are 1x1 convolutions ``fc1`` (D, C,
 1, 1) and ``fc2`` (C, D, 1, 1) with biases by default, and the hidden width is timm's
 ``D = make_divisible(C * rd_ratio, rd_divisor, round_limit=0)`` unless ``rd_channels``
 is given. On the pooled (N, C, 1, 1) map a 1x1 convolution is the linear layer above
-with W1 = fc1.weight[:, :, 0, 0], so the forward and backward are the lines above.
+with W1 = fc1.weight[:, :, 0, 0], so the forward and backward are the lines above, with
+these bindings (``npattn explain SEModule`` walks them)::
+
+    W1 = fc1.weight[:, :, 0, 0]        (D, C)        fc1's 1x1 kernel as a matrix      [param("fc1.weight")[:, :, 0, 0]]
+    b1 = fc1.bias                      (D,)          fc1's bias                        [param("fc1.bias")]
+    W2 = fc2.weight[:, :, 0, 0]        (C, D)        fc2's 1x1 kernel as a matrix      [param("fc2.weight")[:, :, 0, 0]]
+    b2 = fc2.bias                      (C,)          fc2's bias                        [param("fc2.bias")]
 
 timm's options of ``SEModule`` change single lines (timm's semantics and keys)::
 
@@ -77,7 +97,7 @@ class SECache:
     fc0: object  # LinearCache of fc.0: s (N, C), W1 (D, C)
     relu: object  # ReluCache: h > 0, (N, D)
     fc2: object  # LinearCache of fc.2: a (N, D), W2 (C, D)
-    gate: np.ndarray  # (N, C, 1, 1) g = sigmoid(z)
+    g: np.ndarray  # (N, C) the gate sigmoid(z)
 
 
 class SEBlock(Block):
@@ -123,32 +143,31 @@ class SEBlock(Block):
         both modes compute the same thing. Returns ``(y, cache)``, y of shape and dtype of x.
         """
         x = self._check_input("x", x, 4, self.channels)
-        n, c = x.shape[:2]
         s = x.mean(axis=(2, 3))  # (N, C) squeeze
         h, fc0 = self._linear("fc.0.", s)  # (N, D)
         a, relu = F.relu_forward(h)  # (N, D)
         z, fc2 = self._linear("fc.2.", a)  # (N, C)
-        g = F.sigmoid(z).reshape(n, c, 1, 1)  # (N, C, 1, 1)
-        y = x * g  # (N, C, H, W)
+        g = F.sigmoid(z)  # (N, C)
+        y = x * g[:, :, None, None]  # (N, C, H, W)
         return y, SECache(x, fc0, relu, fc2, g)
 
     def backward(self, grad_out, cache: SECache):
         """Returns ``((dx,), {"fc.0.weight": ..., "fc.2.weight": ..., [biases]})``."""
         op = "SEBlock.backward"
-        x, g = cache.x, cache.gate
+        x, g = cache.x, cache.g
         dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
         shape_is(op, "grad_out", dy, x.shape)
         same_dtype(op, "x", x, grad_out=dy)
-        n, c, h, w = x.shape
-        grads = self.zero_grads()
-        d_g = np.einsum("ncl,ncl->nc", dy.reshape(n, c, h * w), x.reshape(n, c, h * w))  # (N, C)
-        d_z = d_g * (g * (1 - g)).reshape(n, c)  # (N, C)
-        d_a = self._linear_backward("fc.2.", d_z, cache.fc2, grads)  # (N, D)
-        d_h = F.relu_backward(d_a, cache.relu)["x"]  # (N, D)
-        d_s = self._linear_backward("fc.0.", d_h, cache.fc0, grads)  # (N, C)
-        d_x = dy * g  # (N, C, H, W) through the gate's factor
-        d_x += (d_s * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)  # through the squeeze
-        return (d_x,), grads
+        N, C, H, W = x.shape
+        grads = self.zero_grads()  # dW1, db1 (fc.0.*) and dW2, db2 (fc.2.*) are added into it
+        dg = np.einsum("ncl,ncl->nc", dy.reshape(N, C, H * W), x.reshape(N, C, H * W))  # (N, C)
+        dz = dg * (g * (1 - g))  # (N, C)
+        da = self._linear_backward("fc.2.", dz, cache.fc2, grads)  # (N, D); dW2, db2
+        dh = F.relu_backward(da, cache.relu)["x"]  # (N, D)
+        ds = self._linear_backward("fc.0.", dh, cache.fc0, grads)  # (N, C); dW1, db1
+        dx = dy * g[:, :, None, None]  # (N, C, H, W) through the gate's factor
+        dx += (ds * inv_area(x.dtype, H, W))[:, :, None, None]  # through the squeeze
+        return (dx,), grads
 
 
 @dataclass(frozen=True)
@@ -157,7 +176,7 @@ class SEModuleCache:
     fc1: object  # LinearCache of fc1 on the pooled vector: s (N, C), W1 (D, C)
     relu: object  # cache of the activation on h (N, D) (ReluCache for "relu")
     fc2: object  # LinearCache of fc2: a (N, D), W2 (C, D)
-    gate: np.ndarray  # (N, C, 1, 1) g = gate(z)
+    g: np.ndarray  # (N, C) the gate g = gate(z)
     max_hw: object = None  # add_maxpool: AmaxCache of max over (H, W) of x
     bn: object = None  # norm: BatchNormCache of bn on fc1's output (N, D)
     gate_cache: object = None  # the gate's cache on z (N, C)
@@ -225,7 +244,7 @@ class SEModule(Block):
         """``y = x * g``; with ``norm`` the BatchNorm uses batch statistics in training (and
         updates its running statistics), otherwise both modes compute the same."""
         x = self._check_input("x", x, 4, self.channels)
-        n, c = x.shape[:2]
+        n = x.shape[0]
         if self.add_maxpool:
             self._check_image("x", x, "the maximum over H W of an empty image does not exist; timm's amax refuses it")
         s = x.mean(axis=(2, 3))  # (N, C) squeeze
@@ -245,42 +264,41 @@ class SEModule(Block):
         a, k_act = SE_ACTS[self.act][0](h)  # (N, D)
         z, fc2 = pointwise(self, "fc2.", a)  # (N, C)
         g, k_gate = SE_GATES[self.gate][0](z)  # (N, C)
-        g = g.reshape(n, c, 1, 1)  # (N, C, 1, 1)
-        y = x * g  # (N, C, H, W)
+        y = x * g[:, :, None, None]  # (N, C, H, W)
         return y, SEModuleCache(x, fc1, k_act, fc2, g, k_max, k_bn, k_gate)
 
     def backward(self, grad_out, cache: SEModuleCache):
         """Returns ``((dx,), grads)`` with a gradient for every parameter key."""
         op = "SEModule.backward"
-        x, g = cache.x, cache.gate
+        x, g = cache.x, cache.g
         dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
         shape_is(op, "grad_out", dy, x.shape)
         same_dtype(op, "x", x, grad_out=dy)
-        n, c, h, w = x.shape
-        grads = self.zero_grads()
-        d_g = np.einsum("ncl,ncl->nc", dy.reshape(n, c, h * w), x.reshape(n, c, h * w))  # (N, C)
+        N, C, H, W = x.shape
+        grads = self.zero_grads()  # dW1, db1 (fc1.*), dW2, db2 (fc2.*) and bn.* are added into it
+        dg = np.einsum("ncl,ncl->nc", dy.reshape(N, C, H * W), x.reshape(N, C, H * W))  # (N, C)
         if self.gate == "sigmoid":
-            d_z = d_g * (g * (1 - g)).reshape(n, c)  # (N, C)
+            dz = dg * (g * (1 - g))  # (N, C)
         else:
-            d_z = SE_GATES[self.gate][1](d_g, cache.gate_cache)["x"]  # (N, C)
-        d_a = pointwise_backward(self, "fc2.", d_z, cache.fc2, grads)  # (N, D)
-        d_h = SE_ACTS[self.act][1](d_a, cache.relu)["x"]  # (N, D)
+            dz = SE_GATES[self.gate][1](dg, cache.gate_cache)["x"]  # (N, C)
+        da = pointwise_backward(self, "fc2.", dz, cache.fc2, grads)  # (N, D); dW2, db2
+        dh = SE_ACTS[self.act][1](da, cache.relu)["x"]  # (N, D)
         if self.norm:
-            d_h = self._batch_norm_backward("bn.", d_h, cache.bn, grads)  # (N, D)
-        d_s = self._fc1_backward(d_h, cache, grads)  # (N, C)
-        d_x = dy * g  # (N, C, H, W) through the gate's factor
+            dh = self._batch_norm_backward("bn.", dh, cache.bn, grads)  # (N, D) before the BatchNorm
+        ds = self._fc1_backward(dh, cache, grads)  # (N, C); dW1, db1
+        dx = dy * g[:, :, None, None]  # (N, C, H, W) through the gate's factor
         if self.add_maxpool:
             half = x.dtype.type(0.5)
-            d_x += (d_s * (half * inv_area(x.dtype, h, w))).reshape(n, c, 1, 1)  # through the mean
-            d_x += F.amax_backward(half * d_s, cache.max_hw)["x"]  # through the max
+            dx += (ds * (half * inv_area(x.dtype, H, W)))[:, :, None, None]  # through the mean
+            dx += F.amax_backward(half * ds, cache.max_hw)["x"]  # through the max
         else:
-            d_x += (d_s * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)  # through the squeeze
-        return (d_x,), grads
+            dx += (ds * inv_area(x.dtype, H, W))[:, :, None, None]  # through the squeeze
+        return (dx,), grads
 
     def _fc1_backward(self, d_h, cache, grads):
         """fc1's backward; its bias gradient is exactly 0 when a training BatchNorm follows."""
-        g = F.linear_backward(d_h, cache.fc1)
-        grads["fc1.weight"] += g["weight"].reshape(grads["fc1.weight"].shape)
-        if "bias" in g and not bias_grad_is_zero(cache.bn):
-            grads["fc1.bias"] += g["bias"]
-        return g["x"]  # (N, C)
+        fc1 = F.linear_backward(d_h, cache.fc1)
+        grads["fc1.weight"] += fc1["weight"].reshape(grads["fc1.weight"].shape)
+        if "bias" in fc1 and not bias_grad_is_zero(cache.bn):
+            grads["fc1.bias"] += fc1["bias"]
+        return fc1["x"]  # (N, C)

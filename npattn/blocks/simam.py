@@ -3,23 +3,31 @@ Parameter-Free Attention Module for Convolutional Neural Networks", ICML 2021).
 
 Each neuron is weighted by the inverse of its minimal energy, computed in closed form
 from the mean and variance of its channel. For x of shape (N, C, H, W), per (n, c), with
-m = H W values and M = m - 1 (the paper's n)::
+m = H W values and M = m - 1 (the paper's n); the format of the lines is
+``npattn.explain``'s, and ``npattn explain SimAM`` walks them.
 
-    mu   = (1/m) sum_{h, w} x                    (N, C, 1, 1)
-    d    = (x - mu)^2                            (N, C, H, W)
-    v    = (1/M) sum_{h, w} d                    (N, C, 1, 1)   unbiased variance
-    q    = 4 (v + lambda)                        (N, C, 1, 1)
-    e    = d / q + 1/2                           (N, C, H, W)   inverse energy
-    s    = sigmoid(e)                            (N, C, H, W)
-    y    = x * s                                 (N, C, H, W)
+Forward::
+
+    lam = e_lambda                     ()            the paper's lambda                 [attr("e_lambda")]
+    mu = (1/m) sum_{H, W} x            (N, C, 1, 1)  channel mean                       [mean(x, (2, 3), keepdims=True)]
+    xc = x - mu                        (N, C, H, W)  centred                            [x - mu]
+    d = xc^2                           (N, C, H, W)  squared distance to the mean       [xc * xc]
+    v = (1/M) sum_{H, W} d             (N, C, 1, 1)  unbiased variance                  [sum(d, (2, 3), keepdims=True) / (x.shape[2] * x.shape[3] - 1)]
+    q = 4 (v + lam)                    (N, C, 1, 1)                                     [4 * (v + lam)]
+    e = d / q + 1/2                    (N, C, H, W)  inverse energy                     [d / q + 0.5]
+    s = sigmoid(e)                     (N, C, H, W)                                     [sigmoid(e)]
+    y = x * s                          (N, C, H, W)                                     [x * s]
 
 Backward, for dy = dL/dy::
 
-    de   = dy * x * s (1 - s)                    (N, C, H, W)
-    dq   = -sum_{h, w} de * d / q^2              (N, C, 1, 1)
-    dd   = de / q + 4 dq / M                     (N, C, H, W)   direct, and through v
-    dxc  = 2 (x - mu) dd                         (N, C, H, W)   d = xc^2, xc = x - mu
-    dx   = dy * s + dxc - mean_{h, w} dxc        (N, C, H, W)   mu depends on x
+    ds = dy * x                        (N, C, H, W)  y = x * s is bilinear
+    de = ds * s (1 - s)                (N, C, H, W)  sigmoid' = s (1 - s)
+    dq = -sum_{H, W} de * d / q^2      (N, C, 1, 1)  d(d/q)/dq = -d / q^2, summed where q is broadcast
+    dv = 4 dq                          (N, C, 1, 1)  q = 4 (v + lam)
+    dd = de / q + dv / M               (N, C, H, W)  d reaches e directly and q through v
+    dxc = 2 xc dd                      (N, C, H, W)  d = xc^2
+    dmu = -sum_{H, W} dxc              (N, C, 1, 1)  xc = x - mu, mu broadcast over H W
+    dx = dy * s + dxc + dmu / (H W)    (N, C, H, W)  three paths: the factor of y, xc, and mu = mean x
 
 H W = 1 divides by M = 0 (0/0, NaN in PyTorch); npattn refuses it.
 """
@@ -68,13 +76,15 @@ class SimAM(Block):
     def forward(self, x, training=False):
         """``y = x * s``; both modes compute the same."""
         x = self._check_input("x", x, 4)
-        n, c, h, w = x.shape
-        if h * w < 2:
+        N, C, H, W = x.shape
+        if H * W < 2:
             raise ValueError(f"SimAM: x must have at least 2 spatial positions (H W - 1 divides), got shape {tuple(x.shape)}")
         dt = x.dtype.type
-        xc = x - x.mean(axis=(2, 3), keepdims=True)  # (N, C, H, W)
+        mu = x.mean(axis=(2, 3), keepdims=True)  # (N, C, 1, 1)
+        xc = x - mu  # (N, C, H, W)
         d = xc * xc  # (N, C, H, W)
-        q = 4 * (d.sum(axis=(2, 3), keepdims=True) / dt(h * w - 1) + dt(self.e_lambda))  # (N, C, 1, 1)
+        v = d.sum(axis=(2, 3), keepdims=True) / dt(H * W - 1)  # (N, C, 1, 1)
+        q = 4 * (v + dt(self.e_lambda))  # (N, C, 1, 1)
         e = d / q + dt(0.5)  # (N, C, H, W)
         s = F.sigmoid(e)  # (N, C, H, W)
         y = x * s  # (N, C, H, W)
@@ -87,13 +97,17 @@ class SimAM(Block):
         dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
         shape_is(op, "grad_out", dy, x.shape)
         same_dtype(op, "x", x, grad_out=dy)
-        n, c, h, w = x.shape
+        N, C, H, W = x.shape
         dt = x.dtype.type
-        d_e = dy * x * (s * (1 - s))  # (N, C, H, W)
-        d_q = -(d_e * cache.d).sum(axis=(2, 3), keepdims=True) / (q * q)  # (N, C, 1, 1)
-        d_d = d_e / q + d_q * dt(4.0 / (h * w - 1))  # (N, C, H, W)
-        d_xc = 2 * cache.xc * d_d  # (N, C, H, W)
-        d_x = dy * s  # (N, C, H, W) direct path
-        d_x += d_xc
-        d_x -= d_xc.mean(axis=(2, 3), keepdims=True)  # through mu
-        return (d_x,), {}
+        xc, d = cache.xc, cache.d
+        ds = dy * x  # (N, C, H, W)
+        de = ds * (s * (1 - s))  # (N, C, H, W)
+        dq = -(de * d).sum(axis=(2, 3), keepdims=True) / (q * q)  # (N, C, 1, 1)
+        dv = 4 * dq  # (N, C, 1, 1)
+        dd = de / q + dv * dt(1.0 / (H * W - 1))  # (N, C, H, W)
+        dxc = 2 * xc * dd  # (N, C, H, W)
+        dmu = -dxc.sum(axis=(2, 3), keepdims=True)  # (N, C, 1, 1)
+        dx = dy * s  # (N, C, H, W) direct path
+        dx += dxc
+        dx += dmu / dt(H * W)  # through mu
+        return (dx,), {}
