@@ -23,6 +23,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -135,10 +136,24 @@ def docstring_to_markdown(doc: str, heading_level: int = 3, math_tables: bool = 
     para: list[str] = []
 
     def flush():
-        if para:
-            out.extend(para)
+        # join each paragraph (or list item) into one line first: a code span may run
+        # over a line break
+        items: list[str] = []
+        for l in para:
+            if re.match(r"(?:[-*+]|\d+\.) ", l) or not items:
+                items.append(l)
+            else:
+                items[-1] += " " + l
+        was_item = False
+        for it in items:
+            m = re.match(r"((?:[-*+]|\d+\.) +)(.*)", it)
+            if m and not was_item and out and out[-1]:
+                out.append("")
+            out.append(m.group(1) + inline_markdown(m.group(2)) if m else inline_markdown(it))
+            was_item = bool(m)
+        if items:
             out.append("")
-            para.clear()
+        para.clear()
 
     i = 0
     while i < len(lines):
@@ -186,7 +201,7 @@ def docstring_to_markdown(doc: str, heading_level: int = 3, math_tables: bool = 
             text = stripped[:-2].rstrip()
             text = text + ":" if text and not stripped.endswith(" ::") else text
             if text:
-                para.append(inline_markdown(text))
+                para.append(text)
             flush()
             # the literal block: indented more than the paragraph, blank lines inside
             i += 1
@@ -207,7 +222,7 @@ def docstring_to_markdown(doc: str, heading_level: int = 3, math_tables: bool = 
                     if table:
                         out.extend([*table, ""])
             continue
-        para.append(inline_markdown(stripped))
+        para.append(stripped)
         i += 1
     flush()
     while out and not out[-1]:
@@ -219,15 +234,17 @@ def docstring_to_markdown(doc: str, heading_level: int = 3, math_tables: bool = 
 # derivation lines -> LaTeX
 
 _GREEK = {
-    "alpha", "beta", "gamma", "delta", "epsilon", "eps", "lambda", "mu", "sigma", "tau", "theta",
+    "alpha", "beta", "gamma", "delta", "epsilon", "lambda", "mu", "sigma", "tau", "theta",
     "phi", "psi", "omega", "Phi", "Sigma", "Delta", "rho", "eta", "kappa", "pi",
 }
 _BIG = {"sum": r"\sum", "prod": r"\prod"}
-_FUNCS = {"exp": r"\exp", "log": r"\log", "tanh": r"\tanh", "max": r"\max", "min": r"\min", "sigmoid": r"\sigma"}
-_TOKEN = re.compile(r"\s+|\d+(?:\.\d+)?(?:e-?\d+)?|[A-Za-z][A-Za-z0-9]*'*|\^T\b|\*\*|[-+*/=(),\[\]{}<>^:!|@;.]")
+_FUNCS = {"exp": r"\exp", "log": r"\log", "tanh": r"\tanh", "max": r"\max", "min": r"\min", "sigmoid": r"\sigma",
+          "sqrt": r"\sqrt"}
+_NAME = r"[A-Za-z][A-Za-z0-9]*'*(?:_(?:\{[A-Za-z0-9, ]+\}|[A-Za-z0-9]+)'*)?"
+_TOKEN = re.compile(rf"\s+|\d+(?:\.\d+)?(?:e-?\d+)?|{_NAME}|\^T\b|\*\*|[-+*/=(),\[\]<>^|]")
 
 
-def _ident(name: str, called: bool) -> str | None:
+def _base(name: str, called: bool) -> str | None:
     if name == "eps":
         return r"\epsilon"
     if name in _GREEK:
@@ -235,49 +252,68 @@ def _ident(name: str, called: bool) -> str | None:
     if name in _BIG:
         return _BIG[name]
     if name in _FUNCS:
-        return _FUNCS[name]
-    m = re.fullmatch(r"([A-Za-z])(\d+)('*)", name)
+        return _FUNCS[name] if name != "sqrt" else r"\operatorname{sqrt}"
+    m = re.fullmatch(r"([A-Za-z])(\d+)", name)
     if m:
-        return f"{m.group(1)}_{{{m.group(2)}}}{m.group(3)}"
-    m = re.fullmatch(r"d([A-Za-z])(\d*)('*)", name)  # a gradient: d<symbol>
+        return f"{m.group(1)}_{{{m.group(2)}}}"
+    m = re.fullmatch(r"d([A-Za-z])(\d*)", name)  # a gradient: d<symbol>
     if m and not called:
         sub = f"_{{{m.group(2)}}}" if m.group(2) else ""
-        return rf"\mathrm{{d}}{m.group(1)}{sub}{m.group(3)}"
-    m = re.fullmatch(r"d([A-Za-z]{2,})(\d*)", name)  # d<word>: a gradient of a named array
-    if m and not called and len(name) <= 6:
-        sub = f"_{{{m.group(2)}}}" if m.group(2) else ""
-        return rf"\mathrm{{d}}\mathit{{{m.group(1)}}}{sub}"
-    if re.fullmatch(r"[A-Za-z]", name):
+        return rf"\mathrm{{d}}{m.group(1)}{sub}"
+    m = re.fullmatch(r"d([A-Za-z]{2,}[A-Za-z0-9]*)", name)  # d<name>: the gradient of a named array
+    if m and not called:
+        inner = _base(m.group(1), False)
+        return rf"\mathrm{{d}}{inner}" if inner else None
+    if len(name) == 1:
         return name
-    if re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", name):
-        return rf"\operatorname{{{name}}}" if called else rf"\mathit{{{name}}}"
-    return None
+    return rf"\operatorname{{{name}}}" if called else rf"\mathit{{{name}}}"
+
+
+def _ident(tok: str, called: bool) -> str | None:
+    m = re.fullmatch(r"([A-Za-z][A-Za-z0-9]*)('*)(?:_(?:\{([A-Za-z0-9, ]+)\}|([A-Za-z0-9]+))('*))?", tok)
+    if not m:
+        return None
+    name, p1, sub_braced, sub, p2 = m.groups()
+    base = _base(name, called)
+    if base is None:
+        return None
+    sub = sub_braced if sub_braced is not None else sub
+    if sub is not None and base.startswith("\\mathit{"):
+        base = "\\operatorname{" + base[len("\\mathit{"):]  # mean_{h, w}: an operator with a subscript
+    if sub is not None:
+        if base.endswith("}") and "_{" in base and not base.startswith(("\\operatorname", "\\mathit", "\\mathrm{d}\\")):
+            return None  # W1_i: two subscripts
+        sub = sub.replace(" ", "")
+        sub = r"\mathrm{" + sub + "}" if len(sub) > 1 and sub.isalpha() and "," not in sub else sub
+        return f"{base}{p1}_{{{sub}}}{p2}"
+    return base + p1
 
 
 def ascii_to_latex(expr: str) -> str | None:
-    """Typeset one line of a derivation (``dW2 = dz^T a``) in LaTeX, or None when the line
+    """Typeset one equation of a derivation (``dW2 = dz^T a``) in LaTeX, or None when it
     holds anything this small grammar does not know (then the page shows the code only).
 
-    Single letters with digits get subscripts (``W1`` -> ``W_{1}``), ``d<symbol>`` is a
-    gradient (``\\mathrm{d}W_{2}``), ``^T`` a transpose, ``*`` the elementwise product,
-    ``sum_{h, w}`` a sum, ``sigmoid`` sigma, Greek names their letters; anything with a
-    slice, an attribute or an underscored name is left to the code block."""
+    Single letters with digits get subscripts (``W1`` -> ``W_{1}``), ``_i`` and ``_{h, w}``
+    are subscripts, ``d<symbol>`` is a gradient (``\\mathrm{d}W_{2}``), ``^T`` a
+    transpose, ``*`` the elementwise product, ``|x|`` an absolute value, ``sum`` a sum,
+    ``sigmoid`` sigma, Greek names their letters; a slice, an attribute, a keyword
+    argument or a string is left to the code block."""
     expr = expr.strip()
-    if not expr or "=" not in expr or any(c in expr for c in "|\"'`:;.!@#$%&\\~?"):
+    if not expr or "=" not in expr:
         return None
-    toks = [t for t in _TOKEN.findall(expr)]
+    if re.search(r"[:;\"`!@#$%&\\~?]|\.[A-Za-z]|\w=\w", expr.replace("+=", " += ").replace("-=", " -= ")):
+        return None
+    toks = _TOKEN.findall(expr)
     if "".join(toks) != expr:
         return None  # a character the grammar does not know
     toks = [t for t in toks if not t.isspace()]
     out: list[str] = []
     depth = 0
-    i = 0
-    while i < len(toks):
-        t = toks[i]
+    bars = 0
+    for i, t in enumerate(toks):
         nxt = toks[i + 1] if i + 1 < len(toks) else ""
-        if re.fullmatch(r"[A-Za-z][A-Za-z0-9]*'*", t):
-            if nxt == "_" or t.endswith("_"):
-                return None
+        prev = toks[i - 1] if i else ""
+        if t[0].isalpha():
             s = _ident(t, called=nxt == "(")
             if s is None:
                 return None
@@ -285,10 +321,9 @@ def ascii_to_latex(expr: str) -> str | None:
         elif t == "^T":
             out.append(r"^{\top}")
         elif t == "^":
-            if i + 1 >= len(toks) or not re.fullmatch(r"-?\d+(?:\.\d+)?|[A-Za-z]", nxt):
+            if not re.fullmatch(r"\d+|[A-Za-z]", nxt):
                 return None
-            out.append("^{" + nxt + "}")
-            i += 1
+            out.append("^")
         elif t == "**":
             return None
         elif t == "*":
@@ -301,53 +336,74 @@ def ascii_to_latex(expr: str) -> str | None:
             if depth < 0:
                 return None
             out.append(t)
-        elif t == "{" or t == "}":
-            return None
+        elif t == "|":
+            # an opening bar follows an operator, a bracket or the start
+            opening = not prev or prev in "=+-*/([,^" or prev == "+=" or bars == 0
+            bars += 1 if opening else -1
+            out.append(r"\lvert " if opening else r"\rvert ")
         else:
             out.append(t)
-        i += 1
-    if depth != 0:
+    if depth != 0 or bars != 0:
         return None
+    if any(re.fullmatch(r"\\mathit\{(\w+)\} ", o) and o[8:-2] in _PROSE for o in out):
+        return None  # words of a sentence, not symbols
     return "".join(out).strip()
 
 
-# sum_{h, w} is written with an underscore: turn it into one token before the grammar runs
-_SUBSCRIPTED = re.compile(r"\b(sum|mean|max|prod|min|softmax)_\{([A-Za-z, ]+)\}")
+_PROSE = {"and", "or", "with", "as", "of", "the", "over", "for", "else", "if", "otherwise", "backward", "by",
+          "each", "to", "in", "is", "from", "at", "on", "not", "where", "then", "per", "maps", "all"}
 
 
-def _latex_line(eq: str) -> str | None:
-    subs = {}
+_LABEL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9_ ]*|\"\w+\"):\s+(?=\S)")
+_SHAPE = re.compile(r"\([^()]*\)(?:,\s*\([^()]*\))*")
+_LHS = re.compile(rf"^(?:{_NAME})(?:\s*,\s*{_NAME})*\s*[-+]?=(?!=)")
 
-    def keep(m):
-        key = f"Zsub{len(subs)}"
-        name = _BIG.get(m.group(1)) or _FUNCS.get(m.group(1)) or rf"\operatorname{{{m.group(1)}}}"
-        subs[key] = name + "_{" + m.group(2).replace(" ", "") + "}"
-        return key
-    eq = _SUBSCRIPTED.sub(keep, eq)
-    tex = ascii_to_latex(eq)
-    if tex is None:
+
+def derivation_row(line: str) -> tuple[str, str, str] | None:
+    """One line ``[label:] lhs = rhs[,  lhs2 = rhs2]   (shape)   reason`` as (LaTeX,
+    shape, reason), or None when it is not an equation the grammar typesets."""
+    text = line.strip()
+    label = ""
+    m = _LABEL.match(text)
+    if m:
+        label, text = m.group(0).strip(), text[m.end():]
+    text = re.sub(r";\s+", "  ", text)  # equations separated by semicolons
+    # rejoin an aligned "lhs    = rhs"
+    text = re.sub(r"^([A-Za-z][A-Za-z0-9_']*)\s{2,}([-+]?=)", r"\1 \2", text)
+    if not _LHS.match(text):
         return None
-    for key, val in subs.items():
-        tex = re.sub(rf"\\mathit\{{{key}\}}|\\operatorname\{{{key}\}}", lambda _m, v=val: v, tex)
-    return tex
+    cols = re.split(r"\s{2,}", text)
+    eqs, rest = [], []
+    for c in cols:
+        if not rest and (not eqs or _LHS.match(c)):
+            eqs.append(c.rstrip(","))
+        else:
+            rest.append(c)
+    shape = rest[0] if rest and _SHAPE.fullmatch(rest[0]) else ""
+    why = " ".join(rest[1:] if shape else rest)
+    texs = []
+    for e in eqs:
+        t = ascii_to_latex(e)
+        if t is None:
+            return None
+        texs.append(t.replace("+=", r"\mathrel{+}=").replace("-=", r"\mathrel{-}="))
+    tex = r",\quad ".join(texs)
+    if label:
+        why = (label + " " + why).strip()
+    return tex, shape, why
 
 
 def derivation_table(body: list[str]) -> list[str]:
-    """The lines of a literal block that read ``lhs = rhs   (shape)   reason``, as a table
-    with the equation typeset; [] when fewer than two lines do."""
+    """The lines of a literal block that read as equations, typeset, in a table (LaTeX,
+    shape, reason); [] when fewer than two lines do."""
     rows = []
     for line in body:
-        if not line.strip() or line.startswith(" "):
+        if not line.strip():
             continue
-        cols = re.split(r"\s{2,}", line.strip())
-        eq = cols[0]
-        shape = next((c for c in cols[1:] if re.fullmatch(r"\([^()]*\)(?:,\s*\([^()]*\))*", c)), "")
-        why = " ".join(c for c in cols[1:] if c != shape)
-        if not re.match(r"[A-Za-z][A-Za-z0-9]*\s*(,\s*[A-Za-z][A-Za-z0-9]*\s*)*=", eq):
+        r = derivation_row(line)
+        if r is None:
             continue
-        tex = _latex_line(eq)
-        if tex is None:
-            continue
+        tex, shape, why = r
         rows.append(f"| ${tex}$ | {_code_span(shape) if shape else ''} | {inline_markdown(why)} |")
     if len(rows) < 2:
         return []
@@ -556,7 +612,8 @@ def build(out: pathlib.Path) -> None:
         cfg = tmp / "mkdocs.yml"
         cfg.write_text(json.dumps(mkdocs_config(docs, out, extra), indent=1))  # JSON is YAML
         t1 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--clean", "-q", "-f", str(cfg)], check=True)
+        env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+        subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--clean", "-q", "-f", str(cfg)], check=True, env=env)
     pages = len(list(out.rglob("*.html")))
     print(f"built {pages} pages into {out} (MathJax {version}; assembling {t1 - t0:.1f} s, mkdocs {time.perf_counter() - t1:.1f} s)")
 
