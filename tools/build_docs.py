@@ -347,7 +347,7 @@ def ascii_to_latex(expr: str) -> str | None:
         return None
     if any(re.fullmatch(r"\\mathit\{(\w+)\} ", o) and o[8:-2] in _PROSE for o in out):
         return None  # words of a sentence, not symbols
-    return "".join(out).strip()
+    return "".join(out).strip().replace("+=", r"\mathrel{+}=").replace("-=", r"\mathrel{-}=")
 
 
 _PROSE = {"and", "or", "with", "as", "of", "the", "over", "for", "else", "if", "otherwise", "backward", "by",
@@ -386,7 +386,7 @@ def derivation_row(line: str) -> tuple[str, str, str] | None:
         t = ascii_to_latex(e)
         if t is None:
             return None
-        texs.append(t.replace("+=", r"\mathrel{+}=").replace("-=", r"\mathrel{-}="))
+        texs.append(t)
     tex = r",\quad ".join(texs)
     if label:
         why = (label + " " + why).strip()
