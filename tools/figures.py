@@ -44,30 +44,32 @@ def _save(fig, path):
 
 def bilinear_cell(path):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    y0, x0, ly, lx = 0, 0, 0.35, 0.6
-    corners = {(0, 0): "hy hx", (0, 1): "hy lx", (1, 0): "ly hx", (1, 1): "ly lx"}
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    ly, lx = 0.35, 0.6
     ax.add_patch(plt.Rectangle((0, 0), 1, 1, fill=False, lw=1.5))
-    ax.add_patch(plt.Rectangle((0, 0), lx, ly, color="tab:blue", alpha=0.12))
-    for (dy, dx), w in corners.items():
-        ax.plot(dx, dy, "o", color="black", ms=8)
-        name = f"({'y1' if dy else 'y0'}, {'x1' if dx else 'x0'})"
-        # the weight of a corner is the area of the rectangle opposite it
-        val = (ly if dy else 1 - ly) * (lx if dx else 1 - lx)
-        ax.annotate(f"{name}\nweight {w} = {val:.2f}", (dx, dy), textcoords="offset points",
-                    xytext=(-10 if dx == 0 else 10, -28 if dy == 0 else 14),
-                    ha="right" if dx == 0 else "left", fontsize=9)
+    # each corner's weight is the area of the rectangle diagonally opposite it
+    ax.add_patch(plt.Rectangle((lx, ly), 1 - lx, 1 - ly, color="tab:blue", alpha=0.12))
+    ax.text((1 + lx) / 2, (1 + ly) / 2, f"area hy hx\n= weight of (y0, x0)", ha="center", va="center", fontsize=8,
+            color="tab:blue")
+    for dy in (0, 1):
+        for dx in (0, 1):
+            ax.plot(dx, dy, "o", color="black", ms=8)
+            name = f"({'y1' if dy else 'y0'}, {'x1' if dx else 'x0'})"
+            w = f"{'ly' if dy else 'hy'} {'lx' if dx else 'hx'}"
+            val = (ly if dy else 1 - ly) * (lx if dx else 1 - lx)
+            ax.annotate(f"{name}\nweight {w} = {val:.2f}", (dx, dy), textcoords="offset points",
+                        xytext=(0, 12 if dy == 0 else -30), ha="center", fontsize=9)
+    ax.plot([0, lx], [ly, ly], "--", color="gray", lw=1)
+    ax.plot([lx, lx], [0, ly], "--", color="gray", lw=1)
+    ax.text(lx / 2, ly - 0.03, f"lx = p_x - x0 = {lx}", ha="center", va="bottom", fontsize=8)
+    ax.text(lx + 0.02, ly / 2, f"ly = p_y - y0 = {ly}", ha="left", va="center", fontsize=8)
     ax.plot(lx, ly, "*", color="tab:red", ms=14)
-    ax.annotate("p = (p_y, p_x)", (lx, ly), xytext=(8, 6), textcoords="offset points", color="tab:red")
-    ax.annotate("", (lx, -0.08), (0, -0.08), arrowprops=dict(arrowstyle="<->"))
-    ax.text(lx / 2, -0.16, f"lx = p_x - x0 = {lx}", ha="center")
-    ax.annotate("", (-0.08, ly), (-0.08, 0), arrowprops=dict(arrowstyle="<->"))
-    ax.text(-0.12, ly / 2, f"ly = {ly}", ha="right", va="center")
-    ax.set_xlim(-0.7, 1.7)
-    ax.set_ylim(1.45, -0.35)  # y grows downwards, as rows of an image
+    ax.annotate("p = (p_y, p_x)", (lx, ly), xytext=(-12, -14), textcoords="offset points", color="tab:red", ha="right")
+    ax.set_xlim(-0.45, 1.45)
+    ax.set_ylim(1.35, -0.3)  # y grows downwards, as the rows of an image
     ax.set_aspect("equal")
     ax.axis("off")
-    ax.set_title("bilinear sampling: hy = 1 - ly, hx = 1 - lx; y grows downwards")
+    ax.set_title("bilinear sampling, hy = 1 - ly, hx = 1 - lx (y grows downwards)", fontsize=10)
     _save(fig, path)
 
 
@@ -146,6 +148,7 @@ def multihead_split(path, L=6, heads=3, E=4, seed=0):
         ax.text(h * E + E / 2, -0.6, f"head {h}", ha="center")
     ax.set_xlim(0, heads * E)
     ax.set_ylim(L + 0.5, -1.2)
+    ax.set_yticks(range(L + 1))
     ax.set_xlabel(f"features: heads * E = {heads} * {E}")
     ax.set_ylabel(f"tokens L = {L}")
     ax.set_title("(N, L, heads E) -> reshape (N, L, heads, E) -> transpose (N, heads, L, E)", fontsize=9)
@@ -174,7 +177,7 @@ def _arrow(ax, a, b, text=""):
 
 def sk_paths(path):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(12.5, 3.6))
     _box(ax, (0, 1), "x\n(N, C, H, W)", color="tab:gray")
     _box(ax, (2.2, 2), "conv 3x3, dil 1\nBN, ReLU: u0")
     _box(ax, (2.2, 0), "conv 3x3, dil 2\nBN, ReLU: u1", color="tab:orange")
@@ -196,7 +199,7 @@ def sk_paths(path):
 
 def aff_fusion(path):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 3.4))
+    fig, ax = plt.subplots(figsize=(13, 3.4))
     _box(ax, (0, 2), "x", color="tab:gray", w=0.8)
     _box(ax, (0, 0), "residual", color="tab:gray", w=1.2)
     _box(ax, (2, 1), "xa = x + residual", w=1.8, color="tab:gray")
@@ -227,6 +230,9 @@ def draw_all(out) -> list[pathlib.Path]:
 
 
 def main(argv=None):
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's npattn
     ap = argparse.ArgumentParser(description="draw the site's figures")
     ap.add_argument("--out", required=True, type=pathlib.Path)
     args = ap.parse_args(argv)
