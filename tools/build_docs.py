@@ -274,6 +274,10 @@ def _ident(tok: str, called: bool) -> str | None:
     if not m:
         return None
     name, p1, sub_braced, sub, p2 = m.groups()
+    if sub is not None and len(sub) > 1 and not p1 and name not in _BIG and name not in ("mean", "max", "min", "softmax"):
+        # an underscored name (deform_conv2d, conv_offset), not a symbol with a subscript
+        word = (name + "_" + sub).replace("_", r"\_")
+        return (rf"\operatorname{{{word}}}" if called else rf"\mathit{{{word}}}") + p2
     base = _base(name, called)
     if base is None:
         return None
@@ -559,13 +563,12 @@ def assemble(docs: pathlib.Path) -> list[str]:
         shutil.copy(p, docs / p.name)
         if p.name not in KNOWN:
             extra.append(p.name)
-    if (docs / "conformance.md").exists():
+    if (docs / "conformance.md").exists():  # the conformance matrix, when its branch is in
         extra.append("conformance.md")
-        link = "The [conformance matrix](conformance.md) shows which frameworks pass which cases."
-    else:
-        link = ""
-    v = docs / "validating.md"
-    v.write_text(v.read_text().replace("CONFORMANCE_LINK", link))
+        v = docs / "validating.md"
+        v.write_text(v.read_text().replace(
+            "\n## Checking your implementation",
+            "\nWhich frameworks pass which cases: the [conformance matrix](conformance.md).\n\n## Checking your implementation", 1))
     manifest = json.loads((ROOT / "golden" / "manifest.json").read_text())
     rows = _block_rows()
     (docs / "blocks").mkdir()

@@ -22,7 +22,7 @@ python -m pip install -q -e ".[test]"
 if ! command -v chromium >/dev/null; then
   stamp "Debian's chromium"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 chromium --version
 
