@@ -359,7 +359,7 @@ _PROSE = {"and", "or", "with", "as", "of", "the", "over", "for", "else", "if", "
 
 
 _LABEL = re.compile(r"^(?:[A-Za-z][A-Za-z0-9_ ]*|\"\w+\"):\s+(?=\S)")
-_SHAPE = re.compile(r"\([^()]*\)(?:,\s*\([^()]*\))*")
+_SHAPE = re.compile(r"\((?:[\w' .*+/-]*,)+[\w' .*+/-]*\)(?:,\s*\((?:[\w' .*+/-]*,)+[\w' .*+/-]*\))*")  # (N, C), (C,)
 _LHS = re.compile(rf"^(?:{_NAME})(?:\s*,\s*{_NAME})*\s*[-+]?=(?!=)")
 
 
@@ -578,6 +578,10 @@ def assemble(docs: pathlib.Path) -> list[str]:
     figures.draw_all(docs / "figures")
     (docs / "javascripts").mkdir()
     (docs / "javascripts" / "mathjax-config.js").write_text(MATHJAX_CONFIG)
+    (docs / "stylesheets").mkdir()
+    # derivation lines are long: a wider page, and no wrapping inside a typeset line
+    (docs / "stylesheets" / "extra.css").write_text(
+        ".md-grid { max-width: 1600px; }\n.md-typeset table:not([class]) td:first-child { white-space: nowrap; }\n")
     return extra
 
 
@@ -598,6 +602,7 @@ def mkdocs_config(docs: pathlib.Path, out: pathlib.Path, extra: list[str]) -> di
             {"pymdownx.arithmatex": {"generic": True}},
         ],
         "extra_javascript": ["javascripts/mathjax-config.js", "mathjax/tex-mml-chtml.js"],
+        "extra_css": ["stylesheets/extra.css"],
         "validation": {"omitted_files": "warn", "absolute_links": "warn", "unrecognized_links": "warn", "anchors": "warn"},
         "nav": nav(extra),
     }
