@@ -160,3 +160,14 @@ def test_figures(tmp_path):
     # the same figures again: the same bytes (no date, fixed ids)
     again = figures.draw_all(tmp_path / "again")
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+
+
+@pytest.mark.parametrize("name", ["ViTAttention", "MultiheadAttention", "SEBlock"])
+def test_block_page_links_leave_the_blocks_folder(name):
+    """A block page lives in blocks/: links to the other pages go up one folder (mkdocs
+    --strict would fail the build on a broken one; this finds it without mkdocs)."""
+    page = bd.block_page(name, MANIFEST, bd._block_rows())
+    for target in re.findall(r"\]\(([^)]+)\)", page):
+        assert target.startswith(("../", "http")), target
+        path = target[3:].split("#")[0]
+        assert path.startswith("figures/") or (ROOT / "docs" / path).exists() or path == "functional.md", target

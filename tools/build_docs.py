@@ -10,7 +10,8 @@ The site is MkDocs Material, viewable with no network access:
 - the figures are drawn by tools/figures.py;
 - MathJax 3 is taken from the npm registry (``npm pack mathjax@3``) into the built site,
   and the theme's web fonts are off, so nothing is loaded from a CDN;
-- ``mkdocs build --strict``: any warning (a broken link included) fails the build.
+- ``mkdocs build --strict`` (never ``-q``, which would hide the warnings from the strict
+  count): any warning, a broken link or anchor included, fails the build.
 
 Needs the ``docs`` extra (``pip install -e ".[docs]"``) and npm. The conversion functions
 (``docstring_to_markdown``, ``ascii_to_latex``) need neither and are tested in
@@ -472,6 +473,10 @@ def block_page(name: str, manifest: dict, rows: dict) -> str:
     out += [docstring_to_markdown(mod.__doc__ or "", heading_level=3), ""]
     out += [f"## The class `{name}`", "", docstring_to_markdown(cls.__doc__ or "", heading_level=3), ""]
     if row:
+        # the row's links are relative to docs/blocks.md; this page is one folder down
+        row = [re.sub(r"\]\((?!https?:)([^)]*)\)",
+                      lambda m: "](../" + ("blocks.md" + m.group(1) if m.group(1).startswith("#") else m.group(1)) + ")", c)
+               for c in row]
         out += [
             "## Conventions", "",
             "| state_dict keys | notes |", "|---|---|",
@@ -603,7 +608,10 @@ def mkdocs_config(docs: pathlib.Path, out: pathlib.Path, extra: list[str]) -> di
         ],
         "extra_javascript": ["javascripts/mathjax-config.js", "mathjax/tex-mml-chtml.js"],
         "extra_css": ["stylesheets/extra.css"],
-        "validation": {"omitted_files": "warn", "absolute_links": "warn", "unrecognized_links": "warn", "anchors": "warn"},
+        "validation": {
+            "nav": {"omitted_files": "warn", "not_found": "warn", "absolute_links": "warn"},
+            "links": {"not_found": "warn", "absolute_links": "warn", "unrecognized_links": "warn", "anchors": "warn"},
+        },
         "nav": nav(extra),
     }
 
@@ -621,7 +629,7 @@ def build(out: pathlib.Path) -> None:
         cfg.write_text(json.dumps(mkdocs_config(docs, out, extra), indent=1))  # JSON is YAML
         t1 = time.perf_counter()
         env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-        subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--clean", "-q", "-f", str(cfg)], check=True, env=env)
+        subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--clean", "-f", str(cfg)], check=True, env=env)
     pages = len(list(out.rglob("*.html")))
     print(f"built {pages} pages into {out} (MathJax {version}; assembling {t1 - t0:.1f} s, mkdocs {time.perf_counter() - t1:.1f} s)")
 
