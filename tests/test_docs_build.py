@@ -103,6 +103,16 @@ def test_ascii_to_latex_refuses(line):
     assert bd.ascii_to_latex(line) is None
 
 
+def test_derivation_row_with_a_code_comment():
+    assert bd.derivation_row("dW2 = dz^T a      # (C, D)  chain rule through z = a W2^T") == (
+        r"\mathrm{d}W_{2} =\mathrm{d}z ^{\top}a", "(C, D)", "chain rule through z = a W2^T")
+
+
+def test_math_directive():
+    md = bd.docstring_to_markdown("Text.\n\n.. math::\n\n    y = x \\odot g\n\nAfter.")
+    assert "\n\n$$\ny = x \\odot g\n$$\n\n" in md and md.endswith("After.\n")
+
+
 def test_derivation_row():
     row = bd.derivation_row("dV   = A^T dY;  dA = dY V^T        (B, m, C'), (B, n, m)   both products")
     assert row == (r"\mathrm{d}V =A ^{\top}\mathrm{d}Y,\quad \mathrm{d}A =\mathrm{d}Y V ^{\top}", "(B, m, C'), (B, n, m)", "both products")

@@ -72,6 +72,13 @@ FIGURES = {
     "aff": [("aff_fusion.svg", "AFF's fusion: MS_CAM's gate w weighs x against the residual.")],
 }
 
+# where the rest of a block's math lives: page -> [(title, link from blocks/)]
+SEE_ALSO = {
+    "deform": [("the functional op `deform_conv2d` and the sampling, derived", "../functional.md#npattnfunctionaldeformpy")],
+    "attention": [("scaled dot-product attention, derived", "../functional.md#npattnfunctionalattentionpy"),
+                  ("the attention variants and their conventions", "../attention.md")],
+}
+
 # ---------------------------------------------------------------------------------------------
 # docstring (reST-flavoured, as the modules write them) -> Markdown
 
@@ -197,6 +204,15 @@ def docstring_to_markdown(doc: str, heading_level: int = 3, math_tables: bool = 
             flush()
             out.extend(["**" + inline_markdown(stripped) + "**", ""])
             i += 1
+            continue
+        if stripped == ".. math::":  # a reST math directive: display math
+            flush()
+            i += 1
+            body = []
+            while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > base):
+                body.append(lines[i].strip())
+                i += 1
+            out.extend(["", "$$", *[b for b in body if b], "$$", ""])
             continue
         if stripped.endswith("::"):
             text = stripped[:-2].rstrip()
@@ -372,6 +388,14 @@ def derivation_row(line: str) -> tuple[str, str, str] | None:
     m = _LABEL.match(text)
     if m:
         label, text = m.group(0).strip(), text[m.end():]
+    text, _, comment = text.partition("#")  # a code-style comment: "dW2 = dz^T a   # (C, D) reason"
+    text = text.rstrip()
+    comment = comment.strip()
+    m = re.match(r"(\((?:[\w' .*+/-]*,)+[\w' .*+/-]*\))\s*(.*)", comment)
+    if m:
+        comment = m.group(1) + "  " + m.group(2)
+    if comment:
+        text = text + "  " + comment
     text = re.sub(r";\s+", "  ", text)  # equations separated by semicolons
     # rejoin an aligned "lhs    = rhs"
     text = re.sub(r"^([A-Za-z][A-Za-z0-9_']*)\s{2,}([-+]?=)", r"\1 \2", text)
@@ -471,6 +495,8 @@ def block_page(name: str, manifest: dict, rows: dict) -> str:
     for fig, caption in FIGURES.get(modname, []):
         out += [f"![{caption}](../figures/{fig})", "", f"*{inline_markdown(caption)}*", ""]
     out += [docstring_to_markdown(mod.__doc__ or "", heading_level=3), ""]
+    for title, target in SEE_ALSO.get(modname, []):
+        out += [f"See also: [{title}]({target}).", ""]
     out += [f"## The class `{name}`", "", docstring_to_markdown(cls.__doc__ or "", heading_level=3), ""]
     if row:
         # the row's links are relative to docs/blocks.md; this page is one folder down
