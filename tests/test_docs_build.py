@@ -182,3 +182,17 @@ def test_block_page_links_leave_the_blocks_folder(name):
         assert target.startswith(("../", "http")), target
         path = target[3:].split("#")[0]
         assert path.startswith("figures/") or (ROOT / "docs" / path).exists() or path == "functional.md", target
+
+
+def test_browser_check_verdicts():
+    """tools/check_docs_browser.py's reading of a DOM (the browser run is in tools/ci_docs.sh)."""
+    cb = _load("check_docs_browser")
+    rendered = '<p><span class="arithmatex"><mjx-container class="MathJax">x</mjx-container></span></p>'
+    assert cb.problems(rendered * 5, min_formulas=5) == []
+    raw = '<p><span class="arithmatex">\\(s = x\\)</span></p>'
+    errs = cb.problems(raw, min_formulas=1)
+    assert any("0 <mjx-container>" in e for e in errs) and any("raw '\\\\('" in e for e in errs)
+    assert cb.problems("<p>$$ y $$</p>" + rendered, min_formulas=1)
+    assert cb.problems(rendered + '<script src="https://cdn.example/mathjax.js"></script>', min_formulas=1)
+    assert cb.problems(rendered.replace("x</mjx", '<mjx-merror data-mjx-error="Undefined">x</mjx-merror></mjx'), 1)
+    assert cb.problems("<pre><code>$$ y $$</code></pre>" + rendered, min_formulas=1) == []

@@ -47,8 +47,8 @@ def problems(dom: str, min_formulas: int = 1) -> list[str]:
     out = []
     n_mjx = len(re.findall(r"<mjx-container\b", dom))
     n_src = len(re.findall(r"""class="[^"]*\barithmatex\b""", dom))
-    if n_mjx < max(min_formulas, 1):
-        out.append(f"{n_mjx} <mjx-container> elements, expected at least {max(min_formulas, 1)}")
+    if n_mjx < min_formulas:
+        out.append(f"{n_mjx} <mjx-container> elements, expected at least {min_formulas}")
     if n_mjx < n_src:
         out.append(f"{n_src} formulas on the page but only {n_mjx} rendered")
     if "data-mjx-error" in dom or "<mjx-merror" in dom:
