@@ -196,3 +196,19 @@ def test_browser_check_verdicts():
     assert cb.problems(rendered + '<script src="https://cdn.example/mathjax.js"></script>', min_formulas=1)
     assert cb.problems(rendered.replace("x</mjx", '<mjx-merror data-mjx-error="Undefined">x</mjx-merror></mjx'), 1)
     assert cb.problems("<pre><code>$$ y $$</code></pre>" + rendered, min_formulas=1) == []
+
+
+def test_strict_build_fails_on_a_broken_link(tmp_path):
+    """The site's pages pass mkdocs --strict, and one broken link fails it (MathJax is left
+    out here: it comes from npm in the full build, tools/ci_docs.sh)."""
+    pytest.importorskip("mkdocs", reason="the strict build needs the docs extra (mkdocs)")
+    pytest.importorskip("matplotlib", reason="the figures need the docs extra (matplotlib)")
+    import subprocess
+
+    docs = tmp_path / "docs"
+    extra = bd.assemble(docs)
+    bd.run_mkdocs(docs, tmp_path / "site", extra, tmp_path / "mkdocs.yml")
+    assert (tmp_path / "site" / "blocks" / "SEBlock.html").is_file()
+    (docs / "zz_broken.md").write_text("# Broken\n\n[a page that is not there](nowhere.md)\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        bd.run_mkdocs(docs, tmp_path / "site2", extra + ["zz_broken.md"], tmp_path / "mkdocs.yml")

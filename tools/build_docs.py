@@ -642,6 +642,13 @@ def mkdocs_config(docs: pathlib.Path, out: pathlib.Path, extra: list[str]) -> di
     }
 
 
+def run_mkdocs(docs: pathlib.Path, out: pathlib.Path, extra: list[str], cfg: pathlib.Path) -> None:
+    """``mkdocs build --strict`` on the assembled pages; CalledProcessError on any warning."""
+    cfg.write_text(json.dumps(mkdocs_config(docs, out, extra), indent=1))  # JSON is YAML
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--clean", "-f", str(cfg)], check=True, env=env)
+
+
 def build(out: pathlib.Path) -> None:
     t0 = time.perf_counter()
     out = out.resolve()
@@ -651,11 +658,8 @@ def build(out: pathlib.Path) -> None:
         extra = assemble(docs)
         (tmp / "npm").mkdir()
         version = fetch_mathjax(docs / "mathjax", tmp / "npm")
-        cfg = tmp / "mkdocs.yml"
-        cfg.write_text(json.dumps(mkdocs_config(docs, out, extra), indent=1))  # JSON is YAML
         t1 = time.perf_counter()
-        env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-        subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--clean", "-f", str(cfg)], check=True, env=env)
+        run_mkdocs(docs, out, extra, tmp / "mkdocs.yml")
     pages = len(list(out.rglob("*.html")))
     print(f"built {pages} pages into {out} (MathJax {version}; assembling {t1 - t0:.1f} s, mkdocs {time.perf_counter() - t1:.1f} s)")
 
