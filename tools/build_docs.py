@@ -545,7 +545,7 @@ def nav(extra: list[str]) -> list:
     return [
         {"Home": "index.md"},
         {"Validating your framework": "validating.md"},
-        *([{"Conformance": "conformance.md"}] if "conformance.md" in extra else []),
+        {"Conformance": "conformance.md"},
         {"Porting the official code": "porting.md"},
         {"Blocks": [{"Overview": "blocks.md"}, *blocks]},
         {"Functional ops": "functional.md"},
@@ -553,7 +553,7 @@ def nav(extra: list[str]) -> list:
         {"Notation": "glossary.md"},
         {"Backends and performance": "backends.md"},
         {"Development": "development.md"},
-        *[{p[:-3].replace("_", " ").capitalize(): p} for p in extra if p != "conformance.md"],
+        *[{p[:-3].replace("_", " ").capitalize(): p} for p in extra],
     ]
 
 
@@ -594,12 +594,6 @@ def assemble(docs: pathlib.Path) -> list[str]:
         shutil.copy(p, docs / p.name)
         if p.name not in KNOWN:
             extra.append(p.name)
-    if (docs / "conformance.md").exists():  # the conformance matrix, when its branch is in
-        extra.append("conformance.md")
-        v = docs / "validating.md"
-        v.write_text(v.read_text().replace(
-            "\n## Checking your implementation",
-            "\nWhich frameworks pass which cases: the [conformance matrix](conformance.md).\n\n## Checking your implementation", 1))
     manifest = json.loads((ROOT / "golden" / "manifest.json").read_text())
     rows = _block_rows()
     (docs / "blocks").mkdir()
