@@ -211,6 +211,12 @@ def _cbam(rng):
     return CBAM(8, rd_channels=3, spatial_kernel_size=3, rng=rng, dtype=np.float64)
 
 
+def _coord_attn(rng):
+    from .blocks.coord_attn import CoordAttn
+
+    return CoordAttn(6, rd_channels=3, bias=True, rng=rng, dtype=np.float64)
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -224,6 +230,8 @@ EXAMPLES = [
             fixtures=lambda c: not c.get("mlp_bias") and tuple(c.get("pool_types", ("avg", "max"))) == ("avg", "max")
             and not c.get("no_spatial") and c.get("spatial_order", "avg_max") == "avg_max"
             and c.get("max_grad", "split") == "split"),
+    Example("CoordAttn", "npattn.blocks.coord_attn", _coord_attn, {"x": (2, 6, 5, 3)}, training=True,
+            fixtures=lambda c: c.get("bias", False) and not c.get("has_skip")),
 ]
 
 
