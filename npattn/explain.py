@@ -224,6 +224,12 @@ def _global_context(rng):
     return GlobalContext(8, rd_channels=3, rng=rng, dtype=np.float64)
 
 
+def _non_local(rng):
+    from .blocks.non_local import NonLocalAttn
+
+    return NonLocalAttn(8, rd_channels=3, rng=rng, dtype=np.float64)
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -241,6 +247,9 @@ EXAMPLES = [
             fixtures=lambda c: c.get("bias", False) and not c.get("has_skip")),
     Example("GlobalContext", "npattn.blocks.global_context", _global_context, {"x": (2, 8, 5, 3)},
             fixtures=lambda c: c.get("use_attn", True) and c.get("fuse_scale", True) and not c.get("fuse_add")),
+    Example("NonLocalAttn", "npattn.blocks.non_local", _non_local, {"x": (2, 8, 5, 3)}, training=True,
+            fixtures=lambda c: c.get("mode", "embedded_gaussian") == "embedded_gaussian"
+            and not c.get("sub_sample") and c.get("norm", True)),
 ]
 
 
