@@ -105,7 +105,7 @@ class GlobalContextCache:
     attn: np.ndarray  # (N, L) softmax weights p (None without use_attn)
     softmax: object  # SoftmaxCache of p (None without use_attn)
     mlp_scale: tuple  # (fc1, norm, relu, fc2) caches on (N, D) / (N, C) vectors (None without fuse_scale)
-    gate: np.ndarray  # (N, C, 1, 1) sigmoid(o_scale) (None without fuse_scale)
+    gate: np.ndarray  # (N, C, 1, 1) g = sigmoid(z) (None without fuse_scale)
     mlp_add: tuple  # (fc1, norm, relu, fc2) caches (None without fuse_add)
 
 
@@ -118,9 +118,9 @@ class GlobalContext(Block):
     use_attn : bool, default True
         Softmax attention pooling through ``conv_attn`` (else the spatial mean).
     fuse_add : bool, default False
-        Add ``mlp_add(ctx)``.
+        Add ``mlp_add(s)`` (s the context).
     fuse_scale : bool, default True
-        Multiply by ``sigmoid(mlp_scale(ctx))``.
+        Multiply by ``sigmoid(mlp_scale(s))``.
     init_last_zero : bool, default False
         Accepted and stored; no effect (as in timm 1.0.31, which zero-initialises
         ``mlp_add.fc2.weight`` in every case).

@@ -184,7 +184,7 @@ class NonLocalAttn(Block):
         Scale the scores by ``in_channels ** -0.5`` (timm's choice: the input channels).
     rd_ratio : float, default 1/8
     rd_channels : int or None
-        C'; None means ``reduced_channels(in_channels * rd_ratio, rd_divisor)``.
+        D; None means ``reduced_channels(in_channels * rd_ratio, rd_divisor)``.
     rd_divisor : int, default 8
     mode : str, default "embedded_gaussian"
         The pairwise function: ``"embedded_gaussian"`` (timm's, softmax of c t p^T),
@@ -196,7 +196,7 @@ class NonLocalAttn(Block):
         Pool the outputs of p and g (the PyTorch port) or pool x before them (the
         authors' Caffe2 code); the two differ, a max does not commute with a 1x1 conv.
     scale : float or None, default None
-        The score scale c; None: ``use_scale``'s choice. The authors scale by C'^(-1/2).
+        The score scale c; None: ``use_scale``'s choice. The authors scale by D^(-1/2).
     norm : bool, default True
         BatchNorm after z (False: the port's ``bn_layer=False``, no ``norm.*`` keys).
     bn_momentum : float, default 0.1
@@ -206,7 +206,7 @@ class NonLocalAttn(Block):
     rng : None, int or numpy.random.Generator (timm's initialisation)
     dtype : float32 (default) or float64
 
-    ``forward(x, training=False) -> (out, cache)``; ``backward(dout, cache) -> ((dx,), grads)``.
+    ``forward(x, training=False) -> (y, cache)``; ``backward(dy, cache) -> ((dx,), grads)``.
     The math is in the module docstring.
     """
 
