@@ -75,7 +75,8 @@ Op vocabulary of the tags (``npattn.functional``'s forward functions, value only
 ``linear(x, W, b=None)``, ``conv1d(x, W, b=None, **kw)``, ``conv2d(...)``,
 ``relu``, ``sigmoid``, ``tanh``, ``silu``, ``gelu``, ``hardswish``, ``hard_sigmoid``,
 ``abs``, ``sqrt``, ``exp``, ``log``, ``sign``, ``softmax(x, axis)``,
-``l2_norm(x, axis, keepdims=False)``, ``logsumexp(x, axis, keepdims=False)``,
+``l2_norm(x, axis, keepdims=False)``, ``layer_norm(x, gamma, beta, eps)`` (over axis 1),
+``logsumexp(x, axis, keepdims=False)``, ``max_pool2d(x, k)`` (stride k, floor),
 ``batch_norm(x, gamma, beta, running_mean, running_var, training, eps=1e-5)``,
 ``concat([a, b], axis)``, ``einsum``, ``np``, ``param(key)``, ``buffer(key)``, ``attr(name)``.
 
@@ -211,6 +212,24 @@ def _cbam(rng):
     return CBAM(8, rd_channels=3, spatial_kernel_size=3, rng=rng, dtype=np.float64)
 
 
+def _coord_attn(rng):
+    from .blocks.coord_attn import CoordAttn
+
+    return CoordAttn(6, rd_channels=3, bias=True, rng=rng, dtype=np.float64)
+
+
+def _global_context(rng):
+    from .blocks.global_context import GlobalContext
+
+    return GlobalContext(8, rd_channels=3, rng=rng, dtype=np.float64)
+
+
+def _non_local(rng):
+    from .blocks.non_local import NonLocalAttn
+
+    return NonLocalAttn(8, rd_channels=3, rng=rng, dtype=np.float64)
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -224,6 +243,13 @@ EXAMPLES = [
             fixtures=lambda c: not c.get("mlp_bias") and tuple(c.get("pool_types", ("avg", "max"))) == ("avg", "max")
             and not c.get("no_spatial") and c.get("spatial_order", "avg_max") == "avg_max"
             and c.get("max_grad", "split") == "split"),
+    Example("CoordAttn", "npattn.blocks.coord_attn", _coord_attn, {"x": (2, 6, 5, 3)}, training=True,
+            fixtures=lambda c: c.get("bias", False) and not c.get("has_skip")),
+    Example("GlobalContext", "npattn.blocks.global_context", _global_context, {"x": (2, 8, 5, 3)},
+            fixtures=lambda c: c.get("use_attn", True) and c.get("fuse_scale", True) and not c.get("fuse_add")),
+    Example("NonLocalAttn", "npattn.blocks.non_local", _non_local, {"x": (2, 8, 5, 3)}, training=True,
+            fixtures=lambda c: c.get("mode", "embedded_gaussian") == "embedded_gaussian"
+            and not c.get("sub_sample") and c.get("norm", True)),
 ]
 
 
@@ -448,7 +474,9 @@ def _vocabulary():
         "abs": v(F.abs_forward),
         "softmax": v(F.softmax_forward),
         "l2_norm": lambda x, axis, keepdims=False: F.l2_norm_forward(x, axis, keepdims=keepdims)[0],
+        "layer_norm": lambda x, gamma, beta, eps: F.layer_norm2d_forward(x, gamma, beta, eps=float(eps))[0],
         "logsumexp": lambda x, axis, keepdims=False: F.logsumexp_forward(x, axis, keepdims=keepdims)[0],
+        "max_pool2d": v(F.max_pool2d_forward),
         "batch_norm": batch_norm,
         "sqrt": np.sqrt,
         "exp": np.exp,
