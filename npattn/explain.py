@@ -653,10 +653,13 @@ def _local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
         lhs, scale_l = 0.0, 0.0
         for ln in users:
             env = dict(vocab, **values)
-            env[sym] = x0 + eps * v
-            plus = np.asarray(_eval(ln.tag, env), dtype=np.float64)
-            env[sym] = x0 - eps * v
-            minus = np.asarray(_eval(ln.tag, env), dtype=np.float64)
+            try:  # a symbol the forward walk could not compute leaves the line unevaluable
+                env[sym] = x0 + eps * v
+                plus = np.asarray(_eval(ln.tag, env), dtype=np.float64)
+                env[sym] = x0 - eps * v
+                minus = np.asarray(_eval(ln.tag, env), dtype=np.float64)
+            except Exception as exc:
+                return [(False, f"the line of {ln.sym} cannot be evaluated: {type(exc).__name__}: {exc}")]
             jv = (plus - minus) / (2 * eps)
             g = np.asarray(grads["d" + ln.sym], dtype=np.float64)
             if g.shape != jv.shape:

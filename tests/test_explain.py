@@ -479,3 +479,19 @@ def test_non_local_exercise_names_a_wrong_softmax_line(tmp_path):
     _solve(tmp_path / "nonlocalattn_exercise.py", body.replace(wrong, "    dZ = P * dP\n"))  # the row sum forgotten
     rc, text = run_cli("exercise", "check", str(tmp_path))
     assert rc == 1 and "FAIL first wrong gradient: dZ = P * (dP - sum_S dP * P)" in text, text
+
+
+def test_a_forward_tag_that_raises_fails_its_line_and_the_walk_goes_on(monkeypatch):
+    """A Forward tag that cannot run fails its own line; a backward line that needs it
+    fails with a message, not a traceback."""
+    from npattn import explain
+
+    ex = explain.find_example("SEBlock")
+    deriv = explain.derivation_for(ex)
+    bad = next(ln for ln in deriv.forward if ln.sym == "z")
+    monkeypatch.setattr(bad, "tag", "no_such_op(a)")
+    monkeypatch.setattr(explain, "derivation_for", lambda example: deriv)
+    w = explain.walk(ex)
+    failed = {s.line.sym: [m for ok, m in s.verdicts if not ok] for s in w.steps if any(not ok for ok, *_ in s.verdicts)}
+    assert any("raised NameError" in m for m in failed["z"])
+    assert any("cannot be evaluated" in m or "not a Forward symbol" in m for k, ms in failed.items() if k != "z" for m in ms)
