@@ -501,7 +501,7 @@ def _vocabulary():
         "concat": lambda arrays, axis: np.concatenate(arrays, axis=axis),
         "einsum": np.einsum,
         # attention (alphabetical)
-        "layer_norm": lambda x, gamma, beta, eps: F.layer_norm_forward(x, gamma, beta, eps)[0],
+        "layer_norm": lambda x, gamma, beta, eps: F.layer_norm_forward(x, gamma, beta, float(eps))[0],
         "matmul": np.matmul,
         "merge_heads": _merge_heads,
         "split_heads": _split_heads,
