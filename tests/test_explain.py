@@ -329,6 +329,23 @@ SOLUTIONS = {
     dx = dy * g[:, 0, :, None, None] + ds[:, 0, :, None, None] / (H * W)
     return dict(dg=dg, dz=dz, dw=dw, ds=ds, dx=dx)
 ''',
+    "ViTAttention": '''    x, Wp, Wqkv, c, Nh, Q, K, V, P, Om = (cache[k] for k in ("x", "Wp", "Wqkv", "c", "Nh", "Q", "K", "V", "P", "Om"))
+    N, T, E = Om.shape
+    Nh = int(Nh)
+    dOm = dy @ Wp
+    dWp = np.einsum("ntc,nte->ce", dy, Om)
+    dbp = dy.sum(axis=(0, 1))
+    dO = dOm.reshape(N, T, Nh, E // Nh).transpose(0, 2, 1, 3)
+    dV = np.swapaxes(P, -1, -2) @ dO
+    dP = dO @ np.swapaxes(V, -1, -2)
+    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+    dQ = c * (dS @ K)
+    dK = c * (np.swapaxes(dS, -1, -2) @ Q)
+    dQKV = np.concatenate([a.transpose(0, 2, 1, 3).reshape(N, T, E) for a in (dQ, dK, dV)], axis=-1)
+    dWqkv = np.einsum("ntf,ntc->fc", dQKV, x)
+    dx = dQKV @ Wqkv
+    return dict(dOm=dOm, dWp=dWp, dbp=dbp, dO=dO, dV=dV, dP=dP, dS=dS, dQ=dQ, dK=dK, dQKV=dQKV, dWqkv=dWqkv, dx=dx)
+''',
 }
 
 
