@@ -148,12 +148,20 @@ def _params(deriv):
 
 
 def _param_grads(deriv, grads, state):
-    """State_dict key -> gradient, from the gradients of the bound symbols."""
+    """State_dict key -> gradient, from the gradients of the bound symbols. A symbol bound
+    to a view of a key (a third of MultiheadAttention's ``in_proj_weight``) fills that part."""
     out = {}
+    vocab = E.op_vocabulary()
     for sym, ln in E.bindings_of(deriv).items():
         m = re.search(r"param\(\s*[\"']([^\"']+)[\"']\s*\)", ln.tag)
         if m and f"d{sym}" in grads:
-            out[m.group(1)] = np.asarray(grads[f"d{sym}"]).reshape(np.shape(state[m.group(1)]))
+            key, g = m.group(1), np.asarray(grads[f"d{sym}"])
+            if key not in out:
+                out[key] = np.zeros(np.shape(state[key]), dtype=g.dtype)
+            view = E._eval(ln.tag, dict(vocab, param=lambda k: out[k]))  # the tag's view of the key
+            if not np.shares_memory(view, out[key]):
+                raise ValueError(f"the tag of {sym} [{ln.tag}] is no view of {key}")
+            view[...] = g.reshape(np.shape(view))
     return out
 
 

@@ -253,9 +253,10 @@ EXAMPLES = [
             fixtures=lambda c: not c.get("mlp_bias") and tuple(c.get("pool_types", ("avg", "max"))) == ("avg", "max")
             and not c.get("no_spatial") and c.get("spatial_order", "avg_max") == "avg_max"
             and c.get("max_grad", "split") == "split"),
-    # torch's default configuration without masks: no golden case has it (every default one has masks)
+    # torch's default configuration without a mask: the golden case that states bias=True (the masked ones do not)
     Example("MultiheadAttention", "npattn.blocks.attention", _mha, {"query": (4, 2, 6), "key": (5, 2, 6), "value": (5, 2, 6)},
-            fixtures=lambda c: False),
+            fixtures=lambda c: c.get("bias") is True and not c.get("batch_first") and c.get("kdim") is None
+            and c.get("vdim") is None),
     Example("ViTAttention", "npattn.blocks.attention", _vit, {"x": (2, 5, 6)}, section="``ViTAttention`` (timm",
             fixtures=_vit_default),
     Example("ViTAttention_qk_norm", "npattn.blocks.attention", functools.partial(_vit, qk_norm=True), {"x": (2, 5, 6)},

@@ -144,6 +144,37 @@ Backward::
     assert d.backward[1].text == ["continued"]
 
 
+def test_parse_section_finds_a_second_derivation_after_its_heading():
+    doc = """x.
+
+Forward::
+
+    y = x + 1             (N,)       first block        [x + 1]
+
+Backward::
+
+    dx = dy               (N,)
+
+The second block
+----------------
+
+Forward, for x (N,)::
+
+    y = 2 * x             (N,)       second block       [2 * x]
+
+Backward, for dy::
+
+    dx = 2 dy             (N,)
+"""
+    first = explain.parse_derivation(doc)
+    second = explain.parse_derivation(doc, section="The second block")
+    assert first.forward[0].tag == "x + 1" and first.backward[0].math == "dy"
+    assert second.forward[0].tag == "2 * x" and second.backward[0].math == "2 dy"
+    assert second.forward[0].lineno == 16  # line numbers of the whole docstring
+    with pytest.raises(explain.DerivationError, match="no line containing"):
+        explain.parse_derivation(doc, section="no such heading")
+
+
 @pytest.mark.parametrize("doc, match", [
     ("Forward::\n\n    s = mean x   [mean(x, 2)]\n\nBackward::\n\n    ds = 1   (N,)\n", "no \\(shape\\)"),
     ("Forward::\n\n    y = x   (N,)\n\nBackward::\n\n    dy = 1   (N,)\n", "has no \\[tag\\]"),
@@ -345,6 +376,34 @@ SOLUTIONS = {
     dWqkv = np.einsum("ntf,ntc->fc", dQKV, x)
     dx = dQKV @ Wqkv
     return dict(dOm=dOm, dWp=dWp, dbp=dbp, dO=dO, dV=dV, dP=dP, dS=dS, dQ=dQ, dK=dK, dQKV=dQKV, dWqkv=dWqkv, dx=dx)
+''',
+    "MultiheadAttention": '''    Xq, Xk, Xv, Wq, Wk, Wv, Wo = (cache[k] for k in ("Xq", "Xk", "Xv", "Wq", "Wk", "Wv", "Wo"))
+    c, Nh, Q, K, V, P, Om = (cache[k] for k in ("c", "Nh", "Q", "K", "V", "P", "Om"))
+    N, L, E = Om.shape
+    Nh = int(Nh)
+
+    def merge(a):
+        return a.transpose(0, 2, 1, 3).reshape(a.shape[0], a.shape[2], E)
+
+    dY = dy.transpose(1, 0, 2)
+    dOm = dY @ Wo
+    dWo = np.einsum("nlo,nle->oe", dY, Om)
+    dbo = dY.sum(axis=(0, 1))
+    dO = dOm.reshape(N, L, Nh, E // Nh).transpose(0, 2, 1, 3)
+    dV = np.swapaxes(P, -1, -2) @ dO
+    dP = dO @ np.swapaxes(V, -1, -2)
+    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+    dQ = c * (dS @ K)
+    dK = c * (np.swapaxes(dS, -1, -2) @ Q)
+    dQp, dKp, dVp = merge(dQ), merge(dK), merge(dV)
+    out = dict(dY=dY, dOm=dOm, dWo=dWo, dbo=dbo, dO=dO, dV=dV, dP=dP, dS=dS, dQ=dQ, dK=dK, dQp=dQp, dKp=dKp, dVp=dVp)
+    for t, X, Wt, dT in (("q", Xq, Wq, dQp), ("k", Xk, Wk, dKp), ("v", Xv, Wv, dVp)):
+        out["dW" + t] = np.einsum("nle,nlf->ef", dT, X)
+        out["db" + t] = dT.sum(axis=(0, 1)) if t != "k" else np.zeros(E)
+        out["dX" + t] = dT @ Wt
+    out.update(dquery=out["dXq"].transpose(1, 0, 2), dkey=out["dXk"].transpose(1, 0, 2),
+               dvalue=out["dXv"].transpose(1, 0, 2))
+    return out
 ''',
 }
 

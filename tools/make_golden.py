@@ -200,6 +200,11 @@ CASES += [
     ("multihead_attention/seq_first_bool_masks", "MultiheadAttention", "block", {"embed_dim": 6, "num_heads": 2},
      {"query": (4, 3, 6), "key": (5, 3, 6), "value": (5, 3, 6),
       "key_padding_mask": ("bool_masked", (3, 5)), "attn_mask": ("bool_masked", (4, 5))}, ["eval"], 710),
+    # torch's default configuration without a mask, the lines ``npattn explain MultiheadAttention``
+    # walks; its exercise selects this case by the bias=True it states (the masked cases state
+    # no bias)
+    ("multihead_attention/seq_first_no_mask", "MultiheadAttention", "block", {"embed_dim": 6, "num_heads": 2, "bias": True},
+     {"query": (4, 3, 6), "key": (5, 3, 6), "value": (5, 3, 6)}, ["eval"], 7110),
 ]
 
 # Attention variants (the masking pipeline of npattn.functional.attention): the diagonal
