@@ -255,7 +255,7 @@ def check_file(path, *, stream=None, seed=0, golden_dir=None) -> bool:
     except golden.GoldenError as exc:
         p(f"  golden fixtures not found: {exc}")
         return False
-    selected = [c for c, m in cases.items() if m.get("block") == ex.name and ex.fixtures is not None
+    selected = [c for c, m in cases.items() if m.get("block") == type(block).__name__ and ex.fixtures is not None
                 and ex.fixtures(m.get("config", {}))]
     if not selected:
         p("  FAIL no golden case of this block matches the derivation's configuration")

@@ -405,6 +405,39 @@ SOLUTIONS = {
                dvalue=out["dXv"].transpose(1, 0, 2))
     return out
 ''',
+    "ViTAttention_qk_norm": '''    x, Wp, Wqkv, c, Nh, Q, K, V, P, Om = (cache[k] for k in ("x", "Wp", "Wqkv", "c", "Nh", "Q", "K", "V", "P", "Om"))
+    Qn, Kn, gamma_q, gamma_k, eps = (cache[k] for k in ("Qn", "Kn", "gamma_q", "gamma_k", "eps"))
+    N, T, E = Om.shape
+    Nh = int(Nh)
+
+    def ln_backward(g, Z, gamma):  # LN over the last axis: (Z_hat, dZ)
+        r = 1 / np.sqrt(Z.var(axis=-1, keepdims=True) + eps)
+        Z_hat = (Z - Z.mean(axis=-1, keepdims=True)) * r
+        gg = g * gamma
+        dZ = r * (gg - gg.mean(axis=-1, keepdims=True) - Z_hat * (gg * Z_hat).mean(axis=-1, keepdims=True))
+        return Z_hat, dZ
+
+    dOm = dy @ Wp
+    dWp = np.einsum("ntc,nte->ce", dy, Om)
+    dbp = dy.sum(axis=(0, 1))
+    dO = dOm.reshape(N, T, Nh, E // Nh).transpose(0, 2, 1, 3)
+    dV = np.swapaxes(P, -1, -2) @ dO
+    dP = dO @ np.swapaxes(V, -1, -2)
+    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+    dQn = c * (dS @ Kn)
+    dKn = c * (np.swapaxes(dS, -1, -2) @ Qn)
+    Q_hat, dQ = ln_backward(dQn, Q, gamma_q)
+    K_hat, dK = ln_backward(dKn, K, gamma_k)
+    dgamma_q = (dQn * Q_hat).sum(axis=(0, 1, 2))
+    dbeta_q = dQn.sum(axis=(0, 1, 2))
+    dgamma_k = (dKn * K_hat).sum(axis=(0, 1, 2))
+    dbeta_k = np.zeros_like(dgamma_k)
+    dQKV = np.concatenate([a.transpose(0, 2, 1, 3).reshape(N, T, E) for a in (dQ, dK, dV)], axis=-1)
+    dWqkv = np.einsum("ntf,ntc->fc", dQKV, x)
+    dx = dQKV @ Wqkv
+    return dict(dOm=dOm, dWp=dWp, dbp=dbp, dO=dO, dV=dV, dP=dP, dS=dS, dQn=dQn, dKn=dKn, dgamma_q=dgamma_q,
+                dbeta_q=dbeta_q, dQ=dQ, dgamma_k=dgamma_k, dbeta_k=dbeta_k, dK=dK, dQKV=dQKV, dWqkv=dWqkv, dx=dx)
+''',
 }
 
 
