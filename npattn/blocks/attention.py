@@ -100,7 +100,7 @@ than E use ``k_proj_weight`` (E, kdim) and ``v_proj_weight`` (E, vdim) for Wk an
 adds its (N, Nh, L, Lk) broadcast to S and is a constant of the backward.
 
 The key bias bk (``in_proj_bias[E:2E]``, ``qkv.bias[E:2E]``) has a zero gradient in
-exact arithmetic: it adds Q_i . bk to every logit of row i, and a softmax does not change
+exact arithmetic: it adds c Q_i . bk to every logit of row i, and a softmax does not change
 when a row is shifted (sum_j dS_ij = 0, so sum over the keys of dK, and of dKp, is 0).
 npattn returns exact zeros there (NaN only where a fully masked query has made the whole
 backward NaN, as torch).
