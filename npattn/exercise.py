@@ -148,12 +148,20 @@ def _params(deriv):
 
 
 def _param_grads(deriv, grads, state):
-    """State_dict key -> gradient, from the gradients of the bound symbols."""
+    """State_dict key -> gradient, from the gradients of the bound symbols. A symbol bound
+    to a view of a key (a third of MultiheadAttention's ``in_proj_weight``) fills that part."""
     out = {}
+    vocab = E.op_vocabulary()
     for sym, ln in E.bindings_of(deriv).items():
         m = re.search(r"param\(\s*[\"']([^\"']+)[\"']\s*\)", ln.tag)
         if m and f"d{sym}" in grads:
-            out[m.group(1)] = np.asarray(grads[f"d{sym}"]).reshape(np.shape(state[m.group(1)]))
+            key, g = m.group(1), np.asarray(grads[f"d{sym}"])
+            if key not in out:
+                out[key] = np.zeros(np.shape(state[key]), dtype=g.dtype)
+            view = E._eval(ln.tag, dict(vocab, param=lambda k: out[k]))  # the tag's view of the key
+            if not np.shares_memory(view, out[key]):
+                raise ValueError(f"the tag of {sym} [{ln.tag}] is no view of {key}")
+            view[...] = g.reshape(np.shape(view))
     return out
 
 
@@ -247,7 +255,7 @@ def check_file(path, *, stream=None, seed=0, golden_dir=None) -> bool:
     except golden.GoldenError as exc:
         p(f"  golden fixtures not found: {exc}")
         return False
-    selected = [c for c, m in cases.items() if m.get("block") == ex.name and ex.fixtures is not None
+    selected = [c for c, m in cases.items() if m.get("block") == type(block).__name__ and ex.fixtures is not None
                 and ex.fixtures(m.get("config", {}))]
     if not selected:
         p("  FAIL no golden case of this block matches the derivation's configuration")

@@ -75,10 +75,14 @@ Op vocabulary of the tags (``npattn.functional``'s forward functions, value only
 ``linear(x, W, b=None)``, ``conv1d(x, W, b=None, **kw)``, ``conv2d(...)``,
 ``relu``, ``sigmoid``, ``tanh``, ``silu``, ``gelu``, ``hardswish``, ``hard_sigmoid``,
 ``abs``, ``sqrt``, ``exp``, ``log``, ``sign``, ``softmax(x, axis)``,
-``l2_norm(x, axis, keepdims=False)``, ``layer_norm(x, gamma, beta, eps)`` (over axis 1),
+``l2_norm(x, axis, keepdims=False)``, ``layer_norm2d(x, gamma, beta, eps)`` (over axis 1),
 ``logsumexp(x, axis, keepdims=False)``, ``max_pool2d(x, k)`` (stride k, floor),
 ``batch_norm(x, gamma, beta, running_mean, running_var, training, eps=1e-5)``,
-``concat([a, b], axis)``, ``einsum``, ``np``, ``param(key)``, ``buffer(key)``, ``attr(name)``.
+``concat([a, b], axis)``, ``einsum``, ``np``, ``param(key)``, ``buffer(key)``, ``attr(name)``;
+for attention: ``layer_norm(x, gamma, beta, eps)`` (over the last axis), ``matmul(a, b)``
+(``np.matmul``: batched over the leading axes), ``split_heads(a, Nh)`` ((N, T, E) ->
+(N, Nh, T, E / Nh), head i owning channels i E / Nh ... (i + 1) E / Nh - 1) and
+``merge_heads(a)`` (its inverse, the heads side by side).
 
 What is checked
 ---------------
@@ -99,7 +103,11 @@ Notation (one across the package)
 ---------------------------------
 
 - sizes are capitals: N batch, C channels, H and W height and width, D a hidden width,
-  k a kernel size, L and S query and key lengths; never ``h``/``w`` for sizes;
+  k a kernel size; never ``h``/``w`` for sizes;
+- attention: L queries and Lk keys (T tokens in self-attention), E channels in Nh heads of
+  width E_h = E / Nh, ``Q, K, V`` the queries, keys and values split into heads, ``S`` the
+  logits, ``P = softmax(S)`` the attention weights (``dS``, ``dP`` their gradients),
+  ``mask`` the additive mask (-inf where a key is not allowed), ``c`` the scale;
 - ``x`` the input, ``y`` the output, ``dy = dL/dy`` the upstream gradient;
 - ``dSYM`` is always the gradient of ``SYM``, and a ``d`` prefix means nothing else (a
   width is ``D``; a symbol may still be ``d`` itself, SimAM's squared distance, whose
@@ -137,7 +145,10 @@ cases' configurations the derivation describes, for ``npattn exercise check``).
 ``tests/test_explain.py`` then walks it. Two blocks in one module share the lines: the
 second one's :attr:`Example.override` is text of the line (ending in ``::``) that
 introduces a literal block whose lines replace those of the same symbols (SEModule's
-bindings in ``npattn/blocks/se.py``); the same serves an option's variant lines.
+bindings in ``npattn/blocks/se.py``); the same serves an option's variant lines. A second
+block with a derivation of its own in the same module names, in :attr:`Example.section`,
+text of a docstring line after which its ``Forward::`` and ``Backward::`` blocks come
+(``ViTAttention`` in ``npattn/blocks/attention.py``).
 """
 
 from __future__ import annotations
@@ -172,6 +183,7 @@ class Example:
     inputs: dict  # argument name -> shape, in the forward's order
     training: bool = False
     override: str | None = None  # heading of a literal block replacing lines (parse_derivation)
+    section: str | None = None  # text of a docstring line after which its own Forward/Backward are (parse_derivation)
     fixtures: object = None  # callable config -> bool: the golden cases the derivation describes
     forward_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of forward (backend="numpy")
 
@@ -230,6 +242,23 @@ def _non_local(rng):
     return NonLocalAttn(8, rd_channels=3, rng=rng, dtype=np.float64)
 
 
+def _mha(rng):
+    from .blocks.attention import MultiheadAttention
+
+    return MultiheadAttention(6, 2, rng=rng, dtype=np.float64)
+
+
+def _vit(rng, **options):
+    from .blocks.attention import ViTAttention
+
+    return ViTAttention(6, 2, rng=rng, dtype=np.float64, **options)
+
+
+def _vit_default(config):
+    return not any(config.get(k) for k in ("qkv_bias", "qk_norm", "scale_norm", "gated", "attn_head_dim", "dim_out")) \
+        and config.get("proj_bias", True) and config.get("norm_eps", 1e-6) == 1e-6
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -250,6 +279,15 @@ EXAMPLES = [
     Example("NonLocalAttn", "npattn.blocks.non_local", _non_local, {"x": (2, 8, 5, 3)}, training=True,
             fixtures=lambda c: c.get("mode", "embedded_gaussian") == "embedded_gaussian"
             and not c.get("sub_sample") and c.get("norm", True)),
+    # torch's default configuration without a mask: the golden case that states bias=True (the masked ones do not)
+    Example("MultiheadAttention", "npattn.blocks.attention", _mha, {"query": (4, 2, 6), "key": (5, 2, 6), "value": (5, 2, 6)},
+            fixtures=lambda c: c.get("bias") is True and not c.get("batch_first") and c.get("kdim") is None
+            and c.get("vdim") is None),
+    Example("ViTAttention", "npattn.blocks.attention", _vit, {"x": (2, 5, 6)}, section="``ViTAttention`` (timm",
+            fixtures=_vit_default),
+    Example("ViTAttention_qk_norm", "npattn.blocks.attention", functools.partial(_vit, qk_norm=True), {"x": (2, 5, 6)},
+            section="``ViTAttention`` (timm", override="the lines of ``qk_norm=True``",
+            fixtures=lambda c: c.get("qk_norm") and _vit_default(dict(c, qk_norm=False))),
 ]
 
 
@@ -400,13 +438,20 @@ def _apply_override(lines, heading, fwd, bwd, where):
                               f"replace no line and come before none that does")
 
 
-def parse_derivation(doc: str, where="docstring", override=None) -> Derivation:
+def parse_derivation(doc: str, where="docstring", override=None, section=None) -> Derivation:
     """The Forward and Backward lines of a module docstring (format: this module's docstring).
 
     ``override``: text of a line ending in ``::`` whose literal block replaces
     lines of the same symbols (a second block of the module, an option); a line with a
-    new symbol is inserted before the next line of that block that replaces one."""
+    new symbol is inserted before the next line of that block that replaces one.
+    ``section``: text of a line after which the Forward and Backward blocks are looked for
+    (a second block of the module with a derivation of its own)."""
     lines = doc.splitlines()
+    if section:
+        start = next((i for i, ln in enumerate(lines) if section in ln), None)
+        if start is None:
+            raise DerivationError(f"{where}: no line containing {section!r}")
+        lines = [""] * (start + 1) + lines[start + 1:]  # line numbers kept
     result = []
     for marker in ("Forward::", "Backward::"):
         parsed = _parse_block(_literal_block(lines, marker, where), where)
@@ -427,14 +472,14 @@ def parse_derivation(doc: str, where="docstring", override=None) -> Derivation:
     return Derivation(fwd, bwd)
 
 
-def derivation_of(module_name: str, override=None) -> Derivation:
+def derivation_of(module_name: str, override=None, section=None) -> Derivation:
     mod = importlib.import_module(module_name)
-    return parse_derivation(mod.__doc__ or "", module_name, override)
+    return parse_derivation(mod.__doc__ or "", module_name, override, section)
 
 
 def derivation_for(example: "Example") -> Derivation:
     """The derivation an example walks (its module's, with its override applied)."""
-    return derivation_of(example.module, example.override)
+    return derivation_of(example.module, example.override, example.section)
 
 
 # ---- the op vocabulary -------------------------------------------------------------------
@@ -474,7 +519,7 @@ def _vocabulary():
         "abs": v(F.abs_forward),
         "softmax": v(F.softmax_forward),
         "l2_norm": lambda x, axis, keepdims=False: F.l2_norm_forward(x, axis, keepdims=keepdims)[0],
-        "layer_norm": lambda x, gamma, beta, eps: F.layer_norm2d_forward(x, gamma, beta, eps=float(eps))[0],
+        "layer_norm2d": lambda x, gamma, beta, eps: F.layer_norm2d_forward(x, gamma, beta, eps=float(eps))[0],
         "logsumexp": lambda x, axis, keepdims=False: F.logsumexp_forward(x, axis, keepdims=keepdims)[0],
         "max_pool2d": v(F.max_pool2d_forward),
         "batch_norm": batch_norm,
@@ -484,10 +529,28 @@ def _vocabulary():
         "sign": np.sign,
         "concat": lambda arrays, axis: np.concatenate(arrays, axis=axis),
         "einsum": np.einsum,
+        # attention (alphabetical)
+        "layer_norm": lambda x, gamma, beta, eps: F.layer_norm_forward(x, gamma, beta, float(eps))[0],
+        "matmul": np.matmul,
+        "merge_heads": _merge_heads,
+        "split_heads": _split_heads,
         "None": None,
         "True": True,
         "False": False,
     }
+
+
+def _split_heads(a, heads):
+    """(N, T, E) -> (N, heads, T, E / heads): head i owns channels i E / heads ... """
+    N, T, E = a.shape
+    heads = int(heads)
+    return a.reshape(N, T, heads, E // heads).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(a):
+    """(N, Nh, T, E_h) -> (N, T, Nh E_h), the inverse of :func:`_split_heads`."""
+    N, Nh, T, E_h = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(N, T, Nh * E_h)
 
 
 def _eval(tag, env):

@@ -144,6 +144,37 @@ Backward::
     assert d.backward[1].text == ["continued"]
 
 
+def test_parse_section_finds_a_second_derivation_after_its_heading():
+    doc = """x.
+
+Forward::
+
+    y = x + 1             (N,)       first block        [x + 1]
+
+Backward::
+
+    dx = dy               (N,)
+
+The second block
+----------------
+
+Forward, for x (N,)::
+
+    y = 2 * x             (N,)       second block       [2 * x]
+
+Backward, for dy::
+
+    dx = 2 dy             (N,)
+"""
+    first = explain.parse_derivation(doc)
+    second = explain.parse_derivation(doc, section="The second block")
+    assert first.forward[0].tag == "x + 1" and first.backward[0].math == "dy"
+    assert second.forward[0].tag == "2 * x" and second.backward[0].math == "2 dy"
+    assert second.forward[0].lineno == 16  # line numbers of the whole docstring
+    with pytest.raises(explain.DerivationError, match="no line containing"):
+        explain.parse_derivation(doc, section="no such heading")
+
+
 @pytest.mark.parametrize("doc, match", [
     ("Forward::\n\n    s = mean x   [mean(x, 2)]\n\nBackward::\n\n    ds = 1   (N,)\n", "no \\(shape\\)"),
     ("Forward::\n\n    y = x   (N,)\n\nBackward::\n\n    dy = 1   (N,)\n", "has no \\[tag\\]"),
@@ -328,6 +359,84 @@ SOLUTIONS = {
     ds = ds_pad[:, :, pad:pad + C]
     dx = dy * g[:, 0, :, None, None] + ds[:, 0, :, None, None] / (H * W)
     return dict(dg=dg, dz=dz, dw=dw, ds=ds, dx=dx)
+''',
+    "ViTAttention": '''    x, Wp, Wqkv, c, Nh, Q, K, V, P, Om = (cache[k] for k in ("x", "Wp", "Wqkv", "c", "Nh", "Q", "K", "V", "P", "Om"))
+    N, T, E = Om.shape
+    Nh = int(Nh)
+    dOm = dy @ Wp
+    dWp = np.einsum("ntc,nte->ce", dy, Om)
+    dbp = dy.sum(axis=(0, 1))
+    dO = dOm.reshape(N, T, Nh, E // Nh).transpose(0, 2, 1, 3)
+    dV = np.swapaxes(P, -1, -2) @ dO
+    dP = dO @ np.swapaxes(V, -1, -2)
+    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+    dQ = c * (dS @ K)
+    dK = c * (np.swapaxes(dS, -1, -2) @ Q)
+    dQKV = np.concatenate([a.transpose(0, 2, 1, 3).reshape(N, T, E) for a in (dQ, dK, dV)], axis=-1)
+    dWqkv = np.einsum("ntf,ntc->fc", dQKV, x)
+    dx = dQKV @ Wqkv
+    return dict(dOm=dOm, dWp=dWp, dbp=dbp, dO=dO, dV=dV, dP=dP, dS=dS, dQ=dQ, dK=dK, dQKV=dQKV, dWqkv=dWqkv, dx=dx)
+''',
+    "MultiheadAttention": '''    Xq, Xk, Xv, Wq, Wk, Wv, Wo = (cache[k] for k in ("Xq", "Xk", "Xv", "Wq", "Wk", "Wv", "Wo"))
+    c, Nh, Q, K, V, P, Om = (cache[k] for k in ("c", "Nh", "Q", "K", "V", "P", "Om"))
+    N, L, E = Om.shape
+    Nh = int(Nh)
+
+    def merge(a):
+        return a.transpose(0, 2, 1, 3).reshape(a.shape[0], a.shape[2], E)
+
+    dY = dy.transpose(1, 0, 2)
+    dOm = dY @ Wo
+    dWo = np.einsum("nlo,nle->oe", dY, Om)
+    dbo = dY.sum(axis=(0, 1))
+    dO = dOm.reshape(N, L, Nh, E // Nh).transpose(0, 2, 1, 3)
+    dV = np.swapaxes(P, -1, -2) @ dO
+    dP = dO @ np.swapaxes(V, -1, -2)
+    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+    dQ = c * (dS @ K)
+    dK = c * (np.swapaxes(dS, -1, -2) @ Q)
+    dQp, dKp, dVp = merge(dQ), merge(dK), merge(dV)
+    out = dict(dY=dY, dOm=dOm, dWo=dWo, dbo=dbo, dO=dO, dV=dV, dP=dP, dS=dS, dQ=dQ, dK=dK, dQp=dQp, dKp=dKp, dVp=dVp)
+    for t, X, Wt, dT in (("q", Xq, Wq, dQp), ("k", Xk, Wk, dKp), ("v", Xv, Wv, dVp)):
+        out["dW" + t] = np.einsum("nle,nlf->ef", dT, X)
+        out["db" + t] = dT.sum(axis=(0, 1)) if t != "k" else np.zeros(E)
+        out["dX" + t] = dT @ Wt
+    out.update(dquery=out["dXq"].transpose(1, 0, 2), dkey=out["dXk"].transpose(1, 0, 2),
+               dvalue=out["dXv"].transpose(1, 0, 2))
+    return out
+''',
+    "ViTAttention_qk_norm": '''    x, Wp, Wqkv, c, Nh, Q, K, V, P, Om = (cache[k] for k in ("x", "Wp", "Wqkv", "c", "Nh", "Q", "K", "V", "P", "Om"))
+    Qn, Kn, gamma_q, gamma_k, eps = (cache[k] for k in ("Qn", "Kn", "gamma_q", "gamma_k", "eps"))
+    N, T, E = Om.shape
+    Nh = int(Nh)
+
+    def ln_backward(g, Z, gamma):  # LN over the last axis: (Z_hat, dZ)
+        r = 1 / np.sqrt(Z.var(axis=-1, keepdims=True) + eps)
+        Z_hat = (Z - Z.mean(axis=-1, keepdims=True)) * r
+        gg = g * gamma
+        dZ = r * (gg - gg.mean(axis=-1, keepdims=True) - Z_hat * (gg * Z_hat).mean(axis=-1, keepdims=True))
+        return Z_hat, dZ
+
+    dOm = dy @ Wp
+    dWp = np.einsum("ntc,nte->ce", dy, Om)
+    dbp = dy.sum(axis=(0, 1))
+    dO = dOm.reshape(N, T, Nh, E // Nh).transpose(0, 2, 1, 3)
+    dV = np.swapaxes(P, -1, -2) @ dO
+    dP = dO @ np.swapaxes(V, -1, -2)
+    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+    dQn = c * (dS @ Kn)
+    dKn = c * (np.swapaxes(dS, -1, -2) @ Qn)
+    Q_hat, dQ = ln_backward(dQn, Q, gamma_q)
+    K_hat, dK = ln_backward(dKn, K, gamma_k)
+    dgamma_q = (dQn * Q_hat).sum(axis=(0, 1, 2))
+    dbeta_q = dQn.sum(axis=(0, 1, 2))
+    dgamma_k = (dKn * K_hat).sum(axis=(0, 1, 2))
+    dbeta_k = np.zeros_like(dgamma_k)
+    dQKV = np.concatenate([a.transpose(0, 2, 1, 3).reshape(N, T, E) for a in (dQ, dK, dV)], axis=-1)
+    dWqkv = np.einsum("ntf,ntc->fc", dQKV, x)
+    dx = dQKV @ Wqkv
+    return dict(dOm=dOm, dWp=dWp, dbp=dbp, dO=dO, dV=dV, dP=dP, dS=dS, dQn=dQn, dKn=dKn, dgamma_q=dgamma_q,
+                dbeta_q=dbeta_q, dQ=dQ, dgamma_k=dgamma_k, dbeta_k=dbeta_k, dK=dK, dQKV=dQKV, dWqkv=dWqkv, dx=dx)
 ''',
 }
 

@@ -187,6 +187,9 @@ CASES += [
     ("vit_attention/timm_all_eps1e-5", "ViTAttention", "block",
      {"dim": 9, "num_heads": 3, "attn_head_dim": 2, "dim_out": 5, "qk_norm": True, "scale_norm": True, "gated": True,
       "norm_eps": 1e-5}, {"x": (2, 5, 9)}, ["eval"], 7053),
+    # qk_norm alone: the lines ``npattn explain ViTAttention_qk_norm`` walks
+    ("vit_attention/timm_qk_norm", "ViTAttention", "block", {"dim": 12, "num_heads": 3, "qk_norm": True},
+     {"x": (2, 7, 12)}, ["eval"], 7054),
     ("multihead_attention/batch_first_bool_masks", "MultiheadAttention", "block", {"embed_dim": 8, "num_heads": 2, "batch_first": True},
      {"query": (3, 4, 8), "key": (3, 5, 8), "value": (3, 5, 8),
       "key_padding_mask": ("bool_masked", (3, 5)), "attn_mask": ("bool_masked", (4, 5))}, ["eval"], 707),
@@ -200,6 +203,11 @@ CASES += [
     ("multihead_attention/seq_first_bool_masks", "MultiheadAttention", "block", {"embed_dim": 6, "num_heads": 2},
      {"query": (4, 3, 6), "key": (5, 3, 6), "value": (5, 3, 6),
       "key_padding_mask": ("bool_masked", (3, 5)), "attn_mask": ("bool_masked", (4, 5))}, ["eval"], 710),
+    # torch's default configuration without a mask, the lines ``npattn explain MultiheadAttention``
+    # walks; its exercise selects this case by the bias=True it states (the masked cases state
+    # no bias)
+    ("multihead_attention/seq_first_no_mask", "MultiheadAttention", "block", {"embed_dim": 6, "num_heads": 2, "bias": True},
+     {"query": (4, 3, 6), "key": (5, 3, 6), "value": (5, 3, 6)}, ["eval"], 7110),
 ]
 
 # Attention variants (the masking pipeline of npattn.functional.attention): the diagonal

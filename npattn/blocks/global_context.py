@@ -27,7 +27,7 @@ Forward::
     p = softmax_l(e)                   (N, L)        attention weights over the positions  [softmax(e, -1)]
     s = sum_l x_l p_l                  (N, C)        the context: attention pooling     [einsum("ncl,nl->nc", x.reshape(x.shape[0], x.shape[1], -1), p)]
     h = s W1^T + b1                    (N, D)        fc1                                [linear(s, W1, b1)]
-    hn = LN(h)                         (N, D)        gamma (h - mean_D h) / sqrt(var_D h + eps) + beta  [layer_norm(h, gamma, beta, eps)]
+    hn = LN(h)                         (N, D)        gamma (h - mean_D h) / sqrt(var_D h + eps) + beta  [layer_norm2d(h, gamma, beta, eps)]
     a = relu(hn)                       (N, D)                                           [relu(hn)]
     z = a W2^T + b2                    (N, C)        fc2                                [linear(a, W2, b2)]
     g = sigmoid(z)                     (N, C)        the channel gate                   [sigmoid(z)]

@@ -15,31 +15,31 @@ This is the OPPOSITE of ``torch.nn.MultiheadAttention`` (and of npattn's
 ``MultiheadAttention`` block), whose boolean masks mark with True the positions that are
 NOT allowed. Code ported from ``nn.MultiheadAttention`` must pass ``~mask`` here.
 
-THE DIAGONAL. With L queries and S keys, query i's diagonal key is::
+THE DIAGONAL. With L queries and Lk keys, query i's diagonal key is::
 
-    d_i = i                   alignment="top_left"      torch's is_causal
-    d_i = i + S - L           alignment="bottom_right"  flash-attn >= 2.1, torch's causal_lower_right
+    diag_i = i                alignment="top_left"      torch's is_causal
+    diag_i = i + Lk - L       alignment="bottom_right"  flash-attn >= 2.1, torch's causal_lower_right
 
-``is_causal`` masks the keys j > d_i. ``window=(left, right)`` masks the keys j < d_i - left
-and j > d_i + right; -1 leaves that side unbounded (flash-attn's ``window_size``). ALiBi's
-distance is |d_i - j|. With L = S both alignments are the same; with L > S and
-``bottom_right`` the first L - S queries of a causal mask have no key at all.
+``is_causal`` masks the keys j > diag_i. ``window=(left, right)`` masks the keys j < diag_i - left
+and j > diag_i + right; -1 leaves that side unbounded (flash-attn's ``window_size``). ALiBi's
+distance is |diag_i - j|. With L = Lk both alignments are the same; with L > Lk and
+``bottom_right`` the first L - Lk queries of a causal mask have no key at all.
 
-Forward, for q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev), scale c (1/sqrt(E)
+Forward, for q (..., Hq, L, E), k (..., Hk, Lk, E), v (..., Hk, Lk, Ev), scale c (1/sqrt(E)
 unless given). Query head h reads key/value head g(h) = h // (Hq / Hk) with
 ``enable_gqa`` (torch's rule), g(h) = h otherwise (then Hq = Hk and any leading
 dimensions are allowed, the head axis included or not)::
 
-    S0 = c q k^T                                  (..., Hq, L, S)  1. scores, k of head g(h)
-    T  = tanh(S0 / cap),  S1 = cap T              (..., Hq, L, S)  2. softcap cap (S1 = S0 without)
-    S2 = S1 + M                                   (..., Hq, L, S)  3. float attn_mask M
-    S3 = S2 - a_h |d_i - j|                       (..., Hq, L, S)  4. ALiBi slope a_h (per head, or per batch and head)
-    Z  = S3 where allowed, -inf elsewhere         (..., Hq, L, S)  5. allowed = boolean attn_mask & causal & window
-    m  = max_j Z                                  (..., Hq, L, 1)  row maximum (0 for a row of -inf)
-    lse = m + log sum_j exp(Z - m)                (..., Hq, L)     log-sum-exp of the logits
-    P  = exp(Z - m) / sum_j exp(Z - m)            (..., Hq, L, S)  6. softmax over the keys
-    Pd = P K / (1 - p)                            (..., Hq, L, S)  7. keep mask K, dropout_p p (Pd = P without)
-    O  = Pd v                                     (..., Hq, L, Ev) v of head g(h)
+    S0 = c q k^T                                  (..., Hq, L, Lk)  1. logits, k of head g(h)
+    Tc = tanh(S0 / cap),  S1 = cap Tc             (..., Hq, L, Lk)  2. softcap cap (S1 = S0 without)
+    S2 = S1 + mask                                (..., Hq, L, Lk)  3. float attn_mask
+    S3 = S2 - a_h |diag_i - j|                    (..., Hq, L, Lk)  4. ALiBi slope a_h (per head, or per batch and head)
+    S  = S3 where allowed, -inf elsewhere         (..., Hq, L, Lk)  5. allowed = boolean attn_mask & causal & window
+    m  = max_j S                                  (..., Hq, L, 1)   row maximum (0 for a row of -inf)
+    lse = m + log sum_j exp(S - m)                (..., Hq, L)      log-sum-exp of the logits
+    P  = exp(S - m) / sum_j exp(S - m)            (..., Hq, L, Lk)  6. softmax over the keys
+    Pd = P keep / (1 - p)                         (..., Hq, L, Lk)  7. boolean keep mask, dropout_p p (Pd = P without)
+    O  = Pd v                                     (..., Hq, L, Ev)  v of head g(h)
 
 Subtracting the row maximum keeps every exponent <= 0 (no overflow) and changes nothing
 in exact arithmetic. A row whose every logit is -inf (a query with every key masked) gets
@@ -47,32 +47,32 @@ lse = -inf, P = 0, therefore O = 0 and no gradient through it: that is what
 ``torch.nn.functional.scaled_dot_product_attention`` returns (torch 2.14.1 on the CPU,
 float32 and float64: output 0, gradients 0; tested in tests/crosscheck).
 ``torch.nn.MultiheadAttention`` gives NaN there instead; npattn's ``MultiheadAttention``
-block follows it (``empty_rows="nan"`` in :func:`attention` below).
+block follows it (its ``_attend``, with ``empty_rows="nan"``).
 
 Backward, for dO = dL/dO and, when given, dlse = dL/dlse, in the order the code computes
 it (each line with the rule it comes from)::
 
-    dv  = sum_{h: g(h) = g} Pd_h^T dO_h           (..., Hk, S, Ev)  O = Pd v is linear in v; the heads sharing v add up
-    dPd = dO v^T                                  (..., Hq, L, S)   the same product, differentiated in Pd
-    dP  = dPd K / (1 - p)                         (..., Hq, L, S)   Pd is P times a constant
-    dZ  = P * (dP - sum_j (dP * P)_j)             (..., Hq, L, S)   softmax's Jacobian diag(P) - P P^T
-          + P * dlse                                                d lse / dZ_j = exp(Z_j - lse) = P_j
-    dS3 = dS2 = dS1 = dZ                                            5.-3.: steps 3 and 4 add constants; a masked
+    dv  = sum_{h: g(h) = g} Pd_h^T dO_h           (..., Hk, Lk, Ev)  O = Pd v is linear in v; the heads sharing v add up
+    dPd = dO v^T                                  (..., Hq, L, Lk)  the same product, differentiated in Pd
+    dP  = dPd keep / (1 - p)                      (..., Hq, L, Lk)  Pd is P times a constant
+    dS  = P * (dP - sum_j (dP * P)_j)             (..., Hq, L, Lk)  softmax's Jacobian diag(P) - P P^T
+          + P * dlse                                                d lse / dS_j = exp(S_j - lse) = P_j
+    dS3 = dS2 = dS1 = dS                                            5.-3.: steps 3 and 4 add constants; a masked
                                                                     logit is the constant -inf, and P = 0 there,
-                                                                    so dZ is exactly 0 on it
-    dS0 = dS1 * (1 - T^2)                         (..., Hq, L, S)   d(cap tanh(s / cap)) / ds = 1 - tanh^2 (dS0 = dS1 without softcap)
+                                                                    so dS is exactly 0 on it
+    dS0 = dS1 * (1 - Tc^2)                        (..., Hq, L, Lk)  d(cap tanh(s / cap)) / ds = 1 - tanh^2 (dS0 = dS1 without softcap)
     dq  = c dS0 k                                 (..., Hq, L, E)   S0 = c q k^T, differentiated in q
-    dk  = c sum_{h: g(h) = g} dS0_h^T q_h         (..., Hk, S, E)   ... in k; the heads sharing k add up
+    dk  = c sum_{h: g(h) = g} dS0_h^T q_h         (..., Hk, Lk, E)  ... in k; the heads sharing k add up
 
 The masks, ALiBi slopes, softcap and keep mask are constants (no gradient). Adding the
-same number to every score of a row does not change P (sum_j dZ_j = 0 for every row when
+same number to every logit of a row does not change P (sum_j dS_j = 0 for every row when
 dlse is 0), which is why a bias on the keys has a zero gradient in the attention blocks.
-An empty row has P = 0, so its dZ, and its share of dq, dk and dv, is exactly 0.
+An empty row has P = 0, so its dS, and its share of dq, dk and dv, is exactly 0.
 
 Packed batches (:func:`varlen_attention_forward`, flash-attn's varlen layout): q
 (total_q, Hq, E), k (total_k, Hk, E), v (total_k, Hk, Ev); sequence b holds the query rows
 cu_seqlens_q[b]:cu_seqlens_q[b + 1] and the key rows cu_seqlens_k[b]:cu_seqlens_k[b + 1]
-and is the pipeline above on its own (L_b, S_b), with its own diagonal; lse has shape
+and is the pipeline above on its own (L_b, Lk_b), with its own diagonal; lse has shape
 (Hq, total_q). A sequence with no keys has lse = -inf and output 0; one with no queries
 contributes nothing.
 """
@@ -106,10 +106,10 @@ class AttentionCache:
 
 # ---------------------------------------------------------------------------- the math
 
-def attention(q, k, v, bias, scale, empty_rows="zero"):
-    """``O = softmax(c q k^T + bias) v`` without argument checks (the blocks call it).
+def attention(q, k, v, mask, scale, empty_rows="zero"):
+    """``O = softmax(c q k^T + mask) v`` without argument checks (NonLocalAttn calls it).
 
-    ``bias`` is None or a float array broadcastable to (..., L, S), -inf where masked.
+    ``mask`` is None or an additive float array broadcastable to (..., L, Lk), -inf where masked.
     ``empty_rows``: what a row whose every score is -inf gives: ``"zero"`` (P = 0, as
     ``F.scaled_dot_product_attention``) or ``"nan"`` (0/0 = NaN, as
     ``nn.MultiheadAttention``). Returns ``(O, cache)``.
@@ -117,8 +117,8 @@ def attention(q, k, v, bias, scale, empty_rows="zero"):
     c = q.dtype.type(scale)
     z = np.matmul(q, np.swapaxes(k, -1, -2))  # (..., L, S) q k^T
     z *= c
-    if bias is not None:
-        z += bias  # (..., L, S) -inf on masked keys
+    if mask is not None:
+        z += mask  # (..., L, Lk) -inf on masked keys
     m = z.max(axis=-1, keepdims=True, initial=-np.inf)  # (..., L, 1); initial: no keys (S = 0) is an empty row
     empty = None
     if empty_rows == "zero":
@@ -177,7 +177,7 @@ def _check_positions(op, is_causal, alignment, window):
 
 
 def _diagonal(L, S, alignment):
-    """(L,) the diagonal key d_i of every query (the module docstring)."""
+    """(L,) the diagonal key diag_i of every query (the module docstring)."""
     return np.arange(L) + (S - L if alignment == "bottom_right" else 0)
 
 
@@ -193,22 +193,22 @@ def position_mask(L, S, *, is_causal=False, alignment="top_left", window=None):
 
 
 def _position_mask(L, S, is_causal, alignment, window):
-    d = _diagonal(L, S, alignment)[:, None]  # (L, 1)
+    diag = _diagonal(L, S, alignment)[:, None]  # (L, 1)
     j = np.arange(S)[None, :]  # (1, S)
     allowed = np.ones((L, S), dtype=bool)
     if is_causal:
-        allowed &= j <= d
+        allowed &= j <= diag
     if window is not None:
         left, right = window
         if left >= 0:
-            allowed &= j >= d - left
+            allowed &= j >= diag - left
         if right >= 0:
-            allowed &= j <= d + right
+            allowed &= j <= diag + right
     return allowed
 
 
 def alibi_distance(L, S, *, alignment="top_left"):
-    """The (L, S) integer distances |d_i - j| that ALiBi multiplies by each head's slope
+    """The (L, S) integer distances |diag_i - j| that ALiBi multiplies by each head's slope
     (step 4), for the diagonal of ``alignment``."""
     op = "alibi_distance"
     L = positive_int(op, "L", L, 0)
@@ -225,7 +225,7 @@ class SDPACache:
     k: np.ndarray  # (..., Hk, S, E)
     v: np.ndarray  # (..., Hk, S, Ev)
     p: np.ndarray  # (..., Hq, L, S) softmax P before dropout (0 on masked keys)
-    lse: np.ndarray  # (..., Hq, L) log-sum-exp of the logits Z (-inf for a query with no key)
+    lse: np.ndarray  # (..., Hq, L) log-sum-exp of the logits S (-inf for a query with no key)
     scale: float  # c
     groups: int  # Hq / Hk, the query heads per key/value head (1 without enable_gqa)
     tanh: np.ndarray | None  # (..., Hq, L, S) T = tanh(S0 / cap); None without softcap
@@ -260,11 +260,11 @@ def _sdpa(q, k, v, scale, groups, softcap, add, allowed, keep):
     if add is not None:
         s = s + add  # S2, S3 (a new array: add may broadcast to a larger shape)
     if allowed is not None:
-        s = np.where(allowed, s, dt(-np.inf))  # Z
+        s = np.where(allowed, s, dt(-np.inf))  # S
     m = s.max(axis=-1, keepdims=True, initial=-np.inf)  # (..., Hq, L, 1); initial: S = 0 is an empty row
     empty = m == -np.inf  # (..., Hq, L, 1) queries with no key
     m = np.where(empty, dt(0), m)  # exp(-inf - 0) = 0: an empty row's weights are all 0
-    e = np.exp(s - m)  # (..., Hq, L, S) exp(Z - m), each in [0, 1]
+    e = np.exp(s - m)  # (..., Hq, L, S) exp(S - m), each in [0, 1]
     total = e.sum(axis=-1, keepdims=True)  # (..., Hq, L, 1) >= 1 unless the row is empty
     with np.errstate(divide="ignore"):  # log 0 = -inf: an empty row's lse
         lse = (m + np.log(total))[..., 0]  # (..., Hq, L)
@@ -295,7 +295,7 @@ def _sdpa_backward(d_out, d_lse, cache: SDPACache):
     d_z = (d_p - dot) * p  # (..., Hq, L, S) P * (dP - sum dP P)
     if d_lse is not None:
         d_lse = np.where(np.isneginf(cache.lse), 0, d_lse)  # (..., Hq, L) a query with no key: P = 0, no gradient
-        d_z += p * d_lse[..., None]  # d lse / dZ = P
+        d_z += p * d_lse[..., None]  # d lse / dS = P
     d_s = d_z  # (..., Hq, L, S) dS1 (steps 3 to 5 add constants)
     if cache.tanh is not None:
         d_s = d_s * (1 - cache.tanh * cache.tanh)  # dS0
@@ -492,7 +492,7 @@ def scaled_dot_product_attention_forward(q, k, v, attn_mask=None, scale=None, *,
 def scaled_dot_product_attention_backward(d_out, cache: SDPACache, dlse=None):
     """Gradients of :func:`scaled_dot_product_attention_forward`: ``{"q", "k", "v"}`` (the
     masks, slopes and keep mask have none). ``dlse``: None or the gradient of
-    ``cache.lse``, (..., Hq, L); it joins the gradient of the logits (d lse / dZ = P)."""
+    ``cache.lse``, (..., Hq, L); it joins the gradient of the logits (d lse / dS = P)."""
     op = "scaled_dot_product_attention_backward"
     d_out = float_array(op, "d_out", d_out)
     expected = cache.q.shape[:-1] + (cache.v.shape[-1],)
