@@ -124,7 +124,9 @@ of a helper; a symbol ``base_key`` may also be the entry ``key`` of a local dict
 - sizes are capitals, ``N, C, H, W = x.shape``, never ``h, w`` (``h`` is a hidden layer);
 - gradients are ``d`` + the symbol with no underscore (``dz``, ``dW1``; ``dy`` upstream);
 - a helper called more than once (a sub-block's ``forward`` run twice) shows the values
-  of its first call: give each call's result its own name in the caller, or a dict.
+  of its first call: give each call's result its own name in the caller, or a dict, or
+  give the helper a ``str`` argument ``suffix``: its locals ``SYM`` are then the symbols
+  ``SYM + suffix`` (SKConv's ``_path(..., suffix="_0")`` defines ``q_0``, ``f_0``, ...).
 
 Adding a block
 --------------
@@ -211,6 +213,12 @@ def _cbam(rng):
     return CBAM(8, rd_channels=3, spatial_kernel_size=3, rng=rng, dtype=np.float64)
 
 
+def _sk(rng):
+    from .blocks.sk import SKConv
+
+    return SKConv(4, 6, groups=2, paths=2, rng=rng, dtype=np.float64)  # D = max(6 // 16, 32) = 32
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -224,6 +232,8 @@ EXAMPLES = [
             fixtures=lambda c: not c.get("mlp_bias") and tuple(c.get("pool_types", ("avg", "max"))) == ("avg", "max")
             and not c.get("no_spatial") and c.get("spatial_order", "avg_max") == "avg_max"
             and c.get("max_grad", "split") == "split"),
+    Example("SKConv", "npattn.blocks.sk", _sk, {"x": (3, 4, 5, 4)}, training=True,
+            fixtures=lambda c: c.get("paths", 2) == 2 and c.get("bias", True)),
 ]
 
 
@@ -484,6 +494,9 @@ class _Recorder:
                     snap[k] = np.array(val, copy=True)
                 elif isinstance(val, dict):
                     snap[k] = {kk: np.array(vv, copy=True) for kk, vv in val.items() if isinstance(vv, np.ndarray)}
+            sfx = frame.f_locals.get("suffix")  # a helper's call named by its caller: SYM + suffix
+            if isinstance(sfx, str) and sfx:
+                snap = {k + sfx: val for k, val in snap.items()}
             self.frames.append((frame.f_code.co_name, snap))
         return self._local
 
