@@ -138,7 +138,11 @@ cases' configurations the derivation describes, for ``npattn exercise check``).
 ``tests/test_explain.py`` then walks it. Two blocks in one module share the lines: the
 second one's :attr:`Example.override` is text of the line (ending in ``::``) that
 introduces a literal block whose lines replace those of the same symbols (SEModule's
-bindings in ``npattn/blocks/se.py``); the same serves an option's variant lines.
+bindings in ``npattn/blocks/se.py``); the same serves an option's variant lines. A block
+whose derivation shares nothing with the module's first one names its own two blocks in
+:attr:`Example.markers` (``DAF forward::`` in ``npattn/blocks/aff.py``). A parameter that
+no Forward line reads (a key the module keeps and never uses) has the gradient 0; its
+Backward line passes when the code's value is exactly 0.
 """
 
 from __future__ import annotations
@@ -175,6 +179,7 @@ class Example:
     override: str | None = None  # heading of a literal block replacing lines (parse_derivation)
     fixtures: object = None  # callable config -> bool: the golden cases the derivation describes
     forward_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of forward (backend="numpy")
+    markers: tuple = ("Forward::", "Backward::")  # the lines introducing its two literal blocks (DAF's own)
 
 
 def _se(rng):
@@ -219,6 +224,30 @@ def _sk(rng):
     return SKConv(4, 6, groups=2, paths=2, rng=rng, dtype=np.float64)  # D = max(6 // 16, 32) = 32
 
 
+def _ms_cam(rng):
+    from .blocks.aff import MS_CAM
+
+    return MS_CAM(8, r=4, rng=rng, dtype=np.float64)
+
+
+def _aff(rng):
+    from .blocks.aff import AFF
+
+    return AFF(8, r=4, rng=rng, dtype=np.float64)
+
+
+def _iaff(rng):
+    from .blocks.aff import iAFF
+
+    return iAFF(8, r=4, rng=rng, dtype=np.float64)  # share_global_att=True, the published code's
+
+
+def _daf(rng):
+    from .blocks.aff import DAF
+
+    return DAF(dtype=np.float64)
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -234,6 +263,13 @@ EXAMPLES = [
             and c.get("max_grad", "split") == "split"),
     Example("SKConv", "npattn.blocks.sk", _sk, {"x": (3, 4, 5, 4)}, training=True,
             fixtures=lambda c: c.get("paths", 2) == 2 and c.get("bias", True)),
+    Example("MS_CAM", "npattn.blocks.aff", _ms_cam, {"x": (3, 8, 5, 4)}, training=True, fixtures=lambda c: True),
+    Example("AFF", "npattn.blocks.aff", _aff, {"x": (3, 8, 5, 3), "residual": (3, 8, 5, 3)}, training=True,
+            override="``npattn explain AFF`` walks", fixtures=lambda c: True),
+    Example("iAFF", "npattn.blocks.aff", _iaff, {"x": (3, 8, 4, 5), "residual": (3, 8, 4, 5)}, training=True,
+            override="``npattn explain iAFF`` walks", fixtures=lambda c: c.get("share_global_att", True)),
+    Example("DAF", "npattn.blocks.aff", _daf, {"x": (2, 3, 4, 5), "residual": (2, 3, 4, 5)},
+            markers=("DAF forward::", "DAF backward::"), fixtures=lambda c: True),
 ]
 
 
@@ -384,15 +420,17 @@ def _apply_override(lines, heading, fwd, bwd, where):
                               f"replace no line and come before none that does")
 
 
-def parse_derivation(doc: str, where="docstring", override=None) -> Derivation:
+def parse_derivation(doc: str, where="docstring", override=None, markers=("Forward::", "Backward::")) -> Derivation:
     """The Forward and Backward lines of a module docstring (format: this module's docstring).
 
     ``override``: text of a line ending in ``::`` whose literal block replaces
     lines of the same symbols (a second block of the module, an option); a line with a
-    new symbol is inserted before the next line of that block that replaces one."""
+    new symbol is inserted before the next line of that block that replaces one.
+    ``markers``: the lines introducing the two blocks, for a block of a module whose
+    derivation shares nothing with the module's first one (``"DAF forward::"``)."""
     lines = doc.splitlines()
     result = []
-    for marker in ("Forward::", "Backward::"):
+    for marker in markers:
         parsed = _parse_block(_literal_block(lines, marker, where), where)
         if not parsed:
             raise DerivationError(f"{where}: the '{marker}' block defines no symbol")
@@ -411,14 +449,14 @@ def parse_derivation(doc: str, where="docstring", override=None) -> Derivation:
     return Derivation(fwd, bwd)
 
 
-def derivation_of(module_name: str, override=None) -> Derivation:
+def derivation_of(module_name: str, override=None, markers=("Forward::", "Backward::")) -> Derivation:
     mod = importlib.import_module(module_name)
-    return parse_derivation(mod.__doc__ or "", module_name, override)
+    return parse_derivation(mod.__doc__ or "", module_name, override, markers)
 
 
 def derivation_for(example: "Example") -> Derivation:
     """The derivation an example walks (its module's, with its override applied)."""
-    return derivation_of(example.module, example.override)
+    return derivation_of(example.module, example.override, example.markers)
 
 
 # ---- the op vocabulary -------------------------------------------------------------------
@@ -624,8 +662,11 @@ def local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
 def _local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
     """Verdicts for ``d<sym>``: ``sum_L <dLHS_L, J_L v>`` against ``<dsym, v>``."""
     users = [ln for ln in deriv.forward if sym in ln.reads()]
-    if not users:
-        return [(False, f"no Forward tag reads {sym}: d{sym} has nothing to undo")]
+    if not users:  # y does not depend on sym (iAFF's unused global_att2): its gradient must be exactly 0
+        d = np.asarray(dsym_value)
+        if d.shape == np.shape(values[sym]) and not np.any(d):
+            return [(True, f"local check through no line: no Forward tag reads {sym}, and d{sym} is exactly 0")]
+        return [(False, f"no Forward tag reads {sym}: d{sym} has nothing to undo and is not exactly 0")]
     missing = [ln.sym for ln in users if grads.get("d" + ln.sym) is None]
     if missing:
         return [(False, f"d{sym} needs " + ", ".join("d" + m for m in missing) + ", not walked before it")]

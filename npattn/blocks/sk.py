@@ -84,8 +84,8 @@ Backward, for dy = dL/dy, in the order the code computes it::
     df_0 = dy * g_0 + ds / (H W)       (N, C, H, W)   both uses of f_0: its term of y, and the squeeze,
                                                       whose mean spreads ds evenly over H W
     dr_0 = df_0 * [r_0 > 0]            (N, C, H, W)   relu'
-    dgamma_0 = sum_{n,h,w} dr_0 * rhat_0
-                                       (C,)           r_0 = gamma_0 rhat_0 + beta_0, as dgamma over N H W
+    dgamma_0 = sum_{n,h,w} dr_0 * qhat_0
+                                       (C,)           r_0 = gamma_0 qhat_0 + beta_0, as dgamma over N H W
     dbeta_0 = sum_{n,h,w} dr_0         (C,)
     dq_0 = BN backward of dr_0         (N, C, H, W)   as dh, the statistics taken over N H W per channel
     dWs_0 = conv weight gradient       (C, Cg, 3, 3)  q_0 is linear in Ws_0: the correlation of dq_0 with the
@@ -94,7 +94,7 @@ Backward, for dy = dL/dy, in the order the code computes it::
                                        (C,)           as db1: bs_0 feeds BN r_0, whose batch mean absorbs it
     df_1 = dy * g_1 + ds / (H W)       (N, C, H, W)   path 1, the same lines
     dr_1 = df_1 * [r_1 > 0]            (N, C, H, W)
-    dgamma_1 = sum_{n,h,w} dr_1 * rhat_1
+    dgamma_1 = sum_{n,h,w} dr_1 * qhat_1
                                        (C,)
     dbeta_1 = sum_{n,h,w} dr_1         (C,)
     dq_1 = BN backward of dr_1         (N, C, H, W)
