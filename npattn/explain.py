@@ -221,25 +221,25 @@ def _cbam(rng):
 def _sk(rng):
     from .blocks.sk import SKConv
 
-    return SKConv(4, 6, groups=2, paths=2, rng=rng, dtype=np.float64)  # D = max(6 // 16, 32) = 32
+    return SKConv(4, 4, groups=2, paths=2, rng=rng, dtype=np.float64)  # D = max(4 // 16, 32) = 32
 
 
 def _ms_cam(rng):
     from .blocks.aff import MS_CAM
 
-    return MS_CAM(8, r=4, rng=rng, dtype=np.float64)
+    return MS_CAM(6, r=2, rng=rng, dtype=np.float64)
 
 
 def _aff(rng):
     from .blocks.aff import AFF
 
-    return AFF(8, r=4, rng=rng, dtype=np.float64)
+    return AFF(6, r=2, rng=rng, dtype=np.float64)
 
 
 def _iaff(rng):
     from .blocks.aff import iAFF
 
-    return iAFF(8, r=4, rng=rng, dtype=np.float64)  # share_global_att=True, the published code's
+    return iAFF(6, r=2, rng=rng, dtype=np.float64)  # share_global_att=True, the published code's
 
 
 def _daf(rng):
@@ -261,12 +261,12 @@ EXAMPLES = [
             fixtures=lambda c: not c.get("mlp_bias") and tuple(c.get("pool_types", ("avg", "max"))) == ("avg", "max")
             and not c.get("no_spatial") and c.get("spatial_order", "avg_max") == "avg_max"
             and c.get("max_grad", "split") == "split"),
-    Example("SKConv", "npattn.blocks.sk", _sk, {"x": (3, 4, 5, 4)}, training=True,
+    Example("SKConv", "npattn.blocks.sk", _sk, {"x": (3, 4, 5, 3)}, training=True,
             fixtures=lambda c: c.get("paths", 2) == 2 and c.get("bias", True)),
-    Example("MS_CAM", "npattn.blocks.aff", _ms_cam, {"x": (3, 8, 5, 4)}, training=True, fixtures=lambda c: True),
-    Example("AFF", "npattn.blocks.aff", _aff, {"x": (3, 8, 5, 3), "residual": (3, 8, 5, 3)}, training=True,
+    Example("MS_CAM", "npattn.blocks.aff", _ms_cam, {"x": (3, 6, 5, 3)}, training=True, fixtures=lambda c: True),
+    Example("AFF", "npattn.blocks.aff", _aff, {"x": (3, 6, 3, 5), "residual": (3, 6, 3, 5)}, training=True,
             override="``npattn explain AFF`` walks", fixtures=lambda c: True),
-    Example("iAFF", "npattn.blocks.aff", _iaff, {"x": (3, 8, 4, 5), "residual": (3, 8, 4, 5)}, training=True,
+    Example("iAFF", "npattn.blocks.aff", _iaff, {"x": (3, 6, 4, 3), "residual": (3, 6, 4, 3)}, training=True,
             override="``npattn explain iAFF`` walks", fixtures=lambda c: c.get("share_global_att", True)),
     Example("DAF", "npattn.blocks.aff", _daf, {"x": (2, 3, 4, 5), "residual": (2, 3, 4, 5)},
             markers=("DAF forward::", "DAF backward::"), fixtures=lambda c: True),

@@ -332,6 +332,89 @@ SOLUTIONS = {
 }
 
 
+_AFF_GATE = '''    c = cache
+    train = c["training"]
+    N, C, H, W = dy.shape
+
+    def bn_back(dout, q, gamma, rm, rv):  # BatchNorm2d over (N, H, W) per channel
+        axes = (0, 2, 3)
+        if train:
+            mu, var = q.mean(axis=axes, keepdims=True), q.var(axis=axes, keepdims=True)
+        else:
+            mu, var = rm.reshape(1, -1, 1, 1), rv.reshape(1, -1, 1, 1)
+        inv = 1 / np.sqrt(var + c["eps"])
+        qhat = (q - mu) * inv
+        dqhat = dout * gamma.reshape(1, -1, 1, 1)
+        if train:
+            dq = inv * (dqhat - dqhat.mean(axis=axes, keepdims=True)
+                        - qhat * (dqhat * qhat).mean(axis=axes, keepdims=True))
+        else:
+            dq = dqhat * inv
+        return dq, (dout * qhat).sum(axis=axes), dout.sum(axis=axes)
+
+    def conv_back(dout, inp, weight):  # 1x1 conv: out = weight inp + bias at every pixel
+        dinp = np.einsum("nohw,oi->nihw", dout, weight[:, :, 0, 0])
+        dweight = np.einsum("nohw,nihw->oi", dout, inp)[:, :, None, None]
+        dbias = np.zeros(dout.shape[1], dout.dtype) if train else dout.sum(axis=(0, 2, 3))  # 0: a BN follows
+        return dinp, dweight, dbias
+
+    def gate_back(dz, xin, s, sg):  # s: the gate's suffix, sg: its global branch's parameters
+        d = {}
+        d["dt5" + s] = dt5 = dz.sum(axis=(2, 3), keepdims=True)
+        dt4, d["dgamma_t5" + s], d["dbeta_t5" + s] = bn_back(dt5, c["t4" + s], c["gamma_t5" + sg], c["rm_t5" + sg],
+                                                             c["rv_t5" + sg])
+        dt3, d["dWt4" + s], d["dbt4" + s] = conv_back(dt4, c["t3" + s], c["Wt4" + sg])
+        dt2 = dt3 * (c["t2" + s] > 0)
+        dt1, d["dgamma_t2" + s], d["dbeta_t2" + s] = bn_back(dt2, c["t1" + s], c["gamma_t2" + sg], c["rm_t2" + sg],
+                                                             c["rv_t2" + sg])
+        dt0, d["dWt1" + s], d["dbt1" + s] = conv_back(dt1, c["t0" + s], c["Wt1" + sg])
+        d.update({"dt4" + s: dt4, "dt3" + s: dt3, "dt2" + s: dt2, "dt1" + s: dt1, "dt0" + s: dt0, "dl4" + s: dz})
+        dl3, d["dgamma_l4" + s], d["dbeta_l4" + s] = bn_back(dz, c["l3" + s], c["gamma_l4" + s], c["rm_l4" + s],
+                                                             c["rv_l4" + s])
+        dl2, d["dWl3" + s], d["dbl3" + s] = conv_back(dl3, c["l2" + s], c["Wl3" + s])
+        dl1 = dl2 * (c["l1" + s] > 0)
+        dl0, d["dgamma_l1" + s], d["dbeta_l1" + s] = bn_back(dl1, c["l0" + s], c["gamma_l1" + s], c["rm_l1" + s],
+                                                             c["rv_l1" + s])
+        dxin, d["dWl0" + s], d["dbl0" + s] = conv_back(dl0, xin, c["Wl0" + s])
+        d.update({"dl3" + s: dl3, "dl2" + s: dl2, "dl1" + s: dl1, "dl0" + s: dl0})
+        return dxin + dt0 / (H * W), d
+'''
+
+SOLUTIONS["MS_CAM"] = _AFF_GATE + '''    g = c["g"]
+    dg = dy * c["x"]
+    dz = dg * g * (1 - g)
+    dxin, out = gate_back(dz, c["x"], "", "")
+    out.update(dg=dg, dz=dz, dx=dy * g + dxin)
+    return out
+'''
+SOLUTIONS["AFF"] = _AFF_GATE + '''    g, e = c["g"], c["e"]
+    dg = 2 * dy * e
+    dz = dg * g * (1 - g)
+    dxa, out = gate_back(dz, c["xa"], "", "")
+    de = 2 * dy * g
+    out.update(dg=dg, dz=dz, dxa=dxa, de=de, dresidual=2 * dy - de + dxa, dx=de + dxa)
+    return out
+'''
+SOLUTIONS["iAFF"] = _AFF_GATE + '''    g, g_2, e = c["g"], c["g_2"], c["e"]
+    dg_2 = dy * e
+    dz_2 = dg_2 * g_2 * (1 - g_2)
+    dxi, out2 = gate_back(dz_2, c["xi"], "_2", "")  # share_global_att=True: global_att again
+    dg = dxi * e
+    dz = dg * g * (1 - g)
+    dxa, out = gate_back(dz, c["xa"], "", "")
+    for k in ("dgamma_t5", "dbeta_t5", "dWt4", "dbt4", "dgamma_t2", "dbeta_t2", "dWt1", "dbt1"):
+        out[k] = out[k] + out2.pop(k + "_2")  # global_att's two shares
+        out[k + "_2"] = np.zeros_like(out[k])  # global_att2 is never read
+    out.update(out2)
+    de = dy * g_2 + dxi * g
+    out.update(dg_2=dg_2, dz_2=dz_2, dxi=dxi, dg=dg, dz=dz, dxa=dxa, de=de, dresidual=dy + dxi - de + dxa,
+               dx=de + dxa)
+    return out
+'''
+SOLUTIONS["DAF"] = '''    return dict(dresidual=dy.copy(), dx=dy.copy())
+'''
+
+
 @pytest.mark.parametrize("name", sorted(SOLUTIONS))
 def test_exercise_solutions_pass_their_fixtures(name, tmp_path):
     assert run_cli("exercise", name, str(tmp_path))[0] == 0
