@@ -77,6 +77,19 @@ def test_every_parameter_is_bound_and_every_forward_symbol_the_code_has_is_compa
     assert compared and all(any("tag equals" in m for _, m in s.verdicts) for s in compared)
 
 
+def test_a_helper_call_named_by_its_suffix_shows_its_own_values():
+    """SKConv's _path(i) and iAFF's second gate (suffix "_2") run the same helper twice:
+    each call's locals are their own symbols, taken from the code, forward and backward."""
+    sk = {s.line.sym: s for s in walked("SKConv").steps}
+    for sym in ("q_0", "q_1", "f_0", "f_1", "dq_0", "dq_1", "dr_1"):
+        assert sk[sym].source == "code", sym
+    assert not np.allclose(sk["q_0"].value, sk["q_1"].value)
+    iaff = {s.line.sym: s for s in walked("iAFF").steps}
+    for sym in ("l0", "l0_2", "t5", "t5_2", "z_2", "dt5", "dt5_2", "dl0", "dl0_2"):
+        assert iaff[sym].source == "code", sym
+    assert not np.allclose(iaff["dl0"].value, iaff["dl0_2"].value)
+
+
 class _Skewed:
     """numpy with one op made wrong: stands for a mistaken backward line."""
 
@@ -414,6 +427,61 @@ SOLUTIONS["iAFF"] = _AFF_GATE + '''    g, g_2, e = c["g"], c["g_2"], c["e"]
 SOLUTIONS["DAF"] = '''    return dict(dresidual=dy.copy(), dx=dy.copy())
 '''
 
+SOLUTIONS["SKConv"] = '''    from npattn import functional as F
+
+    c = cache
+    train = c["training"]
+    x, g, a, hb, s = c["x"], c["g"], c["a"], c["hb"], c["s"]
+    N, C, H, W = dy.shape
+
+    def bn_back(dout, q, gamma, rm, rv, axes):  # BatchNorm over the axes, per channel (axis 1)
+        shape = [1] * q.ndim
+        shape[1] = -1
+        if train:
+            mu, var = q.mean(axis=axes, keepdims=True), q.var(axis=axes, keepdims=True)
+        else:
+            mu, var = rm.reshape(shape), rv.reshape(shape)
+        inv = 1 / np.sqrt(var + c["eps"])
+        qhat = (q - mu) * inv
+        dqhat = dout * gamma.reshape(shape)
+        if train:
+            dq = inv * (dqhat - dqhat.mean(axis=axes, keepdims=True)
+                        - qhat * (dqhat * qhat).mean(axis=axes, keepdims=True))
+        else:
+            dq = dqhat * inv
+        return dq, (dout * qhat).sum(axis=axes), dout.sum(axis=axes)
+
+    out = {}
+    dg = np.stack([(dy * c[f"f_{i}"]).sum(axis=(2, 3)) for i in range(2)], axis=1)
+    dz = g * (dg - (dg * g).sum(axis=1, keepdims=True))
+    da = 0
+    for i in range(2):
+        out[f"dz_{i}"] = dz[:, i]
+        out[f"dW2_{i}"] = dz[:, i].T @ a
+        out[f"db2_{i}"] = dz[:, i].sum(axis=0)
+        da = da + dz[:, i] @ c[f"W2_{i}"]
+    dhb = da * (hb > 0)
+    dh, dgamma, dbeta = bn_back(dhb, c["h"], c["gamma"], c["rm"], c["rv"], (0,))
+    dW1 = dh.T @ s
+    db1 = np.zeros_like(dbeta) if train else dh.sum(axis=0)  # b1 feeds the BatchNorm: 0 in training
+    ds = dh @ c["W1"]
+    out.update(dg=dg, dz=dz, da=da, dhb=dhb, dgamma=dgamma, dbeta=dbeta, dh=dh, dW1=dW1, db1=db1, ds=ds)
+    dx = 0
+    for i in range(2):
+        df = dy * g[:, i, :, None, None] + ds[:, :, None, None] / (H * W)
+        dr = df * (c[f"r_{i}"] > 0)
+        dq, out[f"dgamma_{i}"], out[f"dbeta_{i}"] = bn_back(dr, c[f"q_{i}"], c[f"gamma_{i}"], c[f"rm_{i}"],
+                                                            c[f"rv_{i}"], (0, 2, 3))
+        _, k_conv = F.conv2d_forward(x, c[f"Ws_{i}"], None, padding=1 + i, dilation=1 + i, groups=int(c["G"]))
+        g_conv = F.conv2d_backward(dq, k_conv)
+        out[f"dWs_{i}"] = g_conv["weight"]
+        out[f"dbs_{i}"] = np.zeros_like(out[f"dbeta_{i}"]) if train else dq.sum(axis=(0, 2, 3))
+        out.update({f"df_{i}": df, f"dr_{i}": dr, f"dq_{i}": dq})
+        dx = dx + g_conv["x"]
+    out["dx"] = dx
+    return out
+'''
+
 
 @pytest.mark.parametrize("name", sorted(SOLUTIONS))
 def test_exercise_solutions_pass_their_fixtures(name, tmp_path):
@@ -422,3 +490,28 @@ def test_exercise_solutions_pass_their_fixtures(name, tmp_path):
     rc, text = run_cli("exercise", "check", str(tmp_path))
     assert rc == 0, text
     assert "gradients right" in text and text.count(" ok (worst rel err") >= 2 and "FAIL" not in text
+
+
+def test_a_never_read_parameter_passes_with_exact_zeros_only():
+    doc = """Forward::
+
+    u = p                (N,)   kept, never read   [param("p")]
+    y = x * 2            (N,)                      [x * 2]
+
+Backward::
+
+    dx = 2 dy            (N,)
+"""
+    d = explain.parse_derivation(doc)
+    rng = np.random.default_rng(0)
+    values, grads = {"x": rng.standard_normal(3), "u": rng.standard_normal(3)}, {"dy": rng.standard_normal(3)}
+    [(ok, msg)] = explain.local_check(d, "u", np.zeros(3), values, grads, rng)
+    assert ok and "exactly 0" in msg
+    [(ok, msg)] = explain.local_check(d, "u", np.full(3, 1e-18), values, grads, rng)
+    assert not ok and "not exactly 0" in msg
+
+
+def test_daf_walks_its_own_blocks():
+    d = explain.derivation_for(explain.find_example("DAF"))
+    assert [ln.sym for ln in d.forward] == ["y"] and [ln.sym for ln in d.backward] == ["dresidual", "dx"]
+    assert explain.derivation_for(explain.find_example("MS_CAM")).forward[0].sym == "Wl0"
