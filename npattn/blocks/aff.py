@@ -10,7 +10,7 @@ a map X of shape (N, C, H, W) to the logits of a gate::
     M(X)        = sigmoid(L(X) + T(X))                             (N, C, H, W), T broadcast
 
 where conv_k are 1x1 convolutions with bias (C -> Cr then Cr -> C) and BN_k are
-BatchNorm2d; the index k is the position in the PyTorch ``Sequential``, hence the
+BatchNorm2d (T is the paper's g(X): g is the gate here, as in the package's notation); the index k is the position in the PyTorch ``Sequential``, hence the
 state_dict keys ``local_att.0.weight`` ... ``global_att.5.num_batches_tracked``. The
 symbols below carry the same index: ``l0 .. l4`` are the outputs of ``local_att.0 .. 4``,
 ``t0 .. t5`` those of ``global_att.0 .. 5`` (t0 the pooling), ``Wl0, bl0`` the weight and
@@ -124,8 +124,8 @@ Backward, for dy = dL/dy, in the order the code runs::
                                                       pooling, whose mean spreads dt0 evenly over H W
 
 Each "BN backward" is ``npattn.functional.batch_norm_backward``, each 1x1 conv
-``conv2d_backward`` (the sums over n, h, w are its weight gradient, ``W^T d`` its input
-gradient). In eval mode the BatchNorms use their running statistics and the conv biases
+``conv2d_backward`` (the sums over n, h, w are its weight gradient, W^T times the upstream
+gradient its input gradient). In eval mode the BatchNorms use their running statistics and the conv biases
 have the usual gradients ``sum d``.
 
 AFF fuses x and its residual: the gate reads xa = x + res, and y moves along e = x - res.
@@ -435,7 +435,7 @@ _EMPTY = "PyTorch's 1x1 convolutions of the local branch refuse an empty image"
 
 
 class MS_CAM(_AttentionFusion):
-    """Multi-scale channel attention on one map: ``y = x * sigmoid(L(x) + G(x))``.
+    """Multi-scale channel attention on one map: ``y = x * sigmoid(L(x) + T(x))``.
 
     Parameters
     ----------
@@ -477,7 +477,7 @@ class MS_CAM(_AttentionFusion):
 
 
 class AFF(_AttentionFusion):
-    """Attentional feature fusion: ``w = M(x + res)``, ``y = 2 x w + 2 res (1 - w)``.
+    """Attentional feature fusion: ``g = M(x + res)``, ``y = 2 x g + 2 res (1 - g)``.
 
     Parameters as :class:`MS_CAM`. ``forward(x, residual, training=False)``;
     ``backward(dy, cache) -> ((dx, dres), grads)``. The math is in the module docstring.

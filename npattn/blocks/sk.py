@@ -149,7 +149,7 @@ class SKConv(Block):
     groups : int
         Groups of every path's 3x3 convolution; divides both channel counts.
     ratio : int, default 16
-        The squeeze width is ``d = max(out_channels // ratio, 32)``.
+        The squeeze width is ``D = max(out_channels // ratio, 32)``.
     paths : int, default 2
         Path i uses dilation and padding 1 + i (spatial size preserved).
     bias : bool, default True
@@ -192,14 +192,14 @@ class SKConv(Block):
             )
         self.reduced_dim = max(self.out_channels // self.ratio, 32)
         rng = make_rng(rng)
-        c, d = self.out_channels, self.reduced_dim
+        C, D = self.out_channels, self.reduced_dim
         for i in range(self.paths):
-            self._add_conv(f"convs.{i}.0.", rng, self.in_channels, c, 3, groups=self.groups, bias=self.bias)
-            self._add_batch_norm(f"convs.{i}.1.", c)
-        self._add_linear("compress.0.", rng, c, d, bias=self.bias)
-        self._add_batch_norm("compress.1.", d)
+            self._add_conv(f"convs.{i}.0.", rng, self.in_channels, C, 3, groups=self.groups, bias=self.bias)
+            self._add_batch_norm(f"convs.{i}.1.", C)
+        self._add_linear("compress.0.", rng, C, D, bias=self.bias)
+        self._add_batch_norm("compress.1.", D)
         for i in range(self.paths):
-            self._add_conv(f"projections.{i}.", rng, d, c, 1, bias=self.bias)
+            self._add_conv(f"projections.{i}.", rng, D, C, 1, bias=self.bias)
 
     def _path(self, i, x, training):
         """Path i: ``q = conv_i(x)``, ``r = BN_i(q)``, ``f = relu(r)``, each (N, C, H, W)."""
