@@ -75,7 +75,8 @@ Op vocabulary of the tags (``npattn.functional``'s forward functions, value only
 ``linear(x, W, b=None)``, ``conv1d(x, W, b=None, **kw)``, ``conv2d(...)``,
 ``relu``, ``sigmoid``, ``tanh``, ``silu``, ``gelu``, ``hardswish``, ``hard_sigmoid``,
 ``abs``, ``sqrt``, ``exp``, ``log``, ``sign``, ``softmax(x, axis)``,
-``l2_norm(x, axis, keepdims=False)``, ``logsumexp(x, axis, keepdims=False)``,
+``l2_norm(x, axis, keepdims=False)``, ``layer_norm(x, gamma, beta, eps)`` (over axis 1),
+``logsumexp(x, axis, keepdims=False)``, ``max_pool2d(x, k)`` (stride k, floor),
 ``batch_norm(x, gamma, beta, running_mean, running_var, training, eps=1e-5)``,
 ``concat([a, b], axis)``, ``einsum``, ``np``, ``param(key)``, ``buffer(key)``, ``attr(name)``.
 
@@ -218,6 +219,24 @@ def _cbam(rng):
     return CBAM(8, rd_channels=3, spatial_kernel_size=3, rng=rng, dtype=np.float64)
 
 
+def _coord_attn(rng):
+    from .blocks.coord_attn import CoordAttn
+
+    return CoordAttn(6, rd_channels=3, bias=True, rng=rng, dtype=np.float64)
+
+
+def _global_context(rng):
+    from .blocks.global_context import GlobalContext
+
+    return GlobalContext(8, rd_channels=3, rng=rng, dtype=np.float64)
+
+
+def _non_local(rng):
+    from .blocks.non_local import NonLocalAttn
+
+    return NonLocalAttn(8, rd_channels=3, rng=rng, dtype=np.float64)
+
+
 def _sk(rng):
     from .blocks.sk import SKConv
 
@@ -261,6 +280,13 @@ EXAMPLES = [
             fixtures=lambda c: not c.get("mlp_bias") and tuple(c.get("pool_types", ("avg", "max"))) == ("avg", "max")
             and not c.get("no_spatial") and c.get("spatial_order", "avg_max") == "avg_max"
             and c.get("max_grad", "split") == "split"),
+    Example("CoordAttn", "npattn.blocks.coord_attn", _coord_attn, {"x": (2, 6, 5, 3)}, training=True,
+            fixtures=lambda c: c.get("bias", False) and not c.get("has_skip")),
+    Example("GlobalContext", "npattn.blocks.global_context", _global_context, {"x": (2, 8, 5, 3)},
+            fixtures=lambda c: c.get("use_attn", True) and c.get("fuse_scale", True) and not c.get("fuse_add")),
+    Example("NonLocalAttn", "npattn.blocks.non_local", _non_local, {"x": (2, 8, 5, 3)}, training=True,
+            fixtures=lambda c: c.get("mode", "embedded_gaussian") == "embedded_gaussian"
+            and not c.get("sub_sample") and c.get("norm", True)),
     Example("SKConv", "npattn.blocks.sk", _sk, {"x": (3, 4, 5, 3)}, training=True,
             fixtures=lambda c: c.get("paths", 2) == 2 and c.get("bias", True)),
     Example("MS_CAM", "npattn.blocks.aff", _ms_cam, {"x": (3, 6, 5, 3)}, training=True, fixtures=lambda c: True),
@@ -496,7 +522,9 @@ def _vocabulary():
         "abs": v(F.abs_forward),
         "softmax": v(F.softmax_forward),
         "l2_norm": lambda x, axis, keepdims=False: F.l2_norm_forward(x, axis, keepdims=keepdims)[0],
+        "layer_norm": lambda x, gamma, beta, eps: F.layer_norm2d_forward(x, gamma, beta, eps=float(eps))[0],
         "logsumexp": lambda x, axis, keepdims=False: F.logsumexp_forward(x, axis, keepdims=keepdims)[0],
+        "max_pool2d": v(F.max_pool2d_forward),
         "batch_norm": batch_norm,
         "sqrt": np.sqrt,
         "exp": np.exp,
@@ -664,7 +692,7 @@ def _local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
     users = [ln for ln in deriv.forward if sym in ln.reads()]
     if not users:  # y does not depend on sym (iAFF's unused global_att2): its gradient must be exactly 0
         d = np.asarray(dsym_value)
-        if d.shape == np.shape(values[sym]) and not np.any(d):
+        if sym in values and d.shape == np.shape(values[sym]) and not np.any(d):
             return [(True, f"local check through no line: no Forward tag reads {sym}, and d{sym} is exactly 0")]
         return [(False, f"no Forward tag reads {sym}: d{sym} has nothing to undo and is not exactly 0")]
     missing = [ln.sym for ln in users if grads.get("d" + ln.sym) is None]
@@ -679,10 +707,13 @@ def _local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
         lhs, scale_l = 0.0, 0.0
         for ln in users:
             env = dict(vocab, **values)
-            env[sym] = x0 + eps * v
-            plus = np.asarray(_eval(ln.tag, env), dtype=np.float64)
-            env[sym] = x0 - eps * v
-            minus = np.asarray(_eval(ln.tag, env), dtype=np.float64)
+            try:  # a symbol the forward walk could not compute leaves the line unevaluable
+                env[sym] = x0 + eps * v
+                plus = np.asarray(_eval(ln.tag, env), dtype=np.float64)
+                env[sym] = x0 - eps * v
+                minus = np.asarray(_eval(ln.tag, env), dtype=np.float64)
+            except Exception as exc:
+                return [(False, f"the line of {ln.sym} cannot be evaluated: {type(exc).__name__}: {exc}")]
             jv = (plus - minus) / (2 * eps)
             g = np.asarray(grads["d" + ln.sym], dtype=np.float64)
             if g.shape != jv.shape:

@@ -345,6 +345,120 @@ SOLUTIONS = {
 }
 
 
+# CoordAttn, GlobalContext, NonLocalAttn: BatchNorm in both modes (CoordAttn, NonLocalAttn), LayerNorm, softmaxes
+SOLUTIONS.update({
+    "CoordAttn": '''    x, u, h, hn, a_h, a_w, g_h, g_w = (cache[k] for k in ("x", "u", "h", "hn", "a_h", "a_w", "g_h", "g_w"))
+    W1, W_h, W_w, gamma, eps = (cache[k] for k in ("W1", "W_h", "W_w", "gamma", "eps"))
+    N, C, H, W = x.shape
+    axes = (0, 2, 3)
+    dg_h = (dy * x * g_w).sum(axis=3, keepdims=True)
+    dg_w = (dy * x * g_h).sum(axis=2, keepdims=True)
+    dz_h = dg_h * g_h * (1 - g_h)
+    dz_w = dg_w * g_w * (1 - g_w)
+    dW_h = np.einsum("nchw,ndhw->cd", dz_h, a_h)
+    db_h = dz_h.sum(axis=axes)
+    da_h = np.einsum("cd,nchw->ndhw", W_h, dz_h)
+    dW_w = np.einsum("nchw,ndhw->cd", dz_w, a_w)
+    db_w = dz_w.sum(axis=axes)
+    da_w = np.einsum("cd,nchw->ndhw", W_w, dz_w)
+    da = np.concatenate([da_h, da_w.transpose(0, 1, 3, 2)], axis=2)
+    dhn = da * np.where(hn <= -3, 0.0, np.where(hn < 3, hn / 3 + 0.5, 1.0))
+    if cache["training"]:
+        mu, var = h.mean(axis=axes, keepdims=True), h.var(axis=axes, keepdims=True)
+    else:
+        mu, var = cache["rm"].reshape(1, -1, 1, 1), cache["rv"].reshape(1, -1, 1, 1)
+    inv = 1 / np.sqrt(var + eps)
+    hn_hat = (h - mu) * inv
+    dgamma = (dhn * hn_hat).sum(axis=axes)
+    dbeta = dhn.sum(axis=axes)
+    dh_hat = dhn * gamma.reshape(1, -1, 1, 1)
+    if cache["training"]:
+        dh = inv * (dh_hat - dh_hat.mean(axis=axes, keepdims=True)
+                    - hn_hat * (dh_hat * hn_hat).mean(axis=axes, keepdims=True))
+    else:
+        dh = dh_hat * inv
+    dW1 = np.einsum("ndpq,ncpq->dc", dh, u)
+    db1 = dh.sum(axis=axes)
+    du = np.einsum("dc,ndpq->ncpq", W1, dh)
+    ds_h = du[:, :, :H]
+    ds_w = du[:, :, H:].transpose(0, 1, 3, 2)
+    dx = dy * g_w * g_h + ds_h / W + ds_w / H
+    return dict(dg_h=dg_h, dg_w=dg_w, dz_h=dz_h, dz_w=dz_w, dW_h=dW_h, db_h=db_h, da_h=da_h, dW_w=dW_w, db_w=db_w,
+                da_w=da_w, da=da, dhn=dhn, dgamma=dgamma, dbeta=dbeta, dh=dh, dW1=dW1, db1=db1, du=du,
+                ds_h=ds_h, ds_w=ds_w, dx=dx)
+''',
+    "GlobalContext": '''    x, e, p, s, h, hn, a, g = (cache[k] for k in ("x", "e", "p", "s", "h", "hn", "a", "g"))
+    Wa, W1, W2, gamma, eps = (cache[k] for k in ("Wa", "W1", "W2", "gamma", "eps"))
+    N, C, H, W = x.shape
+    xl = x.reshape(N, C, H * W)
+    dg = (dy * x).sum(axis=(2, 3))
+    dz = dg * g * (1 - g)
+    dW2 = dz.T @ a
+    db2 = dz.sum(axis=0)
+    da = dz @ W2
+    dhn = da * (hn > 0)
+    r = 1 / np.sqrt(h.var(axis=1, keepdims=True) + eps)
+    h_hat = (h - h.mean(axis=1, keepdims=True)) * r
+    dgamma = (dhn * h_hat).sum(axis=0)
+    dbeta = dhn.sum(axis=0)
+    g_hat = dhn * gamma
+    dh = r * (g_hat - g_hat.mean(axis=1, keepdims=True) - h_hat * (g_hat * h_hat).mean(axis=1, keepdims=True))
+    dW1 = dh.T @ s
+    db1 = dh.sum(axis=0)
+    ds = dh @ W1
+    dp = np.einsum("nc,ncl->nl", ds, xl)
+    de = p * (dp - (p * dp).sum(axis=1, keepdims=True))
+    dWa = np.einsum("nl,ncl->c", de, xl)[None, :]
+    dba = de.sum(axis=(0, 1))[None]  # 0 up to rounding: a softmax ignores a common shift
+    dxl = (dy * g[:, :, None, None]).reshape(N, C, H * W) + ds[:, :, None] * p[:, None, :] + Wa[0][None, :, None] * de[:, None, :]
+    dx = dxl.reshape(x.shape)
+    return dict(dg=dg, dz=dz, dW2=dW2, db2=db2, da=da, dhn=dhn, dgamma=dgamma, dbeta=dbeta, dh=dh, dW1=dW1,
+                db1=db1, ds=ds, dp=dp, de=de, dWa=dWa, dba=dba, dx=dx)
+''',
+    "NonLocalAttn": '''    x, Q, K, V, P, U, o = (cache[k] for k in ("x", "Q", "K", "V", "P", "U", "o"))
+    Wt, Wp, Wg, Wz, gamma, eps, c = (cache[k] for k in ("Wt", "Wp", "Wg", "Wz", "gamma", "eps", "c"))
+    N, C, H, W = x.shape
+    D = Wz.shape[1]
+    axes = (0, 2, 3)
+    dr = dy
+    if cache["training"]:
+        mu, var = o.mean(axis=axes, keepdims=True), o.var(axis=axes, keepdims=True)
+    else:
+        mu, var = cache["rm"].reshape(1, C, 1, 1), cache["rv"].reshape(1, C, 1, 1)
+    inv = 1 / np.sqrt(var + eps)
+    o_hat = (o - mu) * inv
+    dgamma = (dr * o_hat).sum(axis=axes)
+    dbeta = dr.sum(axis=axes)
+    do_hat = dr * gamma.reshape(1, C, 1, 1)
+    if cache["training"]:
+        do = inv * (do_hat - do_hat.mean(axis=axes, keepdims=True)
+                    - o_hat * (do_hat * o_hat).mean(axis=axes, keepdims=True))
+    else:
+        do = do_hat * inv
+    dWz = np.einsum("nchw,ndhw->cd", do, U)
+    dbz = do.sum(axis=axes)
+    dU = np.einsum("cd,nchw->ndhw", Wz, do)
+    dY = dU.reshape(N, D, H * W).transpose(0, 2, 1)
+    dV = P.transpose(0, 2, 1) @ dY
+    dP = dY @ V.transpose(0, 2, 1)
+    dZ = P * (dP - (dP * P).sum(axis=2, keepdims=True))
+    dQ = c * dZ @ K
+    dK = c * dZ.transpose(0, 2, 1) @ Q
+    xl = x.reshape(N, C, H * W)
+    dWt = np.einsum("nld,ncl->dc", dQ, xl)
+    dbt = dQ.sum(axis=(0, 1))
+    dWp = np.einsum("nld,ncl->dc", dK, xl)
+    dbp = dK.sum(axis=(0, 1))
+    dWg = np.einsum("nld,ncl->dc", dV, xl)
+    dbg = dV.sum(axis=(0, 1))
+    dx = dy + (np.einsum("dc,nld->ncl", Wt, dQ) + np.einsum("dc,nld->ncl", Wp, dK)
+               + np.einsum("dc,nld->ncl", Wg, dV)).reshape(x.shape)
+    return dict(dr=dr, dgamma=dgamma, dbeta=dbeta, do=do, dWz=dWz, dbz=dbz, dU=dU, dY=dY, dV=dV, dP=dP, dZ=dZ,
+                dQ=dQ, dK=dK, dWt=dWt, dbt=dbt, dWp=dWp, dbp=dbp, dWg=dWg, dbg=dbg, dx=dx)
+''',
+})
+
+
 _AFF_GATE = '''    c = cache
     train = c["training"]
     N, C, H, W = dy.shape
@@ -490,6 +604,48 @@ def test_exercise_solutions_pass_their_fixtures(name, tmp_path):
     rc, text = run_cli("exercise", "check", str(tmp_path))
     assert rc == 0, text
     assert "gradients right" in text and text.count(" ok (worst rel err") >= 2 and "FAIL" not in text
+
+
+def test_non_local_sub_sample_lines_walk():
+    """NonLocalAttn's key and value lines with sub_sample=True (the override block of its
+    docstring): the pooled keys and values, walked and checked line by line."""
+    from npattn.blocks.non_local import NonLocalAttn
+
+    ex = explain.Example("NonLocalAttn", "npattn.blocks.non_local",
+                         lambda rng: NonLocalAttn(8, rd_channels=3, sub_sample=True, rng=rng, dtype=np.float64),
+                         {"x": (2, 8, 5, 4)}, training=True, override="``tests/test_explain.py`` walks them")
+    w = explain.walk(ex, seed=0)
+    steps = {s.line.sym: s for s in w.steps}
+    assert steps["K"].line.math.startswith("pool(") and steps["V"].line.math.startswith("pool(")
+    assert np.shape(steps["K"].value) == (2, 2 * 2, 3) and np.shape(steps["Q"].value) == (2, 5 * 4, 3)  # S = 2 * 2
+    assert all(step.ok for step in w.steps), [(s.line.sym, s.verdicts) for s in w.steps if not s.ok]
+    assert w.ok, w.summary
+
+
+def test_non_local_exercise_names_a_wrong_softmax_line(tmp_path):
+    assert run_cli("exercise", "NonLocalAttn", str(tmp_path))[0] == 0
+    body = SOLUTIONS["NonLocalAttn"]
+    wrong = "    dZ = P * (dP - (dP * P).sum(axis=2, keepdims=True))\n"
+    assert body.count(wrong) == 1
+    _solve(tmp_path / "nonlocalattn_exercise.py", body.replace(wrong, "    dZ = P * dP\n"))  # the row sum forgotten
+    rc, text = run_cli("exercise", "check", str(tmp_path))
+    assert rc == 1 and "FAIL first wrong gradient: dZ = P * (dP - sum_S dP * P)" in text, text
+
+
+def test_a_forward_tag_that_raises_fails_its_line_and_the_walk_goes_on(monkeypatch):
+    """A Forward tag that cannot run fails its own line; a backward line that needs it
+    fails with a message, not a traceback."""
+    from npattn import explain
+
+    ex = explain.find_example("SEBlock")
+    deriv = explain.derivation_for(ex)
+    bad = next(ln for ln in deriv.forward if ln.sym == "z")
+    monkeypatch.setattr(bad, "tag", "no_such_op(a)")
+    monkeypatch.setattr(explain, "derivation_for", lambda example: deriv)
+    w = explain.walk(ex)
+    failed = {s.line.sym: [m for ok, m in s.verdicts if not ok] for s in w.steps if any(not ok for ok, *_ in s.verdicts)}
+    assert any("raised NameError" in m for m in failed["z"])
+    assert any("cannot be evaluated" in m or "not a Forward symbol" in m for k, ms in failed.items() if k != "z" for m in ms)
 
 
 def test_a_never_read_parameter_passes_with_exact_zeros_only():

@@ -130,6 +130,22 @@ def main(framework: str, versions_fn, cases_fn, argv=None) -> int:
 
 # ---------------------------------------------------------------------------- helpers for several runners
 
+# scaled_dot_product_attention keywords beyond a mask and a scale (issue 21's variants)
+SDPA_VARIANTS = ("is_causal", "alignment", "window", "softcap", "enable_gqa", "dropout_p")
+
+
+def sdpa_variant(case):
+    """Why a scaled_dot_product_attention case is more than q, k, v, a mask and a scale
+    (None when it is not): the runners here compose only those, so such a case is "not
+    run" (its fixtures hold the variant's output and gradients)."""
+    cfg = case.meta.get("config") or {}
+    used = [k for k in SDPA_VARIANTS if cfg.get(k) not in (None, False, 0, 0.0, "top_left")]
+    used += [n for n in ("alibi_slopes", "dropout_mask") if f"input.{n}" in case.arrays]
+    if "grad_output.lse" in case.arrays:
+        used.append("an upstream gradient of the lse")
+    return ", ".join(used) or None
+
+
 def deform_arrays(case):
     """The deform_conv2d arguments of a function case or a DeformConv2d block case, in
     torchvision's layout: input, offset, weight, bias (or None), mask (or None), and the

@@ -10,7 +10,7 @@ the tolerance policy (``npattn/golden.py``) with the policy's rtol and atol:
 (0 when the tensor's own scale suffices). Implementations: PyTorch in float64 on the
 float64 cases (the project's PyTorch versions, ``tools/torch_crosscheck.py``), PyTorch in
 float32 on the float32 twins of the block cases (``tools/torch_check.py``'s modules), and
-npattn itself in float32 on the twins. Needs torch and torchvision. The README's figures
+npattn itself in float32 on the twins. Needs torch and torchvision. The figures in docs/validating.md
 for the float64 and float32 floors come from this script.
 """
 

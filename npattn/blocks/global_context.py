@@ -5,40 +5,69 @@ Squeeze-Excitation Networks and Beyond", ICCV workshops 2019), in timm's layout
 One context vector per image, from softmax attention pooling (``use_attn``) or the mean,
 transformed by one or two MLPs with LayerNorm over their D hidden channels, fused into
 the map by a sigmoid gate (``fuse_scale``) and/or by addition (``fuse_add``). For x of
-shape (N, C, H, W), L = H W and x_l its columns::
+shape (N, C, H, W), L = H W positions and x_l the column of x at position l. The lines
+below are timm's default configuration (``use_attn``, ``fuse_scale``, no ``fuse_add``),
+in ``npattn.explain``'s format, with the 1x1 convolutions on the (N, C, 1, 1) context
+written as matrices (``W1 = mlp_scale.fc1.weight[:, :, 0, 0]``); ``npattn explain
+GlobalContext`` walks them. The MLP is timm's ConvMlp: 1x1 convs with bias, LayerNorm2d
+of eps ``ln_eps`` (1e-6 as timm, 1e-5 as the official GCNet code's nn.LayerNorm).
 
-    attention pooling (use_attn; conv_attn: weight w (1, C, 1, 1), bias b (1,)):
-    l[n, i]   = sum_c w[c] x[n, c, i] + b                   (N, L)
-    p         = softmax_i(l)                                (N, L)
-    ctx[n, c] = sum_i x[n, c, i] p[n, i]                    (N, C)
-    otherwise ctx = mean_{h, w} x                           (N, C)
+Forward::
 
-    MLP "mlp_scale" / "mlp_add" (timm's ConvMlp: 1x1 convs with bias, LayerNorm2d eps
-    ``ln_eps``: 1e-6 as timm, 1e-5 as the official GCNet code's nn.LayerNorm):
-    h  = fc1(ctx)                                           (N, D)
-    hn = LN(h)   = gamma (h - mean_d h) / sqrt(var_d h + ln_eps) + beta
-    o  = fc2(relu(hn))                                      (N, C)
+    Wa = conv_attn.weight              (1, C)        the attention logits' 1x1 conv     [param("conv_attn.weight")[:, :, 0, 0]]
+    ba = conv_attn.bias                (1,)                                             [param("conv_attn.bias")]
+    W1 = mlp_scale.fc1.weight          (D, C)        the MLP's first layer              [param("mlp_scale.fc1.weight")[:, :, 0, 0]]
+    b1 = mlp_scale.fc1.bias            (D,)                                             [param("mlp_scale.fc1.bias")]
+    gamma = mlp_scale.norm.weight      (D,)          the LayerNorm's scale              [param("mlp_scale.norm.weight")]
+    beta = mlp_scale.norm.bias         (D,)          and shift                          [param("mlp_scale.norm.bias")]
+    eps = ln_eps                       ()                                               [attr("ln_eps")]
+    W2 = mlp_scale.fc2.weight          (C, D)        the MLP's second layer             [param("mlp_scale.fc2.weight")[:, :, 0, 0]]
+    b2 = mlp_scale.fc2.bias            (C,)                                             [param("mlp_scale.fc2.bias")]
+    e = Wa x_l + ba                    (N, L)        one logit per position             [(Wa @ x.reshape(x.shape[0], x.shape[1], -1))[:, 0] + ba]
+    p = softmax_l(e)                   (N, L)        attention weights over the positions  [softmax(e, -1)]
+    s = sum_l x_l p_l                  (N, C)        the context: attention pooling     [einsum("ncl,nl->nc", x.reshape(x.shape[0], x.shape[1], -1), p)]
+    h = s W1^T + b1                    (N, D)        fc1                                [linear(s, W1, b1)]
+    hn = LN(h)                         (N, D)        gamma (h - mean_D h) / sqrt(var_D h + eps) + beta  [layer_norm(h, gamma, beta, eps)]
+    a = relu(hn)                       (N, D)                                           [relu(hn)]
+    z = a W2^T + b2                    (N, C)        fc2                                [linear(a, W2, b2)]
+    g = sigmoid(z)                     (N, C)        the channel gate                   [sigmoid(z)]
+    y = x * g[:, :, None, None]        (N, C, H, W)  fuse_scale: gate broadcast over H W  [x * g[:, :, None, None]]
 
-    y  = x                                                  (N, C, H, W)
-    y  = y * sigmoid(o_scale)          (fuse_scale)         gate broadcast over (H, W)
-    y  = y + o_add                     (fuse_add)           shift broadcast over (H, W)
+The options change single lines (names as in the constructor)::
 
-Backward, for dy = dL/dy::
+    use_attn=False:  s = mean_{H, W} x, no conv_attn (e, p drop out)
+    fuse_add=True:   a second MLP "mlp_add" with its own W1, b1, gamma, beta, W2, b2 gives
+                     z_add from s, and y = (x * g) + z_add[:, :, None, None] (y = x + z_add
+                     with fuse_scale=False)
 
-    fuse_scale:  dg = sum_{h, w} dy * x;  do_scale = dg g (1 - g);   dx = dy * g   (else dx = dy)
-    fuse_add:    do_add = sum_{h, w} dy
-    each MLP:    fc2, relu (relu'(0) = 0), LN, fc1 backward -> dctx (summed over the MLPs)
-                 LN: dh = r (dhn' - mean_d dhn' - hn_hat mean_d(dhn' hn_hat)), dhn' = dhn gamma
-    use_attn:    dx[n, c, i] += dctx[n, c] p[n, i]
-                 dp[n, i]  = sum_c dctx[n, c] x[n, c, i]
-                 dl        = p (dp - sum_i p dp)                      (softmax)
-                 dw[c]     = sum_{n, i} dl[n, i] x[n, c, i]
-                 dx[n, c, i] += w[c] dl[n, i]
-    mean:        dx += dctx / (H W)
+Backward, for dy = dL/dy, in the order the code computes it::
+
+    dg = sum_{H, W} dy * x             (N, C)        y is linear in g, broadcast over H W
+    dz = dg * g (1 - g)                (N, C)        sigmoid' = g (1 - g)
+    dW2 = dz^T a                       (C, D)        z is linear in W2, row n adds dz[n] a[n]^T
+    db2 = sum_n dz                     (C,)          b2 is added to every row
+    da = dz W2                         (N, D)        z is linear in a
+    dhn = da * [hn > 0]                (N, D)        relu' = [hn > 0]; relu'(0) = 0, as PyTorch
+    dgamma = sum_n dhn * h_hat         (D,)          hn = gamma h_hat + beta, h_hat = (h - mean_D h) r
+    dbeta = sum_n dhn                  (D,)
+    dh = r (dhn' - mean_D dhn' - h_hat mean_D(dhn' h_hat))
+                                       (N, D)        LN's backward, dhn' = dhn gamma and r = 1 / sqrt(var_D h + eps):
+                                                     the mean removes the average of dhn', the variance
+                                                     its part along h_hat
+    dW1 = dh^T s                       (D, C)        h is linear in W1
+    db1 = sum_n dh                     (D,)
+    ds = dh W1                         (N, C)        h is linear in s (with fuse_add: plus mlp_add's share)
+    dp = sum_c ds * x                  (N, L)        s is linear in p: dp[n, l] = ds[n] . x_l
+    de = p * (dp - sum_l p dp)         (N, L)        softmax's backward (its Jacobian diag(p) - p p^T)
+    dWa = sum_{n, l} de x_l^T          (1, C)        e is linear in Wa
+    dba = sum_{n, l} de                (1,)          0 exactly (below): the block returns zeros
+    dx = dy * g + ds p + Wa^T de       (N, C, H, W)  three paths: the gate's factor, s = sum_l x_l p_l
+                                                     (dx_l += ds p_l) and the logits (dx_l += Wa^T de_l)
+                                                     (use_attn=False: dx = dy * g + ds / (H W))
 
 Exact zeros:
 - ``conv_attn.bias``: softmax is unchanged by adding a constant to all its inputs, so
-  the bias does not change y; in exact arithmetic ``db = sum_i dl = sum p dp - (sum p)
+  the bias does not change y; in exact arithmetic ``dba = sum_l de = sum p dp - (sum p)
   (sum p dp) = 0``. The block returns exact zeros.
 - With ``fuse_scale=False`` and ``fuse_add=False`` there is no MLP and y = x; timm
   still builds ``conv_attn``, which is then unused: its gradients are exact zeros.
@@ -76,7 +105,7 @@ class GlobalContextCache:
     attn: np.ndarray  # (N, L) softmax weights p (None without use_attn)
     softmax: object  # SoftmaxCache of p (None without use_attn)
     mlp_scale: tuple  # (fc1, norm, relu, fc2) caches on (N, D) / (N, C) vectors (None without fuse_scale)
-    gate: np.ndarray  # (N, C, 1, 1) sigmoid(o_scale) (None without fuse_scale)
+    gate: np.ndarray  # (N, C, 1, 1) g = sigmoid(z) (None without fuse_scale)
     mlp_add: tuple  # (fc1, norm, relu, fc2) caches (None without fuse_add)
 
 
@@ -89,9 +118,9 @@ class GlobalContext(Block):
     use_attn : bool, default True
         Softmax attention pooling through ``conv_attn`` (else the spatial mean).
     fuse_add : bool, default False
-        Add ``mlp_add(ctx)``.
+        Add ``mlp_add(s)`` (s the context).
     fuse_scale : bool, default True
-        Multiply by ``sigmoid(mlp_scale(ctx))``.
+        Multiply by ``sigmoid(mlp_scale(s))``.
     init_last_zero : bool, default False
         Accepted and stored; no effect (as in timm 1.0.31, which zero-initialises
         ``mlp_add.fc2.weight`` in every case).
@@ -154,49 +183,53 @@ class GlobalContext(Block):
                 if k in self._state:
                     self._state[k] = np.zeros_like(self._state[k])
 
-    def _mlp(self, prefix, v):
-        s = self._state
-        h, k1 = pointwise(self, f"{prefix}fc1.", v)  # (N, D)
-        hn, kn = F.layer_norm2d_forward(h, s[f"{prefix}norm.weight"], s[f"{prefix}norm.bias"], eps=self.ln_eps)
+    def _mlp(self, prefix, s):
+        """The MLP ``prefix`` on the context s (N, C): ``(z (N, C), caches)``."""
+        st = self._state
+        h, k1 = pointwise(self, f"{prefix}fc1.", s)  # (N, D)
+        hn, kn = F.layer_norm2d_forward(h, st[f"{prefix}norm.weight"], st[f"{prefix}norm.bias"], eps=self.ln_eps)
         a, kr = F.relu_forward(hn)  # (N, D)
-        o, k2 = pointwise(self, f"{prefix}fc2.", a)  # (N, C)
-        return o, (k1, kn, kr, k2)
+        z, k2 = pointwise(self, f"{prefix}fc2.", a)  # (N, C)
+        return z, (k1, kn, kr, k2)
 
-    def _mlp_backward(self, prefix, d_o, caches, grads):
+    def _mlp_backward(self, prefix, dz, caches, grads):
+        """The MLP's backward: adds dW2, db2, dgamma, dbeta, dW1, db1 into ``grads``, returns ds (N, C)."""
         k1, kn, kr, k2 = caches
-        d_a = pointwise_backward(self, f"{prefix}fc2.", d_o, k2, grads)  # (N, D)
-        d_hn = F.relu_backward(d_a, kr)["x"]  # (N, D)
-        g = F.layer_norm2d_backward(d_hn, kn)
-        grads[f"{prefix}norm.weight"] += g["weight"]
-        grads[f"{prefix}norm.bias"] += g["bias"]
-        return pointwise_backward(self, f"{prefix}fc1.", g["x"], k1, grads)  # (N, C)
+        da = pointwise_backward(self, f"{prefix}fc2.", dz, k2, grads)  # (N, D); dW2, db2
+        dhn = F.relu_backward(da, kr)["x"]  # (N, D)
+        g_norm = F.layer_norm2d_backward(dhn, kn)
+        grads[f"{prefix}norm.weight"] += g_norm["weight"]  # dgamma
+        grads[f"{prefix}norm.bias"] += g_norm["bias"]  # dbeta
+        dh = g_norm["x"]  # (N, D)
+        return pointwise_backward(self, f"{prefix}fc1.", dh, k1, grads)  # (N, C); dW1, db1
 
     def forward(self, x, training=False):
         """Returns ``(y, cache)``; both modes compute the same (no batch statistics)."""
         x = self._check_input("x", x, 4, self.channels)
         if self.use_attn:
             self._check_image("x", x, "a softmax over no positions; timm's 1x1 conv_attn refuses an empty image")
-        n, c, h, w = x.shape
+        N, C, H, W = x.shape
         if not (self.fuse_scale or self.fuse_add):
             return x.copy(), GlobalContextCache(x, None, None, None, None, None)
-        xr = x.reshape(n, c, h * w)  # (N, C, L)
+        xr = x.reshape(N, C, H * W)  # (N, C, L)
         p = k_soft = None
         if self.use_attn:
-            s = self._state
-            logits = np.einsum("c,ncl->nl", s["conv_attn.weight"].reshape(c), xr) + s["conv_attn.bias"]  # (N, L)
-            p, k_soft = F.softmax_forward(logits, axis=-1)  # (N, L)
-            ctx = np.einsum("ncl,nl->nc", xr, p)  # (N, C)
+            st = self._state
+            e = np.einsum("c,ncl->nl", st["conv_attn.weight"].reshape(C), xr) + st["conv_attn.bias"]  # (N, L)
+            p, k_soft = F.softmax_forward(e, axis=-1)  # (N, L)
+            s = np.einsum("ncl,nl->nc", xr, p)  # (N, C)
         else:
-            ctx = x.mean(axis=(2, 3))  # (N, C)
+            s = x.mean(axis=(2, 3))  # (N, C)
         y = x
         k_scale = k_add = gate = None
         if self.fuse_scale:
-            o_scale, k_scale = self._mlp("mlp_scale.", ctx)  # (N, C)
-            gate = F.sigmoid(o_scale).reshape(n, c, 1, 1)  # (N, C, 1, 1)
+            z, k_scale = self._mlp("mlp_scale.", s)  # (N, C)
+            g = F.sigmoid(z)  # (N, C)
+            gate = g.reshape(N, C, 1, 1)  # (N, C, 1, 1)
             y = y * gate  # (N, C, H, W)
         if self.fuse_add:
-            o_add, k_add = self._mlp("mlp_add.", ctx)  # (N, C)
-            y = y + o_add.reshape(n, c, 1, 1)  # (N, C, H, W)
+            z_add, k_add = self._mlp("mlp_add.", s)  # (N, C)
+            y = y + z_add.reshape(N, C, 1, 1)  # (N, C, H, W)
         return y, GlobalContextCache(x, p, k_soft, k_scale, gate, k_add)
 
     def backward(self, grad_out, cache: GlobalContextCache):
@@ -207,33 +240,33 @@ class GlobalContext(Block):
         dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
         shape_is(op, "grad_out", dy, x.shape)
         same_dtype(op, "x", x, grad_out=dy)
-        n, c, h, w = x.shape
-        grads = self.zero_grads()
+        N, C, H, W = x.shape
+        grads = self.zero_grads()  # the MLPs' dW1, db1, dgamma, dbeta, dW2, db2 and dWa are added into it
         if not (self.fuse_scale or self.fuse_add):
             return (dy.copy(),), grads  # y = x; conv_attn unused: zero gradients
-        xr = x.reshape(n, c, h * w)  # (N, C, L)
-        d_ctx = np.zeros((n, c), dtype=x.dtype)  # (N, C)
+        xr = x.reshape(N, C, H * W)  # (N, C, L)
+        ds = np.zeros((N, C), dtype=x.dtype)  # (N, C)
         if self.fuse_scale:
-            g = cache.gate
-            d_g = np.einsum("ncl,ncl->nc", dy.reshape(n, c, h * w), xr)  # (N, C)
-            d_o = d_g * (g * (1 - g)).reshape(n, c)  # (N, C)
-            d_ctx += self._mlp_backward("mlp_scale.", d_o, cache.mlp_scale, grads)
-            d_x = dy * g  # (N, C, H, W)
+            gate = cache.gate  # (N, C, 1, 1)
+            dg = np.einsum("ncl,ncl->nc", dy.reshape(N, C, H * W), xr)  # (N, C)
+            dz = dg * (gate * (1 - gate)).reshape(N, C)  # (N, C)
+            ds += self._mlp_backward("mlp_scale.", dz, cache.mlp_scale, grads)
+            dx = dy * gate  # (N, C, H, W)
         else:
-            d_x = dy.copy()  # (N, C, H, W)
+            dx = dy.copy()  # (N, C, H, W)
         if self.fuse_add:
-            d_o = dy.sum(axis=(2, 3))  # (N, C)
-            d_ctx += self._mlp_backward("mlp_add.", d_o, cache.mlp_add, grads)
+            dz_add = dy.sum(axis=(2, 3))  # (N, C)
+            ds += self._mlp_backward("mlp_add.", dz_add, cache.mlp_add, grads)
         if self.use_attn:
             p = cache.attn  # (N, L)
-            d_xr = d_x.reshape(n, c, h * w)  # (N, C, L) a view: updates d_x
-            d_xr += d_ctx[:, :, None] * p[:, None, :]  # through ctx = sum_i x p
-            d_p = np.einsum("nc,ncl->nl", d_ctx, xr)  # (N, L)
-            d_l = F.softmax_backward(d_p, cache.softmax)["x"]  # (N, L)
-            w_attn = self._state["conv_attn.weight"].reshape(c)  # (C,)
-            grads["conv_attn.weight"] = np.einsum("nl,ncl->c", d_l, xr).reshape(1, c, 1, 1)  # (1, C, 1, 1)
-            # conv_attn.bias: 0 exactly (softmax ignores a common shift), left as zeros
-            d_xr += w_attn[None, :, None] * d_l[:, None, :]  # through the logits
+            dxr = dx.reshape(N, C, H * W)  # (N, C, L) a view: updates dx
+            dxr += ds[:, :, None] * p[:, None, :]  # through s = sum_l x_l p_l
+            dp = np.einsum("nc,ncl->nl", ds, xr)  # (N, L)
+            de = F.softmax_backward(dp, cache.softmax)["x"]  # (N, L)
+            w_attn = self._state["conv_attn.weight"].reshape(C)  # (C,)
+            grads["conv_attn.weight"] = np.einsum("nl,ncl->c", de, xr).reshape(1, C, 1, 1)  # (1, C, 1, 1) dWa
+            # conv_attn.bias: dba is 0 exactly (softmax ignores a common shift), left as zeros
+            dxr += w_attn[None, :, None] * de[:, None, :]  # through the logits e
         else:
-            d_x += (d_ctx * inv_area(x.dtype, h, w)).reshape(n, c, 1, 1)
-        return (d_x,), grads
+            dx += (ds * inv_area(x.dtype, H, W)).reshape(N, C, 1, 1)
+        return (dx,), grads

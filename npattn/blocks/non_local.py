@@ -6,76 +6,130 @@ the paper's other pairwise functions and the official implementations (the PyTor
 AlexHex7/Non-local_pytorch and the authors' Caffe2 code): ``mode``, ``sub_sample``,
 ``sub_sample_at``, ``scale``, ``norm``.
 
-Layers, with C = in_channels and C' = rd_channels (by default C / 8 rounded to a multiple
+Layers, with C = in_channels and D = rd_channels (by default C / 8 rounded to a multiple
 of 8, at least 8, as timm's ``make_divisible``), all 1x1 convolutions with bias::
 
-    t: C -> C'   (query)     p: C -> C'   (key)     g: C -> C'   (value)
-    z: C' -> C               norm: BatchNorm2d(C)   (only with norm=True)
-    concat_project.0: 2C' -> 1, no bias             (only with mode="concatenation")
+    t: C -> D   (query)     p: C -> D   (key)     g: C -> D   (value)
+    z: D -> C               norm: BatchNorm2d(C)   (only with norm=True)
+    concat_project.0: 2D -> 1, no bias             (only with mode="concatenation")
 
 state_dict keys ``t.*``, ``p.*``, ``g.*``, ``z.*``, ``norm.*`` (BatchNorm's running
 statistics included); ``mode="gaussian"`` has no ``t`` and ``p`` (the raw input is its
 own query and key, as in the port); ``mode="concatenation"`` adds the port's
-``concat_project.0.weight`` (1, 2C', 1, 1). timm initialises the convolutions with
+``concat_project.0.weight`` (1, 2D, 1, 1). timm initialises the convolutions with
 Kaiming-normal (fan_out, ReLU gain), their biases with 0, and norm.weight = norm.bias =
 0, so that a fresh block is the identity; npattn does the same (with ``norm=False``,
 ``z.weight`` = 0 instead, as the port's ``bn_layer=False``; concat_project as PyTorch's
 default conv init).
 
-Forward, for x (B, C, H, W), n = H W query positions, and the scale c: ``scale`` when
-given, else C^(-1/2) with ``use_scale`` (timm scales by the INPUT channels C, not by C';
-the authors' Caffe2 code scales by C'^(-1/2): pass ``scale=C' ** -0.5``), else 1::
+For x of shape (N, C, H, W): L = H W query positions, S key positions (S = L, or
+floor(H/2) floor(W/2) with ``sub_sample``), x_l the column of x at position l, and the
+score scale c: ``scale`` when given, else C^(-1/2) with ``use_scale`` (timm scales by
+the INPUT channels C, not by D; the authors' Caffe2 code scales by D^(-1/2): pass
+``scale=D ** -0.5``), else 1. Queries, keys and values are position-major, one row per
+position, and a 1x1 convolution is written as its matrix (``Wt = t.weight[:, :, 0, 0]``).
+The lines below are timm's default configuration (embedded Gaussian, no sub-sampling,
+norm), in ``npattn.explain``'s format; ``npattn explain NonLocalAttn`` walks them in
+training mode.
 
-    keys and values from the pool (sub_sample: pool = 2x2 max-pool, stride 2, floor):
-      sub_sample_at="after_conv"  (the port):    P = pool(p(x)),  G = pool(g(x))
-      sub_sample_at="before_conv" (Caffe2):      P = p(pool(x)),  G = g(pool(x))
-      no sub_sample:                             P = p(x),        G = g(x)
-    T = t(x)                                           (B, C', H, W)
-    gaussian mode: T = x and P = x, or pool(x) with sub_sample (no t, no p)
-    Q = T as (B, n, C'), K = P as (B, m, C'), V = G as (B, m, C')  (position-major;
-                                                  m = H W, or floor(H/2) floor(W/2) pooled)
-    S = c Q K^T                                        (B, n, m) embedded_gaussian, gaussian, dot_product
-    S_ij = c relu(w_t . Q_i + w_p . K_j)               (B, n, m) concatenation; [w_t, w_p] = concat_project.0.weight
-    A = softmax_rows(S)                                embedded_gaussian, gaussian
-    A = S / m                                          dot_product, concatenation (the port's f / N)
-    Y = A V                                            (B, n, C')
-    U = Y as (B, C', H, W)
-    out = norm(z(U)) + x,  or z(U) + x with norm=False (B, C, H, W)
+Forward::
 
-(the softmax attention is ``npattn.functional.attention`` with scale c; its file derives
-the softmax backward; the max-pool is ``npattn.functional.max_pool2d_forward``, whose
-gradient goes to the first maximal element of each window, as torch's CPU kernel.)
+    Wt = t.weight                      (D, C)        the query conv as a matrix         [param("t.weight")[:, :, 0, 0]]
+    bt = t.bias                        (D,)                                             [param("t.bias")]
+    Wp = p.weight                      (D, C)        the key conv                       [param("p.weight")[:, :, 0, 0]]
+    bp = p.bias                        (D,)                                             [param("p.bias")]
+    Wg = g.weight                      (D, C)        the value conv                     [param("g.weight")[:, :, 0, 0]]
+    bg = g.bias                        (D,)                                             [param("g.bias")]
+    Wz = z.weight                      (C, D)        the output conv                    [param("z.weight")[:, :, 0, 0]]
+    bz = z.bias                        (C,)                                             [param("z.bias")]
+    gamma = norm.weight                (C,)          the BatchNorm's scale              [param("norm.weight")]
+    beta = norm.bias                   (C,)          and shift                          [param("norm.bias")]
+    rm = norm.running_mean             (C,)          buffers, used in eval              [buffer("norm.running_mean")]
+    rv = norm.running_var              (C,)                                             [buffer("norm.running_var")]
+    eps = bn_eps                       ()                                               [attr("bn_eps")]
+    c = scale                          ()            the score scale                    [attr("scale")]
+    Q = Wt x_l + bt                    (N, L, D)     one query per position             [einsum("dc,ncl->nld", Wt, x.reshape(x.shape[0], x.shape[1], -1)) + bt]
+    K = Wp x_l + bp                    (N, S, D)     one key per position               [einsum("dc,ncl->nld", Wp, x.reshape(x.shape[0], x.shape[1], -1)) + bp]
+    V = Wg x_l + bg                    (N, S, D)     one value per position             [einsum("dc,ncl->nld", Wg, x.reshape(x.shape[0], x.shape[1], -1)) + bg]
+    Z = c Q K^T                        (N, L, S)     the scores, query l against key j  [c * Q @ K.transpose(0, 2, 1)]
+    P = softmax_S(Z)                   (N, L, S)     each row: weights over the keys    [softmax(Z, -1)]
+    Y = P V                            (N, L, D)     row l: the weighted mean of the values  [P @ V]
+    U = Y as (N, D, H, W)              (N, D, H, W)  back to a map                      [Y.transpose(0, 2, 1).reshape(x.shape[0], -1, x.shape[2], x.shape[3])]
+    o = Wz U + bz                      (N, C, H, W)  z, back to C channels              [conv2d(U, Wz[:, :, None, None], bz)]
+    r = BN(o)                          (N, C, H, W)  norm; training: batch statistics   [batch_norm(o, gamma, beta, rm, rv, training, eps=eps)]
+    y = r + x                          (N, C, H, W)  the residual                       [r + x]
 
-Backward, for dout = dL/dout, in the order the code computes it::
+The options change single lines (names as in the constructor)::
 
-    dx   = dout                                       (B, C, H, W) the residual
-    dZ   = norm'(dout)  (or dout without norm)        (B, C, H, W) BatchNorm backward (batch statistics in training)
-    dU   = z'(dZ)                                     (B, C', H, W) with dW_z, db_z
-    dY   = dU as (B, n, C')
-    dV   = A^T dY;  dA = dY V^T                       (B, m, C'), (B, n, m)
-    softmax modes:  dS = A * (dA - rowsum(dA * A))    (B, n, m)
-    dot_product:    dS = dA / m
-    concatenation:  dR = c dA / m * [w_t . Q_i + w_p . K_j > 0]   (relu'(0) = 0)
+    sub_sample=True:    K and V come from a 2x2 max-pool (stride 2, floor), S = floor(H/2) floor(W/2):
+      sub_sample_at="after_conv"  (the port):   K = pool(Wp x + bp),  V = pool(Wg x + bg)
+      sub_sample_at="before_conv" (Caffe2):     K = Wp pool(x) + bp,  V = Wg pool(x) + bg
+    mode="gaussian":    Q = x_l, K = x_l (or pool(x)): no t and no p; Z = c Q K^T with C columns
+    mode="dot_product": P = Z / S (the port's f / N), no softmax
+    mode="concatenation": Z_lj = relu(w_t . Q_l + w_p . K_j), [w_t, w_p] = concat_project.0.weight,
+                        P = c Z / S
+    norm=False:         y = o + x, no norm.* keys
+
+(the max-pool is ``npattn.functional.max_pool2d_forward``, whose gradient goes to the
+first maximal element of each window, as torch's CPU kernel; the softmax is the one of
+``npattn.functional.attention``, which derives its backward.) With ``sub_sample=True``
+(after the convolutions, the port's default) the key and value lines are these
+(``tests/test_explain.py`` walks them)::
+
+    K = pool(Wp x + bp)                (N, S, D)     keys of the 2x2 max-pooled map     [max_pool2d(conv2d(x, Wp[:, :, None, None], bp), 2).reshape(x.shape[0], Wp.shape[0], -1).transpose(0, 2, 1)]
+    V = pool(Wg x + bg)                (N, S, D)     values of the pooled map           [max_pool2d(conv2d(x, Wg[:, :, None, None], bg), 2).reshape(x.shape[0], Wg.shape[0], -1).transpose(0, 2, 1)]
+
+Backward, for dy = dL/dy, in the order the code computes it::
+
+    dr = dy                            (N, C, H, W)  y = r + x: the residual passes dy to both
+    dgamma = sum_{n, h, w} dr * o_hat  (C,)          r = gamma o_hat + beta, o_hat the normalised o
+    dbeta = sum_{n, h, w} dr           (C,)
+    do = BN backward of dr             (N, C, H, W)  training: also through the batch mean and variance
+    dWz = sum_{n, h, w} do U^T         (C, D)        o is linear in Wz: one outer product per position
+    dbz = sum_{n, h, w} do             (C,)          0 exactly in training (below): the block returns zeros
+    dU = Wz^T do                       (N, D, H, W)  o is linear in U (z's adjoint)
+    dY = dU as (N, L, D)               (N, L, D)     U is Y rearranged
+    dV = P^T dY                        (N, S, D)     Y is linear in V
+    dP = dY V^T                        (N, L, S)     Y is linear in P
+    dZ = P * (dP - sum_S dP * P)       (N, L, S)     softmax's Jacobian diag(P_l) - P_l P_l^T, row by row
+    dQ = c dZ K                        (N, L, D)     Z is bilinear in (Q, K)
+    dK = c dZ^T Q                      (N, S, D)
+    dWt = sum_{n, l} dQ_l x_l^T        (D, C)        Q is linear in Wt
+    dbt = sum_{n, l} dQ_l              (D,)
+    dWp = sum_{n, j} dK_j x_j^T        (D, C)        K is linear in Wp
+    dbp = sum_{n, j} dK_j              (D,)          0 exactly (below)
+    dWg = sum_{n, j} dV_j x_j^T        (D, C)        V is linear in Wg
+    dbg = sum_{n, j} dV_j              (D,)          0 exactly in training (below)
+    dx = dy + Wt^T dQ_l + Wp^T dK_l + Wg^T dV_l
+                                       (N, C, H, W)  four paths: the residual and the three convs,
+                                                     each gradient row put back at its position l
+                                                     (sub_sample: dK and dV first go through pool's
+                                                     backward, to the winner of each window; before_conv:
+                                                     the convs' gradient goes onto pool(x), then through it)
+
+The options' backward lines, in the same notation::
+
+    dot_product:    dZ = dP / S                       (no softmax)
+    concatenation:  dR = c dP / S * [w_t . Q_l + w_p . K_j > 0]   (relu'(0) = 0)
                     dQ = rowsum(dR) w_t;  dK = colsum(dR) w_p
-                    dw_t = sum_{b,i} rowsum(dR)_i Q_i;  dw_p = sum_{b,j} colsum(dR)_j K_j
-    other modes:    dQ = c dS K;   dK = c dS^T Q
-    dT, dP, dG = dQ, dK, dV as maps
-    after_conv:     dP, dG through pool' (to the winners), then p', g' onto dx
-    before_conv:    p'(dP) + g'(dG) onto d(pool(x)), then pool' onto dx
-    dx  += t'(dT)  (gaussian: dx += dT, and dP onto pool(x) or x)
+                    dw_t = sum_{n, l} rowsum(dR)_l Q_l;  dw_p = sum_{n, j} colsum(dR)_j K_j
+    gaussian:       dx += dQ_l + dK_l as maps (the input is its own query and key; dK through
+                    pool's backward with sub_sample)
+    norm=False:     do = dr
 
 Parameter gradients that are zero in exact arithmetic, which npattn returns as exact zeros
 (``np.zeros``), never as the rounding noise the formulas above would give:
 
-- ``p.bias`` in the embedded_gaussian mode (the gaussian mode has no p): it adds ``c Q_i . b_p`` to every score of row i, the
-  same number for every key, and a softmax does not change when a row is shifted
-  (sum_j dS_ij = 0). (In dot_product and concatenation it is an ordinary gradient.)
+- ``p.bias`` in the embedded_gaussian mode (the gaussian mode has no p): it adds ``c Q_l . bp``
+  to every score of row l, the same number for every key, and a softmax does not change
+  when a row is shifted (sum_j dZ_lj = 0). (In dot_product and concatenation it is an
+  ordinary gradient.)
 - ``z.bias`` in training with ``norm``: it feeds a BatchNorm that normalises with the
   batch statistics, which removes any per-channel constant.
-- ``g.bias`` in training with ``norm`` in the softmax modes: it adds b_g to every value,
-  every row of A sums to 1, so Y gains the same b_g at every position (max-pooling
-  keeps a constant shift), and z maps that to the per-channel constant W_z b_g, removed
-  by the BatchNorm. (With A = S / m the rows do not sum to 1 and the gradient is not 0.)
+- ``g.bias`` in training with ``norm`` in the softmax modes: it adds bg to every value,
+  every row of P sums to 1, so Y gains the same bg at every position (max-pooling
+  keeps a constant shift), and z maps that to the per-channel constant Wz bg, removed
+  by the BatchNorm. (With P = Z / S the rows do not sum to 1 and the gradient is not 0.)
 """
 
 from __future__ import annotations
@@ -86,7 +140,6 @@ import numpy as np
 
 from .. import functional as F
 from .._checks import float_array, positive_int, shape_is
-from ..functional.attention import attention, attention_backward
 from .base import Block, kaiming_uniform, make_rng
 
 __all__ = ["NonLocalAttn", "reduced_channels"]
@@ -107,17 +160,16 @@ SOFTMAX_MODES = ("embedded_gaussian", "gaussian")
 
 @dataclass(frozen=True)
 class NonLocalCache:
-    x_shape: tuple  # (B, C, H, W)
+    x_shape: tuple  # (N, C, H, W)
     dtype: np.dtype  # of x
     training: bool
     key_hw: tuple  # (Hk, Wk) of the key / value maps: (H, W), or the pooled size
     pool_x: object  # MaxPool2dCache of pool(x) (before_conv, or gaussian keys), else None
     convs: tuple  # Conv2dCache of t, p, g (None where absent); t on x, p and g on x or pool(x)
     pools: tuple  # MaxPool2dCache of pool(p(x)), pool(g(x)) (after_conv), else (None, None)
-    att: object  # AttentionCache: Q (B, n, Cq), K (B, m, Cq), V (B, m, C'), A (B, n, m), softmax modes
-    pairwise: tuple  # (Q, K, V, A (B, n, m), relu mask (B, n, m) or None), dot_product / concatenation
-    z: object  # Conv2dCache of z: input U (B, C', H, W)
-    norm: object  # BatchNormCache of norm: (B, C, H, W), None without norm
+    qkv: tuple  # (Q (N, L, Dq), K (N, S, Dq), V (N, S, D), P (N, L, S), relu mask (N, L, S) or None)
+    z: object  # Conv2dCache of z: input U (N, D, H, W)
+    norm: object  # BatchNormCache of norm: (N, C, H, W), None without norm
 
 
 class NonLocalAttn(Block):
@@ -132,7 +184,7 @@ class NonLocalAttn(Block):
         Scale the scores by ``in_channels ** -0.5`` (timm's choice: the input channels).
     rd_ratio : float, default 1/8
     rd_channels : int or None
-        C'; None means ``reduced_channels(in_channels * rd_ratio, rd_divisor)``.
+        D; None means ``reduced_channels(in_channels * rd_ratio, rd_divisor)``.
     rd_divisor : int, default 8
     mode : str, default "embedded_gaussian"
         The pairwise function: ``"embedded_gaussian"`` (timm's, softmax of c t p^T),
@@ -144,7 +196,7 @@ class NonLocalAttn(Block):
         Pool the outputs of p and g (the PyTorch port) or pool x before them (the
         authors' Caffe2 code); the two differ, a max does not commute with a 1x1 conv.
     scale : float or None, default None
-        The score scale c; None: ``use_scale``'s choice. The authors scale by C'^(-1/2).
+        The score scale c; None: ``use_scale``'s choice. The authors scale by D^(-1/2).
     norm : bool, default True
         BatchNorm after z (False: the port's ``bn_layer=False``, no ``norm.*`` keys).
     bn_momentum : float, default 0.1
@@ -154,7 +206,7 @@ class NonLocalAttn(Block):
     rng : None, int or numpy.random.Generator (timm's initialisation)
     dtype : float32 (default) or float64
 
-    ``forward(x, training=False) -> (out, cache)``; ``backward(dout, cache) -> ((dx,), grads)``.
+    ``forward(x, training=False) -> (y, cache)``; ``backward(dy, cache) -> ((dx,), grads)``.
     The math is in the module docstring.
     """
 
@@ -219,134 +271,154 @@ class NonLocalAttn(Block):
         return tuple(keys)
 
     def forward(self, x, training=False):
-        """``out = norm(z(attention)) + x``, (B, C, H, W) -> (B, C, H, W). In training the
+        """``y = norm(z(attention)) + x``, (N, C, H, W) -> (N, C, H, W). In training the
         BatchNorm uses and updates the batch statistics."""
         x = self._check_input("x", x, 4, self.in_channels)
         self._check_image("x", x, "timm's 1x1 convolutions refuse an empty image")
-        b, c, h, w = x.shape
-        if self.sub_sample and (h < 2 or w < 2):
+        N, C, H, W = x.shape
+        if self.sub_sample and (H < 2 or W < 2):
             raise ValueError(f"NonLocalAttn: x must have H >= 2 and W >= 2 with sub_sample (torch's 2x2 max-pool "
                              f"refuses an empty output), got shape {tuple(x.shape)}")
-        cr, n = self.rd_channels, h * w
+        D, L = self.rd_channels, H * W
         gaussian, before = self.mode == "gaussian", self.sub_sample and self.sub_sample_at == "before_conv"
         after = self.sub_sample and not before
-        xp = k_px = None
+        xp = cache_pool_x = None
         if before or (self.sub_sample and gaussian):
-            xp, k_px = F.max_pool2d_forward(x, 2)  # (B, C, H // 2, W // 2)
+            xp, cache_pool_x = F.max_pool2d_forward(x, 2)  # (N, C, H // 2, W // 2)
         src = xp if before else x  # input of p and g
-        k_t = k_p = k_pp = k_gp = None
+        cache_t = cache_p = cache_pool_p = cache_pool_g = None
         if gaussian:
-            t = x  # (B, C, H, W) the input is its own query
-            p = xp if self.sub_sample else x  # (B, C, Hk, Wk) and its own key
+            q_map = x  # (N, C, H, W) the input is its own query
+            k_map = xp if self.sub_sample else x  # (N, C, Hk, Wk) and its own key
         else:
-            t, k_t = self._conv("t.", x)  # (B, C', H, W)
-            p, k_p = self._conv("p.", src)  # (B, C', ., .)
+            q_map, cache_t = self._conv("t.", x)  # (N, D, H, W)
+            k_map, cache_p = self._conv("p.", src)  # (N, D, ., .)
             if after:
-                p, k_pp = F.max_pool2d_forward(p, 2)  # (B, C', Hk, Wk)
-        g, k_g = self._conv("g.", src)  # (B, C', ., .)
+                k_map, cache_pool_p = F.max_pool2d_forward(k_map, 2)  # (N, D, Hk, Wk)
+        v_map, cache_g = self._conv("g.", src)  # (N, D, ., .)
         if after:
-            g, k_gp = F.max_pool2d_forward(g, 2)  # (B, C', Hk, Wk)
-        hk, wk = g.shape[2:]
-        m, cq = hk * wk, t.shape[1]
-        q = t.reshape(b, cq, n).transpose(0, 2, 1)  # (B, n, Cq) queries, one per position
-        k = p.reshape(b, cq, m).transpose(0, 2, 1)  # (B, m, Cq) keys
-        v = g.reshape(b, cr, m).transpose(0, 2, 1)  # (B, m, C') values
-        k_att = pairwise = None
+            v_map, cache_pool_g = F.max_pool2d_forward(v_map, 2)  # (N, D, Hk, Wk)
+        Hk, Wk = v_map.shape[2:]
+        S, Dq = Hk * Wk, q_map.shape[1]
+        Q = q_map.reshape(N, Dq, L).transpose(0, 2, 1)  # (N, L, Dq) queries, one per position
+        K = k_map.reshape(N, Dq, S).transpose(0, 2, 1)  # (N, S, Dq) keys
+        V = v_map.reshape(N, D, S).transpose(0, 2, 1)  # (N, S, D) values
+        mask = None
         if self.mode in SOFTMAX_MODES:
-            y, k_att = attention(q, k, v, None, self.scale)  # (B, n, C')
+            c = x.dtype.type(self.scale)
+            Z = np.matmul(Q, np.swapaxes(K, -1, -2))  # (N, L, S) Q K^T
+            Z *= c  # (N, L, S) the scores
+            # P = softmax over the keys, as npattn.functional.attention computes it (a row of
+            # -inf only, from non-finite inputs, gives P = 0 there, as that function)
+            z_max = Z.max(axis=-1, keepdims=True, initial=-np.inf)  # (N, L, 1)
+            empty = z_max == -np.inf  # (N, L, 1)
+            z_max[empty] = 0
+            with np.errstate(invalid="ignore"):
+                E = np.exp(Z - z_max)  # (N, L, S)
+            total = E.sum(axis=-1, keepdims=True)  # (N, L, 1)
+            total[empty] = 1
+            P = E / total  # (N, L, S)
         else:
-            sc = x.dtype.type(self.scale)
-            mask = None
+            c = x.dtype.type(self.scale)
             if self.mode == "dot_product":
-                a = np.matmul(q, k.transpose(0, 2, 1))  # (B, n, m) Q K^T
+                Z = np.matmul(Q, K.transpose(0, 2, 1))  # (N, L, S) Q K^T
             else:
-                wcat = self._state["concat_project.0.weight"].reshape(2 * cr)
-                pre = (q @ wcat[:cr])[:, :, None] + (k @ wcat[cr:])[:, None, :]  # (B, n, m) w_t.Q_i + w_p.K_j
+                wcat = self._state["concat_project.0.weight"].reshape(2 * D)
+                pre = (Q @ wcat[:D])[:, :, None] + (K @ wcat[D:])[:, None, :]  # (N, L, S) w_t.Q_l + w_p.K_j
                 mask = pre > 0
-                a = np.maximum(pre, x.dtype.type(0))  # (B, n, m) relu
-            a *= sc / x.dtype.type(m)  # (B, n, m) A = c S' / m
-            y = np.matmul(a, v)  # (B, n, C')
-            pairwise = (q, k, v, a, mask)
-        u = np.ascontiguousarray(y.transpose(0, 2, 1)).reshape(b, cr, h, w)  # (B, C', H, W)
-        zz, k_z = self._conv("z.", u)  # (B, C, H, W)
-        k_n = None
+                Z = np.maximum(pre, x.dtype.type(0))  # (N, L, S) relu
+            P = Z * (c / x.dtype.type(S))  # (N, L, S) P = c Z / S
+        Y = np.matmul(P, V)  # (N, L, D)
+        U = np.ascontiguousarray(Y.transpose(0, 2, 1)).reshape(N, D, H, W)  # (N, D, H, W)
+        o, cache_z = self._conv("z.", U)  # (N, C, H, W)
+        cache_norm = None
         if self.norm:
-            out, k_n = self._batch_norm("norm.", zz, training)  # (B, C, H, W)
+            r, cache_norm = self._batch_norm("norm.", o, training)  # (N, C, H, W)
         else:
-            out = zz
-        out += x  # the residual (out is a fresh array)
-        return out, NonLocalCache(x.shape, x.dtype, bool(training), (hk, wk), k_px, (k_t, k_p, k_g), (k_pp, k_gp),
-                                  k_att, pairwise, k_z, k_n)
+            r = o
+        y = r + x  # (N, C, H, W) the residual
+        return y, NonLocalCache(x.shape, x.dtype, bool(training), (Hk, Wk), cache_pool_x, (cache_t, cache_p, cache_g),
+                                (cache_pool_p, cache_pool_g), (Q, K, V, P, mask), cache_z, cache_norm)
 
     def backward(self, grad_out, cache: NonLocalCache):
         """Returns ``((dx,), grads)``, grads keyed like the state_dict's parameters; the
         keys of :meth:`zero_grad_keys` are exact zeros (module docstring)."""
         op = "NonLocalAttn.backward"
-        dy = float_array(op, "grad_out", grad_out, 4, "(B, C, H, W)")
+        dy = float_array(op, "grad_out", grad_out, 4, "(N, C, H, W)")
         shape_is(op, "grad_out", dy, cache.x_shape)
         if dy.dtype != cache.dtype:
             raise TypeError(f"{op}: grad_out must have the forward input's dtype {cache.dtype}, got {dy.dtype}")
-        b, c, h, w = cache.x_shape
-        cr, n = self.rd_channels, h * w
-        hk, wk = cache.key_hw
-        m = hk * wk
+        N, C, H, W = cache.x_shape
+        D, L = self.rd_channels, H * W
+        Hk, Wk = cache.key_hw
+        S = Hk * Wk
         gaussian = self.mode == "gaussian"
-        grads = self.zero_grads()
-        d_x = dy.copy()  # (B, C, H, W) through the residual
+        grads = self.zero_grads()  # every parameter's gradient is added into it
+        Q, K, V, P, mask = cache.qkv
+        dx = dy.copy()  # (N, C, H, W) through the residual
+        dr = dy  # (N, C, H, W) y = r + x
         if self.norm:
-            d_zz = self._batch_norm_backward("norm.", dy, cache.norm, grads)  # (B, C, H, W)
+            do = self._batch_norm_backward("norm.", dr, cache.norm, grads)  # (N, C, H, W); dgamma, dbeta
         else:
-            d_zz = dy
-        d_u = self._conv_backward("z.", d_zz, cache.z, grads, next_bn=cache.norm)  # (B, C', H, W); z.bias: base.bias_grad_is_zero
-        d_y = d_u.reshape(b, cr, n).transpose(0, 2, 1)  # (B, n, C')
+            do = dr
+        dU = self._conv_backward("z.", do, cache.z, grads, next_bn=cache.norm)  # (N, D, H, W); dWz, dbz (base.bias_grad_is_zero)
+        dY = dU.reshape(N, D, L).transpose(0, 2, 1)  # (N, L, D)
         if self.mode in SOFTMAX_MODES:
-            d_q, d_k, d_v = attention_backward(d_y, cache.att)  # (B, n, Cq), (B, m, Cq), (B, m, C')
+            c = dy.dtype.type(self.scale)
+            dV = np.matmul(np.swapaxes(P, -1, -2), dY)  # (N, S, D) P^T dY
+            dP = np.matmul(dY, np.swapaxes(V, -1, -2))  # (N, L, S) dY V^T
+            dot = np.einsum("...ls,...ls->...l", dP, P)[..., None]  # (N, L, 1) sum_j dP_lj P_lj
+            dZ = dP - dot
+            dZ *= P  # (N, L, S) P * (dP - sum dP P), the softmax's backward
+            dQ = np.matmul(dZ, K)  # (N, L, Dq)
+            dQ *= c
+            dK = np.matmul(np.swapaxes(dZ, -1, -2), Q)  # (N, S, Dq)
+            dK *= c
         else:
-            q, k, v, a, mask = cache.pairwise
-            sc = dy.dtype.type(self.scale) / dy.dtype.type(m)
-            d_v = np.matmul(a.transpose(0, 2, 1), d_y)  # (B, m, C') A^T dY
-            d_s = np.matmul(d_y, v.transpose(0, 2, 1))  # (B, n, m) dA = dY V^T
-            d_s *= sc  # (B, n, m) through A = c S' / m
+            sc = dy.dtype.type(self.scale) / dy.dtype.type(S)
+            dV = np.matmul(P.transpose(0, 2, 1), dY)  # (N, S, D) P^T dY
+            dP = np.matmul(dY, V.transpose(0, 2, 1))  # (N, L, S) dY V^T
+            dZ = dP * sc  # (N, L, S) through P = c Z / S
             if self.mode == "dot_product":
-                d_q = np.matmul(d_s, k)  # (B, n, C')
-                d_k = np.matmul(d_s.transpose(0, 2, 1), q)  # (B, m, C')
+                dQ = np.matmul(dZ, K)  # (N, L, D)
+                dK = np.matmul(dZ.transpose(0, 2, 1), Q)  # (N, S, D)
             else:
-                d_s *= mask  # (B, n, m) relu'
-                wcat = self._state["concat_project.0.weight"].reshape(2 * cr)
-                d_rows = d_s.sum(axis=2)  # (B, n) dL/d(w_t . Q_i)
-                d_cols = d_s.sum(axis=1)  # (B, m) dL/d(w_p . K_j)
-                d_q = d_rows[:, :, None] * wcat[:cr]  # (B, n, C')
-                d_k = d_cols[:, :, None] * wcat[cr:]  # (B, m, C')
-                d_w = np.concatenate([np.einsum("bn,bnc->c", d_rows, q), np.einsum("bm,bmc->c", d_cols, k)])  # (2C',)
-                grads["concat_project.0.weight"] = d_w.reshape(1, 2 * cr, 1, 1)
-        cq = d_q.shape[2]
-        d_t = np.ascontiguousarray(d_q.transpose(0, 2, 1)).reshape(b, cq, h, w)  # (B, Cq, H, W)
-        d_p = np.ascontiguousarray(d_k.transpose(0, 2, 1)).reshape(b, cq, hk, wk)  # (B, Cq, Hk, Wk)
-        d_g = np.ascontiguousarray(d_v.transpose(0, 2, 1)).reshape(b, cr, hk, wk)  # (B, C', Hk, Wk)
-        k_t, k_p, k_g = cache.convs
-        k_pp, k_gp = cache.pools
+                dZ *= mask  # (N, L, S) relu': the docstring's dR
+                wcat = self._state["concat_project.0.weight"].reshape(2 * D)
+                d_rows = dZ.sum(axis=2)  # (N, L) dL/d(w_t . Q_l)
+                d_cols = dZ.sum(axis=1)  # (N, S) dL/d(w_p . K_j)
+                dQ = d_rows[:, :, None] * wcat[:D]  # (N, L, D)
+                dK = d_cols[:, :, None] * wcat[D:]  # (N, S, D)
+                dw = np.concatenate([np.einsum("bn,bnc->c", d_rows, Q), np.einsum("bm,bmc->c", d_cols, K)])  # (2D,)
+                grads["concat_project.0.weight"] = dw.reshape(1, 2 * D, 1, 1)
+        Dq = dQ.shape[2]
+        dq_map = np.ascontiguousarray(dQ.transpose(0, 2, 1)).reshape(N, Dq, H, W)  # (N, Dq, H, W)
+        dk_map = np.ascontiguousarray(dK.transpose(0, 2, 1)).reshape(N, Dq, Hk, Wk)  # (N, Dq, Hk, Wk)
+        dv_map = np.ascontiguousarray(dV.transpose(0, 2, 1)).reshape(N, D, Hk, Wk)  # (N, D, Hk, Wk)
+        cache_t, cache_p, cache_g = cache.convs
+        cache_pool_p, cache_pool_g = cache.pools
         before = self.sub_sample and self.sub_sample_at == "before_conv"
-        d_xp = None if cache.pool_x is None else np.zeros(cache.pool_x.index.shape[:2] + (hk, wk), dtype=dy.dtype)
-        if k_gp is not None:
-            d_g = F.max_pool2d_backward(d_g, k_gp)["x"]  # (B, C', H, W) to each window's winner
-        d_src = self._conv_backward("g.", d_g, k_g, grads)  # (B, C, ., .) input of g
+        dxp = None if cache.pool_x is None else np.zeros(cache.pool_x.index.shape[:2] + (Hk, Wk), dtype=dy.dtype)
+        if cache_pool_g is not None:
+            dv_map = F.max_pool2d_backward(dv_map, cache_pool_g)["x"]  # (N, D, H, W) to each window's winner
+        dsrc = self._conv_backward("g.", dv_map, cache_g, grads)  # (N, C, ., .) input of g; dWg, dbg
         if gaussian:
-            if d_xp is not None:
-                d_xp += d_p  # (B, C, Hk, Wk) the key is pool(x)
+            if dxp is not None:
+                dxp += dk_map  # (N, C, Hk, Wk) the key is pool(x)
             else:
-                d_x += d_p  # the key is x
-            d_x += d_t  # the query is x
+                dx += dk_map  # the key is x
+            dx += dq_map  # the query is x
         else:
-            if k_pp is not None:
-                d_p = F.max_pool2d_backward(d_p, k_pp)["x"]  # (B, C', H, W)
-            d_src += self._conv_backward("p.", d_p, k_p, grads)  # (B, C, ., .)
-            d_x += self._conv_backward("t.", d_t, k_t, grads)  # (B, C, H, W)
+            if cache_pool_p is not None:
+                dk_map = F.max_pool2d_backward(dk_map, cache_pool_p)["x"]  # (N, D, H, W)
+            dsrc += self._conv_backward("p.", dk_map, cache_p, grads)  # (N, C, ., .); dWp, dbp
+            dx += self._conv_backward("t.", dq_map, cache_t, grads)  # (N, C, H, W); dWt, dbt
         if before:
-            d_xp += d_src  # (B, C, Hk, Wk) p and g read pool(x)
+            dxp += dsrc  # (N, C, Hk, Wk) p and g read pool(x)
         else:
-            d_x += d_src  # p and g read x
-        if d_xp is not None:
-            d_x += F.max_pool2d_backward(d_xp, cache.pool_x)["x"]  # (B, C, H, W)
+            dx += dsrc  # p and g read x
+        if dxp is not None:
+            dx += F.max_pool2d_backward(dxp, cache.pool_x)["x"]  # (N, C, H, W)
         for key in self.zero_grad_keys(cache.training):
             grads[key] = np.zeros_like(grads[key])  # see the module docstring
-        return (d_x,), grads
+        return (dx,), grads

@@ -6,7 +6,7 @@ Properties of every valid draw:
   argument is modified;
 - the backends agree: bit for bit on the sampling (deformable im2col, the seed's clamped
   sampling) and on the offset/mask/coordinate gradients computed from the same upstream
-  columns, as README.md promises; to rounding (``TOL`` times an a-priori magnitude)
+  columns, as docs/backends.md states; to rounding (``TOL`` times an a-priori magnitude)
   on everything that goes through BLAS products or reordered scatters;
 - finite inputs with offsets of moderate size give finite outputs and gradients, and no
   floating-point warning;
