@@ -34,6 +34,8 @@ x + res); MS_CAM and iAFF do not.
 
 The lines below are MS_CAM's, in ``npattn.explain``'s format; ``npattn explain MS_CAM``
 walks them in training mode, and AFF and iAFF change or add the lines given further down.
+In the code ``_ms_cam`` and ``_ms_cam_backward`` compute one gate: their locals l0 ... t5
+and dt5 ... dl0 are the lines' symbols (with iAFF's second gate, ``suffix="_2"``).
 
 Forward::
 

@@ -9,7 +9,9 @@ per group) and D = max(C // ratio, 32) the squeeze width. Path i uses dilation a
 ``npattn.explain``'s format; ``npattn explain SKConv`` walks them in training mode. A
 third path (``paths=3``) adds the lines of path 2 (dilation and padding 3, keys
 ``convs.2.*`` and ``projections.2.*``), a third row of z and g, and its terms in s, y and
-dx; nothing else changes.
+dx; nothing else changes. In the code, ``_path(i, ...)`` and ``_path_backward`` compute
+one path: their locals q, r, f and df, dr, dq are the lines' q_i, r_i, f_i, df_i, dr_i, dq_i
+(their ``suffix``, see ``npattn.explain``).
 
 Forward::
 
