@@ -133,7 +133,9 @@ of a helper; a symbol ``base_key`` may also be the entry ``key`` of a local dict
 - sizes are capitals, ``N, C, H, W = x.shape``, never ``h, w`` (``h`` is a hidden layer);
 - gradients are ``d`` + the symbol with no underscore (``dz``, ``dW1``; ``dy`` upstream);
 - a helper called more than once (a sub-block's ``forward`` run twice) shows the values
-  of its first call: give each call's result its own name in the caller, or a dict.
+  of its first call: give each call's result its own name in the caller, or a dict, or
+  give the helper a ``str`` argument ``suffix``: its locals ``SYM`` are then the symbols
+  ``SYM + suffix`` (SKConv's ``_path(..., suffix="_0")`` defines ``q_0``, ``f_0``, ...).
 
 Adding a block
 --------------
@@ -148,7 +150,11 @@ introduces a literal block whose lines replace those of the same symbols (SEModu
 bindings in ``npattn/blocks/se.py``); the same serves an option's variant lines. A second
 block with a derivation of its own in the same module names, in :attr:`Example.section`,
 text of a docstring line after which its ``Forward::`` and ``Backward::`` blocks come
-(``ViTAttention`` in ``npattn/blocks/attention.py``).
+(``ViTAttention`` in ``npattn/blocks/attention.py``). A block
+whose derivation shares nothing with the module's first one names its own two blocks in
+:attr:`Example.markers` (``DAF forward::`` in ``npattn/blocks/aff.py``). A parameter that
+no Forward line reads (a key the module keeps and never uses) has the gradient 0; its
+Backward line passes when the code's value is exactly 0.
 """
 
 from __future__ import annotations
@@ -186,6 +192,7 @@ class Example:
     section: str | None = None  # text of a docstring line after which its own Forward/Backward are (parse_derivation)
     fixtures: object = None  # callable config -> bool: the golden cases the derivation describes
     forward_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of forward (backend="numpy")
+    markers: tuple = ("Forward::", "Backward::")  # the lines introducing its two literal blocks (DAF's own)
 
 
 def _se(rng):
@@ -259,6 +266,36 @@ def _vit_default(config):
         and config.get("proj_bias", True) and config.get("norm_eps", 1e-6) == 1e-6
 
 
+def _sk(rng):
+    from .blocks.sk import SKConv
+
+    return SKConv(4, 4, groups=2, paths=2, rng=rng, dtype=np.float64)  # D = max(4 // 16, 32) = 32
+
+
+def _ms_cam(rng):
+    from .blocks.aff import MS_CAM
+
+    return MS_CAM(6, r=2, rng=rng, dtype=np.float64)
+
+
+def _aff(rng):
+    from .blocks.aff import AFF
+
+    return AFF(6, r=2, rng=rng, dtype=np.float64)
+
+
+def _iaff(rng):
+    from .blocks.aff import iAFF
+
+    return iAFF(6, r=2, rng=rng, dtype=np.float64)  # share_global_att=True, the published code's
+
+
+def _daf(rng):
+    from .blocks.aff import DAF
+
+    return DAF(dtype=np.float64)
+
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -288,6 +325,15 @@ EXAMPLES = [
     Example("ViTAttention_qk_norm", "npattn.blocks.attention", functools.partial(_vit, qk_norm=True), {"x": (2, 5, 6)},
             section="``ViTAttention`` (timm", override="the lines of ``qk_norm=True``",
             fixtures=lambda c: c.get("qk_norm") and _vit_default(dict(c, qk_norm=False))),
+    Example("SKConv", "npattn.blocks.sk", _sk, {"x": (3, 4, 5, 3)}, training=True,
+            fixtures=lambda c: c.get("paths", 2) == 2 and c.get("bias", True)),
+    Example("MS_CAM", "npattn.blocks.aff", _ms_cam, {"x": (3, 6, 5, 3)}, training=True, fixtures=lambda c: True),
+    Example("AFF", "npattn.blocks.aff", _aff, {"x": (3, 6, 3, 5), "residual": (3, 6, 3, 5)}, training=True,
+            override="``npattn explain AFF`` walks", fixtures=lambda c: True),
+    Example("iAFF", "npattn.blocks.aff", _iaff, {"x": (3, 6, 4, 3), "residual": (3, 6, 4, 3)}, training=True,
+            override="``npattn explain iAFF`` walks", fixtures=lambda c: c.get("share_global_att", True)),
+    Example("DAF", "npattn.blocks.aff", _daf, {"x": (2, 3, 4, 5), "residual": (2, 3, 4, 5)},
+            markers=("DAF forward::", "DAF backward::"), fixtures=lambda c: True),
 ]
 
 
@@ -438,14 +484,17 @@ def _apply_override(lines, heading, fwd, bwd, where):
                               f"replace no line and come before none that does")
 
 
-def parse_derivation(doc: str, where="docstring", override=None, section=None) -> Derivation:
+def parse_derivation(doc: str, where="docstring", override=None, section=None,
+                     markers=("Forward::", "Backward::")) -> Derivation:
     """The Forward and Backward lines of a module docstring (format: this module's docstring).
 
     ``override``: text of a line ending in ``::`` whose literal block replaces
     lines of the same symbols (a second block of the module, an option); a line with a
     new symbol is inserted before the next line of that block that replaces one.
     ``section``: text of a line after which the Forward and Backward blocks are looked for
-    (a second block of the module with a derivation of its own)."""
+    (a second block of the module with a derivation of its own).
+    ``markers``: the lines introducing the two blocks, for a block of a module whose
+    derivation shares nothing with the module's first one (``"DAF forward::"``)."""
     lines = doc.splitlines()
     if section:
         start = next((i for i, ln in enumerate(lines) if section in ln), None)
@@ -453,7 +502,7 @@ def parse_derivation(doc: str, where="docstring", override=None, section=None) -
             raise DerivationError(f"{where}: no line containing {section!r}")
         lines = [""] * (start + 1) + lines[start + 1:]  # line numbers kept
     result = []
-    for marker in ("Forward::", "Backward::"):
+    for marker in markers:
         parsed = _parse_block(_literal_block(lines, marker, where), where)
         if not parsed:
             raise DerivationError(f"{where}: the '{marker}' block defines no symbol")
@@ -472,14 +521,14 @@ def parse_derivation(doc: str, where="docstring", override=None, section=None) -
     return Derivation(fwd, bwd)
 
 
-def derivation_of(module_name: str, override=None, section=None) -> Derivation:
+def derivation_of(module_name: str, override=None, section=None, markers=("Forward::", "Backward::")) -> Derivation:
     mod = importlib.import_module(module_name)
-    return parse_derivation(mod.__doc__ or "", module_name, override, section)
+    return parse_derivation(mod.__doc__ or "", module_name, override, section, markers)
 
 
 def derivation_for(example: "Example") -> Derivation:
     """The derivation an example walks (its module's, with its override applied)."""
-    return derivation_of(example.module, example.override, example.section)
+    return derivation_of(example.module, example.override, example.section, example.markers)
 
 
 # ---- the op vocabulary -------------------------------------------------------------------
@@ -575,6 +624,9 @@ class _Recorder:
                     snap[k] = np.array(val, copy=True)
                 elif isinstance(val, dict):
                     snap[k] = {kk: np.array(vv, copy=True) for kk, vv in val.items() if isinstance(vv, np.ndarray)}
+            sfx = frame.f_locals.get("suffix")  # a helper's call named by its caller: SYM + suffix
+            if isinstance(sfx, str) and sfx:
+                snap = {k + sfx: val for k, val in snap.items()}
             self.frames.append((frame.f_code.co_name, snap))
         return self._local
 
@@ -702,8 +754,11 @@ def local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
 def _local_check(deriv, sym, dsym_value, values, grads, rng, n_dirs=3):
     """Verdicts for ``d<sym>``: ``sum_L <dLHS_L, J_L v>`` against ``<dsym, v>``."""
     users = [ln for ln in deriv.forward if sym in ln.reads()]
-    if not users:
-        return [(False, f"no Forward tag reads {sym}: d{sym} has nothing to undo")]
+    if not users:  # y does not depend on sym (iAFF's unused global_att2): its gradient must be exactly 0
+        d = np.asarray(dsym_value)
+        if sym in values and d.shape == np.shape(values[sym]) and not np.any(d):
+            return [(True, f"local check through no line: no Forward tag reads {sym}, and d{sym} is exactly 0")]
+        return [(False, f"no Forward tag reads {sym}: d{sym} has nothing to undo and is not exactly 0")]
     missing = [ln.sym for ln in users if grads.get("d" + ln.sym) is None]
     if missing:
         return [(False, f"d{sym} needs " + ", ".join("d" + m for m in missing) + ", not walked before it")]

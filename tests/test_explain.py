@@ -77,6 +77,19 @@ def test_every_parameter_is_bound_and_every_forward_symbol_the_code_has_is_compa
     assert compared and all(any("tag equals" in m for _, m in s.verdicts) for s in compared)
 
 
+def test_a_helper_call_named_by_its_suffix_shows_its_own_values():
+    """SKConv's _path(i) and iAFF's second gate (suffix "_2") run the same helper twice:
+    each call's locals are their own symbols, taken from the code, forward and backward."""
+    sk = {s.line.sym: s for s in walked("SKConv").steps}
+    for sym in ("q_0", "q_1", "f_0", "f_1", "dq_0", "dq_1", "dr_1"):
+        assert sk[sym].source == "code", sym
+    assert not np.allclose(sk["q_0"].value, sk["q_1"].value)
+    iaff = {s.line.sym: s for s in walked("iAFF").steps}
+    for sym in ("l0", "l0_2", "t5", "t5_2", "z_2", "dt5", "dt5_2", "dl0", "dl0_2"):
+        assert iaff[sym].source == "code", sym
+    assert not np.allclose(iaff["dl0"].value, iaff["dl0_2"].value)
+
+
 class _Skewed:
     """numpy with one op made wrong: stands for a mistaken backward line."""
 
@@ -555,6 +568,144 @@ SOLUTIONS.update({
 })
 
 
+_AFF_GATE = '''    c = cache
+    train = c["training"]
+    N, C, H, W = dy.shape
+
+    def bn_back(dout, q, gamma, rm, rv):  # BatchNorm2d over (N, H, W) per channel
+        axes = (0, 2, 3)
+        if train:
+            mu, var = q.mean(axis=axes, keepdims=True), q.var(axis=axes, keepdims=True)
+        else:
+            mu, var = rm.reshape(1, -1, 1, 1), rv.reshape(1, -1, 1, 1)
+        inv = 1 / np.sqrt(var + c["eps"])
+        qhat = (q - mu) * inv
+        dqhat = dout * gamma.reshape(1, -1, 1, 1)
+        if train:
+            dq = inv * (dqhat - dqhat.mean(axis=axes, keepdims=True)
+                        - qhat * (dqhat * qhat).mean(axis=axes, keepdims=True))
+        else:
+            dq = dqhat * inv
+        return dq, (dout * qhat).sum(axis=axes), dout.sum(axis=axes)
+
+    def conv_back(dout, inp, weight):  # 1x1 conv: out = weight inp + bias at every pixel
+        dinp = np.einsum("nohw,oi->nihw", dout, weight[:, :, 0, 0])
+        dweight = np.einsum("nohw,nihw->oi", dout, inp)[:, :, None, None]
+        dbias = np.zeros(dout.shape[1], dout.dtype) if train else dout.sum(axis=(0, 2, 3))  # 0: a BN follows
+        return dinp, dweight, dbias
+
+    def gate_back(dz, xin, s, sg):  # s: the gate's suffix, sg: its global branch's parameters
+        d = {}
+        d["dt5" + s] = dt5 = dz.sum(axis=(2, 3), keepdims=True)
+        dt4, d["dgamma_t5" + s], d["dbeta_t5" + s] = bn_back(dt5, c["t4" + s], c["gamma_t5" + sg], c["rm_t5" + sg],
+                                                             c["rv_t5" + sg])
+        dt3, d["dWt4" + s], d["dbt4" + s] = conv_back(dt4, c["t3" + s], c["Wt4" + sg])
+        dt2 = dt3 * (c["t2" + s] > 0)
+        dt1, d["dgamma_t2" + s], d["dbeta_t2" + s] = bn_back(dt2, c["t1" + s], c["gamma_t2" + sg], c["rm_t2" + sg],
+                                                             c["rv_t2" + sg])
+        dt0, d["dWt1" + s], d["dbt1" + s] = conv_back(dt1, c["t0" + s], c["Wt1" + sg])
+        d.update({"dt4" + s: dt4, "dt3" + s: dt3, "dt2" + s: dt2, "dt1" + s: dt1, "dt0" + s: dt0, "dl4" + s: dz})
+        dl3, d["dgamma_l4" + s], d["dbeta_l4" + s] = bn_back(dz, c["l3" + s], c["gamma_l4" + s], c["rm_l4" + s],
+                                                             c["rv_l4" + s])
+        dl2, d["dWl3" + s], d["dbl3" + s] = conv_back(dl3, c["l2" + s], c["Wl3" + s])
+        dl1 = dl2 * (c["l1" + s] > 0)
+        dl0, d["dgamma_l1" + s], d["dbeta_l1" + s] = bn_back(dl1, c["l0" + s], c["gamma_l1" + s], c["rm_l1" + s],
+                                                             c["rv_l1" + s])
+        dxin, d["dWl0" + s], d["dbl0" + s] = conv_back(dl0, xin, c["Wl0" + s])
+        d.update({"dl3" + s: dl3, "dl2" + s: dl2, "dl1" + s: dl1, "dl0" + s: dl0})
+        return dxin + dt0 / (H * W), d
+'''
+
+SOLUTIONS["MS_CAM"] = _AFF_GATE + '''    g = c["g"]
+    dg = dy * c["x"]
+    dz = dg * g * (1 - g)
+    dxin, out = gate_back(dz, c["x"], "", "")
+    out.update(dg=dg, dz=dz, dx=dy * g + dxin)
+    return out
+'''
+SOLUTIONS["AFF"] = _AFF_GATE + '''    g, e = c["g"], c["e"]
+    dg = 2 * dy * e
+    dz = dg * g * (1 - g)
+    dxa, out = gate_back(dz, c["xa"], "", "")
+    de = 2 * dy * g
+    out.update(dg=dg, dz=dz, dxa=dxa, de=de, dresidual=2 * dy - de + dxa, dx=de + dxa)
+    return out
+'''
+SOLUTIONS["iAFF"] = _AFF_GATE + '''    g, g_2, e = c["g"], c["g_2"], c["e"]
+    dg_2 = dy * e
+    dz_2 = dg_2 * g_2 * (1 - g_2)
+    dxi, out2 = gate_back(dz_2, c["xi"], "_2", "")  # share_global_att=True: global_att again
+    dg = dxi * e
+    dz = dg * g * (1 - g)
+    dxa, out = gate_back(dz, c["xa"], "", "")
+    for k in ("dgamma_t5", "dbeta_t5", "dWt4", "dbt4", "dgamma_t2", "dbeta_t2", "dWt1", "dbt1"):
+        out[k] = out[k] + out2.pop(k + "_2")  # global_att's two shares
+        out[k + "_2"] = np.zeros_like(out[k])  # global_att2 is never read
+    out.update(out2)
+    de = dy * g_2 + dxi * g
+    out.update(dg_2=dg_2, dz_2=dz_2, dxi=dxi, dg=dg, dz=dz, dxa=dxa, de=de, dresidual=dy + dxi - de + dxa,
+               dx=de + dxa)
+    return out
+'''
+SOLUTIONS["DAF"] = '''    return dict(dresidual=dy.copy(), dx=dy.copy())
+'''
+
+SOLUTIONS["SKConv"] = '''    from npattn import functional as F
+
+    c = cache
+    train = c["training"]
+    x, g, a, hb, s = c["x"], c["g"], c["a"], c["hb"], c["s"]
+    N, C, H, W = dy.shape
+
+    def bn_back(dout, q, gamma, rm, rv, axes):  # BatchNorm over the axes, per channel (axis 1)
+        shape = [1] * q.ndim
+        shape[1] = -1
+        if train:
+            mu, var = q.mean(axis=axes, keepdims=True), q.var(axis=axes, keepdims=True)
+        else:
+            mu, var = rm.reshape(shape), rv.reshape(shape)
+        inv = 1 / np.sqrt(var + c["eps"])
+        qhat = (q - mu) * inv
+        dqhat = dout * gamma.reshape(shape)
+        if train:
+            dq = inv * (dqhat - dqhat.mean(axis=axes, keepdims=True)
+                        - qhat * (dqhat * qhat).mean(axis=axes, keepdims=True))
+        else:
+            dq = dqhat * inv
+        return dq, (dout * qhat).sum(axis=axes), dout.sum(axis=axes)
+
+    out = {}
+    dg = np.stack([(dy * c[f"f_{i}"]).sum(axis=(2, 3)) for i in range(2)], axis=1)
+    dz = g * (dg - (dg * g).sum(axis=1, keepdims=True))
+    da = 0
+    for i in range(2):
+        out[f"dz_{i}"] = dz[:, i]
+        out[f"dW2_{i}"] = dz[:, i].T @ a
+        out[f"db2_{i}"] = dz[:, i].sum(axis=0)
+        da = da + dz[:, i] @ c[f"W2_{i}"]
+    dhb = da * (hb > 0)
+    dh, dgamma, dbeta = bn_back(dhb, c["h"], c["gamma"], c["rm"], c["rv"], (0,))
+    dW1 = dh.T @ s
+    db1 = np.zeros_like(dbeta) if train else dh.sum(axis=0)  # b1 feeds the BatchNorm: 0 in training
+    ds = dh @ c["W1"]
+    out.update(dg=dg, dz=dz, da=da, dhb=dhb, dgamma=dgamma, dbeta=dbeta, dh=dh, dW1=dW1, db1=db1, ds=ds)
+    dx = 0
+    for i in range(2):
+        df = dy * g[:, i, :, None, None] + ds[:, :, None, None] / (H * W)
+        dr = df * (c[f"r_{i}"] > 0)
+        dq, out[f"dgamma_{i}"], out[f"dbeta_{i}"] = bn_back(dr, c[f"q_{i}"], c[f"gamma_{i}"], c[f"rm_{i}"],
+                                                            c[f"rv_{i}"], (0, 2, 3))
+        _, k_conv = F.conv2d_forward(x, c[f"Ws_{i}"], None, padding=1 + i, dilation=1 + i, groups=int(c["G"]))
+        g_conv = F.conv2d_backward(dq, k_conv)
+        out[f"dWs_{i}"] = g_conv["weight"]
+        out[f"dbs_{i}"] = np.zeros_like(out[f"dbeta_{i}"]) if train else dq.sum(axis=(0, 2, 3))
+        out.update({f"df_{i}": df, f"dr_{i}": dr, f"dq_{i}": dq})
+        dx = dx + g_conv["x"]
+    out["dx"] = dx
+    return out
+'''
+
+
 @pytest.mark.parametrize("name", sorted(SOLUTIONS))
 def test_exercise_solutions_pass_their_fixtures(name, tmp_path):
     assert run_cli("exercise", name, str(tmp_path))[0] == 0
@@ -604,3 +755,28 @@ def test_a_forward_tag_that_raises_fails_its_line_and_the_walk_goes_on(monkeypat
     failed = {s.line.sym: [m for ok, m in s.verdicts if not ok] for s in w.steps if any(not ok for ok, *_ in s.verdicts)}
     assert any("raised NameError" in m for m in failed["z"])
     assert any("cannot be evaluated" in m or "not a Forward symbol" in m for k, ms in failed.items() if k != "z" for m in ms)
+
+
+def test_a_never_read_parameter_passes_with_exact_zeros_only():
+    doc = """Forward::
+
+    u = p                (N,)   kept, never read   [param("p")]
+    y = x * 2            (N,)                      [x * 2]
+
+Backward::
+
+    dx = 2 dy            (N,)
+"""
+    d = explain.parse_derivation(doc)
+    rng = np.random.default_rng(0)
+    values, grads = {"x": rng.standard_normal(3), "u": rng.standard_normal(3)}, {"dy": rng.standard_normal(3)}
+    [(ok, msg)] = explain.local_check(d, "u", np.zeros(3), values, grads, rng)
+    assert ok and "exactly 0" in msg
+    [(ok, msg)] = explain.local_check(d, "u", np.full(3, 1e-18), values, grads, rng)
+    assert not ok and "not exactly 0" in msg
+
+
+def test_daf_walks_its_own_blocks():
+    d = explain.derivation_for(explain.find_example("DAF"))
+    assert [ln.sym for ln in d.forward] == ["y"] and [ln.sym for ln in d.backward] == ["dresidual", "dx"]
+    assert explain.derivation_for(explain.find_example("MS_CAM")).forward[0].sym == "Wl0"
