@@ -77,7 +77,9 @@ Op vocabulary of the tags (``npattn.functional``'s forward functions, value only
 ``abs``, ``sqrt``, ``exp``, ``log``, ``sign``, ``softmax(x, axis)``,
 ``l2_norm(x, axis, keepdims=False)``, ``logsumexp(x, axis, keepdims=False)``,
 ``batch_norm(x, gamma, beta, running_mean, running_var, training, eps=1e-5)``,
-``concat([a, b], axis)``, ``einsum``, ``np``, ``param(key)``, ``buffer(key)``, ``attr(name)``.
+``concat([a, b], axis)``, ``einsum``, ``np``, ``param(key)``, ``buffer(key)``, ``attr(name)``;
+for deformable convolution ``sample_positions(offset, kernel_hw, stride, padding, dilation)``,
+``bilinear_sample(x, py, px)`` (``npattn.sampling.numpy``) and ``conv_cols(Wd, cols, b, out_hw)``.
 
 What is checked
 ---------------
@@ -114,8 +116,10 @@ Where the code's values are found
 ---------------------------------
 
 The walk records every function of the block's module file as it returns (``forward``,
-``backward``, helpers such as a ``_mlp``), keeping its ndarray locals (and dicts of
-ndarrays). ``SYM`` is the local ``SYM`` of ``forward`` (``backward`` for ``dSYM``), else
+``backward``, helpers such as a ``_mlp``), and those of the modules in
+:attr:`Example.trace` (the functional op a block calls: the deformable blocks trace
+``npattn.functional.deform`` and ``npattn.sampling.numpy``), keeping its ndarray locals
+(and dicts of ndarrays). ``SYM`` is the local ``SYM`` of ``forward`` (``backward`` for ``dSYM``), else
 of a helper; a symbol ``base_key`` may also be the entry ``key`` of a local dict ``base``
 (``v_avg`` is ``v["avg"]``: one line per pool of a loop). So in the code:
 
@@ -173,6 +177,7 @@ class Example:
     override: str | None = None  # heading of a literal block replacing lines (parse_derivation)
     fixtures: object = None  # callable config -> bool: the golden cases the derivation describes
     forward_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of forward (backend="numpy")
+    trace: tuple = ()  # modules whose functions the walk also records (the functional op the block calls)
 
 
 def _se(rng):
@@ -211,6 +216,23 @@ def _cbam(rng):
     return CBAM(8, rd_channels=3, spatial_kernel_size=3, rng=rng, dtype=np.float64)
 
 
+def _deform_conv(rng):
+    from .blocks.deform import DeformConv2d
+
+    # uneven on purpose: stride (2, 1), padding (1, 0), dilation (1, 2), kernel (3, 2), 2 weight groups
+    return DeformConv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, rng=rng,
+                        dtype=np.float64, backend="numpy")
+
+
+def _modulated_deform(rng):
+    from .blocks.deform import ModulatedDeformConv2dPack
+
+    return ModulatedDeformConv2dPack(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), deform_groups=2,
+                                     rng=rng, dtype=np.float64, backend="numpy")
+
+
+_DEFORM_TRACE = ("npattn.functional.deform", "npattn.sampling.numpy")
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -224,6 +246,13 @@ EXAMPLES = [
             fixtures=lambda c: not c.get("mlp_bias") and tuple(c.get("pool_types", ("avg", "max"))) == ("avg", "max")
             and not c.get("no_spatial") and c.get("spatial_order", "avg_max") == "avg_max"
             and c.get("max_grad", "split") == "split"),
+    # the offset groups G = 2 come from the offset's channels: 2 G kh kw = 24
+    Example("DeformConv2d", "npattn.blocks.deform", _deform_conv, {"x": (2, 4, 6, 7), "offset": (2, 24, 3, 5),
+            "mask": (2, 12, 3, 5)}, trace=_DEFORM_TRACE,
+            fixtures=lambda c: c.get("bias", True) and c.get("border_grad", "torchvision") == "torchvision"),
+    Example("ModulatedDeformConv2dPack", "npattn.blocks.deform", _modulated_deform, {"x": (2, 4, 7, 6)},
+            override="``npattn explain ModulatedDeformConv2dPack`` walks", trace=_DEFORM_TRACE,
+            fixtures=lambda c: c.get("bias", True) and c.get("border_grad", "mmcv") == "torchvision"),
 ]
 
 
@@ -456,10 +485,31 @@ def _vocabulary():
         "sign": np.sign,
         "concat": lambda arrays, axis: np.concatenate(arrays, axis=axis),
         "einsum": np.einsum,
+        # deformable convolution (npattn.blocks.deform), on the readable NumPy sampling
+        "bilinear_sample": _deform_ops()["bilinear_sample"],
+        "conv_cols": _deform_ops()["conv_cols"],
+        "sample_positions": _deform_ops()["sample_positions"],
         "None": None,
         "True": True,
         "False": False,
     }
+
+
+def _deform_ops():
+    """The deformable convolution's steps: ``sample_positions(offset, kernel_hw, stride, padding,
+    dilation)`` -> (py, px), ``bilinear_sample(x, py, px)`` -> xs (npattn.sampling.numpy), and
+    ``conv_cols(Wd, cols, b, out_hw)``, the convolution as a product with the columns."""
+    from .sampling import numpy as S
+
+    def conv_cols(Wd, cols, b, out_hw):
+        N = cols.shape[0]
+        C_out, Cw = Wd.shape[:2]
+        Gw = cols.shape[1] * cols.shape[2] // Cw  # weight groups
+        X = cols.reshape(N, Gw, -1, cols.shape[-1])  # (N, Gw, Cw K, L): im2col's matrix per group
+        y = np.einsum("gok,ngkl->ngol", Wd.reshape(Gw, C_out // Gw, -1), X).reshape((N, C_out) + tuple(out_hw))
+        return y if b is None else y + b[None, :, None, None]
+
+    return {"bilinear_sample": S.bilinear_sample, "conv_cols": conv_cols, "sample_positions": S.sample_positions}
 
 
 def _eval(tag, env):
@@ -470,10 +520,10 @@ def _eval(tag, env):
 
 
 class _Recorder:
-    """Records, at each return, the locals of the frames of functions defined in one file."""
+    """Records, at each return, the locals of the frames of functions defined in the given files."""
 
-    def __init__(self, filename):
-        self.filename = filename
+    def __init__(self, *filenames):
+        self.filenames = set(filenames)
         self.frames = []  # (function name, {name: value}) in the order the calls returned
 
     def _local(self, frame, event, arg):
@@ -488,7 +538,7 @@ class _Recorder:
         return self._local
 
     def _global(self, frame, event, arg):
-        if event == "call" and frame.f_code.co_filename == self.filename:
+        if event == "call" and frame.f_code.co_filename in self.filenames:
             return self._local
         return None
 
@@ -661,7 +711,8 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
     state0 = block.state_dict()
     inputs = {k: rng.standard_normal(shape) for k, shape in example.inputs.items()}
     mod = importlib.import_module(type(block).__module__)
-    rec = _Recorder(inspect.getsourcefile(mod))
+    rec = _Recorder(inspect.getsourcefile(mod),
+                    *(inspect.getsourcefile(importlib.import_module(t)) for t in example.trace))
 
     if example.forward_kwargs:  # e.g. backend="numpy": the readable path
         block.forward = functools.partial(type(block).forward, block, **example.forward_kwargs)

@@ -297,13 +297,13 @@ def deform_conv2d_forward(
     mask = None if mask is None else xp.ascontiguousarray(mask)
     geometry = ((weight_h, weight_w), stride, padding, dilation)
     w_g = xp.ascontiguousarray(weight.reshape(weight_groups, c_out // weight_groups, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
-    out = xp.empty((n, c_out, out_h, out_w), dtype=input.dtype)
+    y = xp.empty((n, c_out, out_h, out_w), dtype=input.dtype)
     prod = sampling.products(backend_name, xp)  # numba: tiles on the kernels' threads (npattn.sampling.products)
     fused = getattr(be, "deform_conv_forward", None)  # numba: the columns of each tile sampled next to its product
     with sampling.blas_context(backend_name):  # kernels and BLAS share the cores: see blas_context
         if fused is not None:  # the arithmetic of the chunks below, without a column array
             fused(input, offset, mask, w_g, *geometry, offset_groups,
-                  out.reshape(n, weight_groups, c_out // weight_groups, out_h * out_w))  # (N, G_w, C_out/G_w, L)
+                  y.reshape(n, weight_groups, c_out // weight_groups, out_h * out_w))  # (N, G_w, C_out/G_w, L)
         for s in range(0, n if fused is None else 0, chunk):
             sl = slice(s, min(s + chunk, n))
             m = len(range(*sl.indices(n)))
@@ -311,14 +311,14 @@ def deform_conv2d_forward(
                 input[sl], offset[sl], None if mask is None else mask[sl], *geometry, (out_h, out_w), offset_groups
             )  # (m, C_in, kh, kw, out_h, out_w)
             cols = xp.ascontiguousarray(cols).reshape(m, weight_groups, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
-            prod.forward(w_g, cols, out[sl].reshape(m, weight_groups, c_out // weight_groups, out_h * out_w))  # (m, G_w, C_out/G_w, L)
+            prod.forward(w_g, cols, y[sl].reshape(m, weight_groups, c_out // weight_groups, out_h * out_w))  # (m, G_w, C_out/G_w, L)
     if bias is not None:
-        out += bias[None, :, None, None]
+        y += bias[None, :, None, None]
     cache = DeformConv2dCache(
         input, offset, mask, weight, bias is not None, stride, padding, dilation, (out_h, out_w),
         weight_groups, offset_groups, backend_name, chunk, border_grad, xp is not np, upload,
     )
-    return (_to_host(out) if upload else out), cache
+    return (_to_host(y) if upload else y), cache
 
 
 def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
@@ -346,9 +346,9 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
     grad_out = xp.ascontiguousarray(grad_out)
     w_g = xp.ascontiguousarray(weight.reshape(g_w, c_out // g_w, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
 
-    d_input = xp.empty_like(x)  # (N, C_in, H, W)
-    d_offset = xp.empty_like(offset)  # (N, 2 G_off K, out_h, out_w)
-    d_mask = None if mask is None else xp.empty_like(mask)  # (N, G_off K, out_h, out_w)
+    dx = xp.empty_like(x)  # (N, C_in, H, W)
+    doffset = xp.empty_like(offset)  # (N, 2 G_off K, out_h, out_w)
+    dmask = None if mask is None else xp.empty_like(mask)  # (N, G_off K, out_h, out_w)
     d_w_g = xp.zeros_like(w_g)  # (G_w, C_out/G_w, Ck)
     prod = sampling.products(cache.backend, xp)  # numba: tiles on the kernels' threads (npattn.sampling.products)
     with sampling.blas_context(cache.backend):  # kernels and BLAS share the cores: see blas_context
@@ -360,24 +360,26 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
             d_cols = xp.empty((m, g_w, c_per_group * k_taps, out_h * out_w), dtype=x.dtype)
             prod.d_cols(w_g, dy_g, d_cols)  # (m, G_w, Ck, L)
             d_cols = d_cols.reshape(m, c_in, weight_h, weight_w, out_h, out_w)  # (m, C_in, kh, kw, out_h, out_w)
-            d_input[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
+            dx[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
             # the offset/mask gradient also recomputes the forward's columns (for d_weight)
             cols = xp.empty((m, c_in, weight_h, weight_w, out_h, out_w), dtype=x.dtype)
             d_off, d_m = be.deform_col2im_coord(
                 d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups, cols_out=cols,
                 border_grad=cache.border_grad,
             )
-            d_offset[sl] = d_off  # (m, 2 G_off K, out_h, out_w)
-            if d_mask is not None:
-                d_mask[sl] = d_m  # (m, G_off K, out_h, out_w)
+            doffset[sl] = d_off  # (m, 2 G_off K, out_h, out_w)
+            if dmask is not None:
+                dmask[sl] = d_m  # (m, G_off K, out_h, out_w)
             cols = cols.reshape(m, g_w, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
             prod.d_weight(dy_g, cols, d_w_g)  # d_w_g += sum over the chunk's images: (G_w, C_out/G_w, Ck)
 
-    grads = {"input": d_input, "offset": d_offset, "weight": d_w_g.reshape(weight.shape)}
+    dWd = d_w_g.reshape(weight.shape)  # (C_out, C_in / G_w, kh, kw)
+    grads = {"input": dx, "offset": doffset, "weight": dWd}
     if cache.has_bias:
-        grads["bias"] = grad_out.sum(axis=(0, 2, 3))  # (C_out,)
-    if d_mask is not None:
-        grads["mask"] = d_mask
+        db = grad_out.sum(axis=(0, 2, 3))  # (C_out,)
+        grads["bias"] = db
+    if dmask is not None:
+        grads["mask"] = dmask
     if cache.to_host:
         grads = {k: _to_host(v) for k, v in grads.items()}
     return grads

@@ -816,14 +816,14 @@ def _map_backward_kernel(d_out, x, coords, d_x, d_coords):
     wmax = tp(W - 1)
     for b in prange(B):
         for p in range(P):
-            i0, i1, j0, j1, d_lt, d_rt, d_lb, d_rb, d_y, d_xq = _clamped_point_backward(
+            y0, y1, x0, x1, d00, d10, d01, d11, dyq, dxq = _clamped_point_backward(
                 x, b, coords[b, p, 0], coords[b, p, 1], d_out[b, p], hmax, wmax, tp)
-            d_x[b, i0, j0] += d_lt
-            d_x[b, i1, j0] += d_rt
-            d_x[b, i0, j1] += d_lb
-            d_x[b, i1, j1] += d_rb
-            d_coords[b, p, 0] = d_y
-            d_coords[b, p, 1] = d_xq
+            d_x[b, y0, x0] += d00
+            d_x[b, y1, x0] += d10
+            d_x[b, y0, x1] += d01
+            d_x[b, y1, x1] += d11
+            d_coords[b, p, 0] = dyq
+            d_coords[b, p, 1] = dxq
 
 
 # ---------------------------------------------------------------------------------------

@@ -375,14 +375,14 @@ def _map_backward_k(d_out, x, coords, d_x, d_coords):
     for t in range(start, B * P, step):
         b = t // P
         p = t - b * P
-        i0, i1, j0, j1, d_lt, d_rt, d_lb, d_rb, d_y, d_xq = _clamped_point_backward(
+        y0, y1, x0, x1, d00, d10, d01, d11, dyq, dxq = _clamped_point_backward(
             x, b, coords[b, p, 0], coords[b, p, 1], d_out[b, p], hmax, wmax, tp)
-        cuda.atomic.add(d_x, (b, i0, j0), float64(d_lt))
-        cuda.atomic.add(d_x, (b, i1, j0), float64(d_rt))
-        cuda.atomic.add(d_x, (b, i0, j1), float64(d_lb))
-        cuda.atomic.add(d_x, (b, i1, j1), float64(d_rb))
-        d_coords[b, p, 0] = d_y
-        d_coords[b, p, 1] = d_xq
+        cuda.atomic.add(d_x, (b, y0, x0), float64(d00))
+        cuda.atomic.add(d_x, (b, y1, x0), float64(d10))
+        cuda.atomic.add(d_x, (b, y0, x1), float64(d01))
+        cuda.atomic.add(d_x, (b, y1, x1), float64(d11))
+        d_coords[b, p, 0] = dyq
+        d_coords[b, p, 1] = dxq
 
 
 def _zero_k(dst):

@@ -82,11 +82,13 @@ from . import check_border_grad
 
 __all__ = [
     "unavailable_reason",
+    "bilinear_sample",
     "deform_im2col",
     "deform_col2im",
     "deform_col2im_coord",
     "map_coordinates_clamped",
     "map_coordinates_clamped_backward",
+    "sample_positions",
 ]
 
 
@@ -111,50 +113,83 @@ class _Cells:
     hx: np.ndarray  # (N, G, K, L): 1 - lx
 
 
-def _cells(offset, height, width, kernel_hw, stride, padding, dilation, out_hw, offset_groups, dtype):
-    """Sample positions of every (n, g, k, oy, ox) and the cell [y0, y0+1] x [x0, x0+1] each falls in.
+def sample_positions(offset, kernel_hw, stride, padding, dilation, dtype=None):
+    """The sample positions ``(py, px)`` of a deformable im2col, each (N, G, K, L).
 
-    The gradient support is ``-1 <= p_y < H`` and ``-1 <= p_x < W`` (finite): outside it
-    all four corners are outside the image. The sampling support is the same with
-    ``p > -1``.
+    For offset group g, tap k = i kw + j (K = kh kw) and output pixel l = oy out_w + ox
+    (L = out_h out_w)::
+
+        py = oy s_h - pad_h + i d_h + delta_y       delta_y = offset[n, 2 (g K + k), oy, ox]
+        px = ox s_w - pad_w + j d_w + delta_x       delta_x = offset[n, 2 (g K + k) + 1, oy, ox]
+
+    G and the output size come from ``offset`` (N, 2 G K, out_h, out_w). The integer base
+    is converted to ``dtype`` (default: the offset's) before the offset is added.
     """
-    n = offset.shape[0]
-    weight_h, weight_w = kernel_hw
-    stride_h, stride_w = stride
-    pad_h, pad_w = padding
-    dilation_h, dilation_w = dilation
-    out_h, out_w = out_hw
+    n, channels, out_h, out_w = offset.shape
+    weight_h, weight_w = (int(v) for v in kernel_hw)
+    stride_h, stride_w = (int(v) for v in stride)
+    pad_h, pad_w = (int(v) for v in padding)
+    dilation_h, dilation_w = (int(v) for v in dilation)
     k_taps = weight_h * weight_w
-    off = offset.reshape(n, offset_groups, k_taps, 2, out_h * out_w)  # (N, G, K, 2, L)
+    offset_groups = channels // (2 * k_taps)
+    off = offset.reshape(n, offset_groups, k_taps, 2, out_h * out_w)  # (N, G, K, 2, L): (delta_y, delta_x) pairs
     tap_i = np.repeat(np.arange(weight_h), weight_w)  # (K,) i of tap k
     tap_j = np.tile(np.arange(weight_w), weight_h)  # (K,) j of tap k
     oy = np.repeat(np.arange(out_h), out_w)  # (L,)
     ox = np.tile(np.arange(out_w), out_h)  # (L,)
+    dtype = offset.dtype if dtype is None else dtype
     base_y = ((oy * stride_h - pad_h)[None, :] + (tap_i * dilation_h)[:, None]).astype(dtype)  # (K, L)
     base_x = ((ox * stride_w - pad_w)[None, :] + (tap_j * dilation_w)[:, None]).astype(dtype)  # (K, L)
-    p_y = base_y + off[:, :, :, 0]  # (N, G, K, L)
-    p_x = base_x + off[:, :, :, 1]  # (N, G, K, L)
+    py = base_y + off[:, :, :, 0]  # (N, G, K, L)
+    px = base_x + off[:, :, :, 1]  # (N, G, K, L)
+    return py, px
 
-    support = np.isfinite(p_y) & np.isfinite(p_x)
-    support &= (p_y >= -1) & (p_y < height) & (p_x >= -1) & (p_x < width)
-    sample = support & (p_y > -1) & (p_x > -1)
-    p_y = np.where(support, p_y, 0)  # never floor a non-finite or far-away position
-    p_x = np.where(support, p_x, 0)
-    y0f = np.floor(p_y)
-    x0f = np.floor(p_x)
-    ly = p_y - y0f
-    lx = p_x - x0f
+
+def _cells(offset, height, width, kernel_hw, stride, padding, dilation, out_hw, offset_groups, dtype):
+    """The cells of every (n, g, k, oy, ox) of a deformable im2col: :func:`sample_positions`,
+    then :func:`_cells_at`."""
+    py, px = sample_positions(offset, kernel_hw, stride, padding, dilation, dtype)
+    return _cells_at(py, px, height, width)
+
+
+def _cells_at(py, px, height, width):
+    """The cell [y0, y0+1] x [x0, x0+1] each position (py, px) (N, G, K, L) falls in.
+
+    The gradient support is ``-1 <= py < H`` and ``-1 <= px < W`` (finite): outside it
+    all four corners are outside the image. The sampling support is the same with
+    ``p > -1``.
+    """
+    support = np.isfinite(py) & np.isfinite(px)
+    support &= (py >= -1) & (py < height) & (px >= -1) & (px < width)
+    sample = support & (py > -1) & (px > -1)
+    py_s = np.where(support, py, 0)  # never floor a non-finite or far-away position
+    px_s = np.where(support, px, 0)
+    y0f = np.floor(py_s)
+    x0f = np.floor(px_s)
+    ly = py_s - y0f
+    lx = px_s - x0f
     y0 = y0f.astype(np.int64)  # in [-1, H-1] inside the support
     x0 = x0f.astype(np.int64)  # in [-1, W-1]
 
     idx, valid = [], []
-    for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        y = y0 + a
-        x = x0 + b
-        ok = support & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+    for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):  # corners (y0, x0), (y0, x1), (y1, x0), (y1, x1)
+        ya = y0 + a
+        xb = x0 + b
+        ok = support & (ya >= 0) & (ya < height) & (xb >= 0) & (xb < width)
         valid.append(ok)
-        idx.append(np.where(ok, y * width + x, 0))
+        idx.append(np.where(ok, ya * width + xb, 0))
     return _Cells(tuple(idx), tuple(valid), sample, ly, lx, 1 - ly, 1 - lx)
+
+
+def bilinear_sample(x, py, px):
+    """``xs[n, g, c, k, l] = bilinear(x[n, g Cg + c], py[n, g, k, l], px[n, g, k, l])``
+    (module docstring) for x (N, C, H, W) and positions (N, G, K, L), G dividing C:
+    the samples, (N, G, Cg, K, L), Cg = C / G."""
+    n, c, height, width = x.shape
+    offset_groups = py.shape[1]
+    cells = _cells_at(py, px, height, width)
+    xg = x.reshape(n, offset_groups, c // offset_groups, height * width)  # (N, G, Cg, H*W)
+    return _bilinear(xg, cells)
 
 
 def _corner_values(xg, cells, use_sample):
@@ -221,11 +256,12 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     weight_h, weight_w = kernel_hw
     out_h, out_w = out_hw
     k_taps, length = weight_h * weight_w, out_h * out_w
-    cells = _cells(offset, height, width, kernel_hw, stride, padding, dilation, out_hw, offset_groups, x.dtype)
-    xg = x.reshape(n, offset_groups, c // offset_groups, height * width)  # (N, G, Cg, H*W)
-    cols = _bilinear(xg, cells)  # (N, G, Cg, K, L)
+    py, px = sample_positions(offset, kernel_hw, stride, padding, dilation, x.dtype)  # (N, G, K, L) each
+    xs = bilinear_sample(x, py, px)  # (N, G, Cg, K, L) the samples
+    cols = xs  # (N, G, Cg, K, L)
     if mask is not None:
-        cols = _mask_g(mask, n, offset_groups, k_taps, length) * cols
+        m = _mask_g(mask, n, offset_groups, k_taps, length)  # (N, G, 1, K, L)
+        cols = m * xs  # (N, G, Cg, K, L) modulated
     return cols.reshape(n, c, weight_h, weight_w, out_h, out_w)
 
 
@@ -256,21 +292,22 @@ def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dil
     k_taps, length = weight_h * weight_w, out_h * out_w
     cg = c // offset_groups
     cells = _cells(offset, height, width, kernel_hw, stride, padding, dilation, (out_h, out_w), offset_groups, d_cols.dtype)
-    d = d_cols.reshape(n, offset_groups, cg, k_taps, length)  # (N, G, Cg, K, L)
+    dcols = d_cols.reshape(n, offset_groups, cg, k_taps, length)  # (N, G, Cg, K, L)
+    dxs = dcols  # (N, G, Cg, K, L) the gradient of the samples, cols = m * xs
     if mask is not None:
-        d = _mask_g(mask, n, offset_groups, k_taps, length) * d
-    weights = (cells.hy * cells.hx, cells.hy * cells.lx, cells.ly * cells.hx, cells.ly * cells.lx)
-    # flat index into d_x of (n, g, cc) planes: ((n*G + g)*Cg + cc) * H*W
+        dxs = _mask_g(mask, n, offset_groups, k_taps, length) * dcols
+    weights = (cells.hy * cells.hx, cells.hy * cells.lx, cells.ly * cells.hx, cells.ly * cells.lx)  # w00, w01, w10, w11
+    # flat index into dx of (n, g, cc) planes: ((n*G + g)*Cg + cc) * H*W
     plane = (np.arange(n * c).reshape(n, offset_groups, cg, 1, 1)) * (height * width)  # (N, G, Cg, 1, 1)
     corners = (
         (
-            plane + idx[:, :, None],  # (N, G, Cg, K, L) flat index into d_x
-            np.where((ok & cells.sample)[:, :, None], w[:, :, None] * d, 0),  # (N, G, Cg, K, L)
+            plane + idx[:, :, None],  # (N, G, Cg, K, L) flat index into dx
+            np.where((ok & cells.sample)[:, :, None], w[:, :, None] * dxs, 0),  # (N, G, Cg, K, L)
         )
         for idx, ok, w in zip(cells.idx, cells.valid, weights)
     )  # one corner at a time
-    d_x = _scatter_add(n * c * height * width, corners, d_cols.dtype)
-    return d_x.reshape(x_shape)
+    dx = _scatter_add(n * c * height * width, corners, d_cols.dtype).reshape(x_shape)  # (N, C, H, W)
+    return dx
 
 
 def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
@@ -298,31 +335,29 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
     k_taps, length = weight_h * weight_w, out_h * out_w
     cells = _cells(offset, height, width, kernel_hw, stride, padding, dilation, (out_h, out_w), offset_groups, x.dtype)
     xg = x.reshape(n, offset_groups, c // offset_groups, height * width)  # (N, G, Cg, H*W)
-    d = d_cols.reshape(n, offset_groups, c // offset_groups, k_taps, length)  # (N, G, Cg, K, L)
+    dcols = d_cols.reshape(n, offset_groups, c // offset_groups, k_taps, length)  # (N, G, Cg, K, L)
 
     # torchvision: corners read on the gradient support [-1, H) x [-1, W); mmcv: only where
     # the position samples, (-1, H) x (-1, W), so the derivative is exactly 0 at p = -1
     v00, v01, v10, v11 = _corner_values(xg, cells, use_sample=border_grad == "mmcv")  # 4 x (N, G, Cg, K, L)
     ly, lx = cells.ly[:, :, None], cells.lx[:, :, None]  # (N, G, 1, K, L)
     hy, hx = cells.hy[:, :, None], cells.hx[:, :, None]
-    d_sample_dy = lx * (v11 - v01) + hx * (v10 - v00)  # (N, G, Cg, K, L) d bilinear / d p_y on the cell
-    d_sample_dx = ly * (v11 - v10) + hy * (v01 - v00)  # (N, G, Cg, K, L) d bilinear / d p_x on the cell
-    if mask is not None:
+    jy = lx * (v11 - v01) + hx * (v10 - v00)  # (N, G, Cg, K, L) d xs / d py on the cell
+    jx = ly * (v11 - v10) + hy * (v01 - v00)  # (N, G, Cg, K, L) d xs / d px on the cell
+    if mask is not None:  # m folded into the derivative first (the compiled kernels' order): m jy dcols = jy dxs
         m = _mask_g(mask, n, offset_groups, k_taps, length)  # (N, G, 1, K, L)
-        d_sample_dy = m * d_sample_dy
-        d_sample_dx = m * d_sample_dx
-    d_py = (d_sample_dy * d).sum(axis=2)  # (N, G, K, L)
-    d_px = (d_sample_dx * d).sum(axis=2)  # (N, G, K, L)
-    d_offset = np.stack([d_py, d_px], axis=3)  # (N, G, K, 2, L)
-    d_offset = d_offset.reshape(offset.shape).astype(x.dtype, copy=False)
-    del v00, v01, v10, v11, d_sample_dy, d_sample_dx  # free them before the mask gradient
+        jy = m * jy
+        jx = m * jx
+    dpy = (jy * dcols).sum(axis=2)  # (N, G, K, L)
+    dpx = (jx * dcols).sum(axis=2)  # (N, G, K, L)
+    doffset = np.stack([dpy, dpx], axis=3).reshape(offset.shape).astype(x.dtype, copy=False)  # (N, 2 G K, out_h, out_w)
+    del v00, v01, v10, v11, jy, jx  # free them before the mask gradient
 
-    d_mask = None
+    dmask = None
     if mask is not None:
-        sampled = _bilinear(xg, cells)  # (N, G, Cg, K, L)
-        d_mask = (d * sampled).sum(axis=2)  # (N, G, K, L)
-        d_mask = d_mask.reshape(mask.shape).astype(x.dtype, copy=False)
-    return d_offset, d_mask
+        xs = _bilinear(xg, cells)  # (N, G, Cg, K, L) the samples, again
+        dmask = (dcols * xs).sum(axis=2).reshape(mask.shape).astype(x.dtype, copy=False)  # (N, G K, out_h, out_w)
+    return doffset, dmask
 
 
 # ---- the seed's clamped sampling ----------------------------------------------------
@@ -332,9 +367,9 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
 class _ClampedCells:
     """Corners of every coordinate pair of the seed's sampling; arrays are (B, P)."""
 
-    idx: tuple  # 4 x int64 (B, P): flat index b*H*W + r*W + c of corners (r0,c0), (r1,c0), (r0,c1), (r1,c1)
-    fr: np.ndarray  # (B, P): r - r0
-    fc: np.ndarray  # (B, P): c - c0
+    idx: tuple  # 4 x int64 (B, P): flat index b*H*W + y*W + x of corners (y0, x0), (y1, x0), (y0, x1), (y1, x1)
+    ly: np.ndarray  # (B, P): clamped row - y0
+    lx: np.ndarray  # (B, P): clamped col - x0
     nan: np.ndarray  # bool (B, P): the pair has a NaN (samples 0, zero gradients)
     pass_r: np.ndarray  # bool (B, P): 0 <= row <= H-1 (clamp passes the row gradient)
     pass_c: np.ndarray  # bool (B, P): 0 <= col <= W-1
@@ -347,15 +382,15 @@ def _clamped_cells(x_shape, coords):
     nan = np.isnan(row) | np.isnan(col)
     r = np.where(nan, 0, np.clip(row, 0, height - 1))  # clamp per axis; +-inf go to the border
     c = np.where(nan, 0, np.clip(col, 0, width - 1))
-    r0f, r1f = np.floor(r), np.ceil(r)
-    c0f, c1f = np.floor(c), np.ceil(c)
-    r0, r1 = r0f.astype(np.int64), r1f.astype(np.int64)
-    c0, c1 = c0f.astype(np.int64), c1f.astype(np.int64)
+    y0f, y1f = np.floor(r), np.ceil(r)
+    x0f, x1f = np.floor(c), np.ceil(c)
+    y0, y1 = y0f.astype(np.int64), y1f.astype(np.int64)
+    x0, x1 = x0f.astype(np.int64), x1f.astype(np.int64)
     base = (np.arange(b) * (height * width))[:, None]  # (B, 1)
-    idx = (base + r0 * width + c0, base + r1 * width + c0, base + r0 * width + c1, base + r1 * width + c1)
+    idx = (base + y0 * width + x0, base + y1 * width + x0, base + y0 * width + x1, base + y1 * width + x1)
     pass_r = ~nan & (row >= 0) & (row <= height - 1)
     pass_c = ~nan & (col >= 0) & (col <= width - 1)
-    return _ClampedCells(idx, r - r0f, c - c0f, nan, pass_r, pass_c)
+    return _ClampedCells(idx, r - y0f, c - x0f, nan, pass_r, pass_c)
 
 
 def map_coordinates_clamped(x, coords):
@@ -372,11 +407,11 @@ def map_coordinates_clamped(x, coords):
     """
     cells = _clamped_cells(x.shape, coords)
     flat = x.reshape(-1)
-    v_r0c0, v_r1c0, v_r0c1, v_r1c1 = (flat[i] for i in cells.idx)  # (B, P) each
-    fr, fc = cells.fr, cells.fc
-    left = fr * (v_r1c0 - v_r0c0) + v_r0c0  # column c0, interpolated along the rows
-    right = fr * (v_r1c1 - v_r0c1) + v_r0c1  # column c1
-    out = fc * (right - left) + left
+    v00, v10, v01, v11 = (flat[i] for i in cells.idx)  # (B, P) each: corners (y0, x0), (y1, x0), (y0, x1), (y1, x1)
+    ly, lx = cells.ly, cells.lx
+    vx0 = ly * (v10 - v00) + v00  # column x0, interpolated along y
+    vx1 = ly * (v11 - v01) + v01  # column x1
+    out = lx * (vx1 - vx0) + vx0
     return np.where(cells.nan, 0, out)
 
 
@@ -401,22 +436,22 @@ def map_coordinates_clamped_backward(d_out, x, coords):
     """
     cells = _clamped_cells(x.shape, coords)
     flat = x.reshape(-1)
-    v_r0c0, v_r1c0, v_r0c1, v_r1c1 = (flat[i] for i in cells.idx)  # (B, P) each
-    fr, fc = cells.fr, cells.fc
-    d_out = np.where(cells.nan, 0, d_out)  # (B, P)
-    left = fr * (v_r1c0 - v_r0c0) + v_r0c0  # (B, P)
-    right = fr * (v_r1c1 - v_r0c1) + v_r0c1  # (B, P)
+    v00, v10, v01, v11 = (flat[i] for i in cells.idx)  # (B, P) each
+    ly, lx = cells.ly, cells.lx
+    dout = np.where(cells.nan, 0, d_out)  # (B, P)
+    vx0 = ly * (v10 - v00) + v00  # (B, P)
+    vx1 = ly * (v11 - v01) + v01  # (B, P)
 
-    d_left = d_out * (1 - fc)  # (B, P)
-    d_right = d_out * fc  # (B, P)
-    d_fc = d_out * (right - left)  # (B, P)
-    d_fr = d_left * (v_r1c0 - v_r0c0) + d_right * (v_r1c1 - v_r0c1)  # (B, P)
-    d_x = _scatter_add(
+    dvx0 = dout * (1 - lx)  # (B, P)
+    dvx1 = dout * lx  # (B, P)
+    dlx = dout * (vx1 - vx0)  # (B, P)
+    dly = dvx0 * (v10 - v00) + dvx1 * (v11 - v01)  # (B, P)
+    dx = _scatter_add(
         x.size,
-        zip(cells.idx, (d_left * (1 - fr), d_left * fr, d_right * (1 - fr), d_right * fr)),
+        zip(cells.idx, (dvx0 * (1 - ly), dvx0 * ly, dvx1 * (1 - ly), dvx1 * ly)),
         x.dtype,
     ).reshape(x.shape)  # (B, H, W)
-    d_row = np.where(cells.pass_r, d_fr, 0)  # (B, P)
-    d_col = np.where(cells.pass_c, d_fc, 0)  # (B, P)
-    d_coords = np.stack([d_row, d_col], axis=-1).astype(x.dtype, copy=False)  # (B, P, 2)
-    return d_x, d_coords
+    drow = np.where(cells.pass_r, dly, 0)  # (B, P)
+    dcol = np.where(cells.pass_c, dlx, 0)  # (B, P)
+    dcoords = np.stack([drow, dcol], axis=-1).astype(x.dtype, copy=False)  # (B, P, 2)
+    return dx, dcoords
