@@ -265,7 +265,7 @@ class DeformConv2d(Block):
     ``forward(x, offset, mask=None, training=False)``: offset (N, 2 G_off kh kw, out_h,
     out_w) and mask (N, G_off kh kw, out_h, out_w) as :func:`npattn.functional.deform_conv2d`
     (the number of offset groups follows from the offset's channels). ``backward`` returns
-    ``((d_x, d_offset), params)`` or ``((d_x, d_offset, d_mask), params)`` when a mask was
+    ``((dx, doffset), params)`` or ``((dx, doffset, dmask), params)`` when a mask was
     given.
     """
 
@@ -336,7 +336,7 @@ class DeformConv2dPack(Block):
     convolution.
 
     ``forward(x, training=False)``; the module docstring gives the equations.
-    ``backward`` returns ``((d_x,), params)``.
+    ``backward`` returns ``((dx,), params)``.
 
     ``x`` may be a CUDA array (CuPy array, PyTorch CUDA tensor, Numba device array; needs
     CuPy): as :class:`DeformConv2d`, the parameters are copied to the device for the call,
@@ -422,7 +422,7 @@ class ModulatedDeformConv2dPack(Block):
     every sample weighted by sigmoid(0) = 0.5.
 
     ``forward(x, training=False)``; the module docstring gives the equations.
-    ``backward`` returns ``((d_x,), params)``.
+    ``backward`` returns ``((dx,), params)``.
 
     ``x`` may be a CUDA array (needs CuPy): the parameters are copied to the device for
     the call, the offset convolution, the sigmoid and the concatenation run in CuPy, the
@@ -487,30 +487,30 @@ class ModulatedDeformConv2dPack(Block):
 
 @dataclass(frozen=True)
 class ConvOffset2DCache:
-    x_shape: tuple  # (b, c, h, w)
-    conv: object  # Conv2dCache: x -> t (b, 2c, h, w)
-    sampling: object  # BatchMapOffsetsCache: (b*c, h, w) maps at (b*c, h, w, 2) offsets
+    x_shape: tuple  # (N, C, H, W)
+    conv: object  # Conv2dCache: x -> t (N, 2C, H, W)
+    sampling: object  # BatchMapOffsetsCache: (N C, H, W) maps at (N C, H, W, 2) offsets
 
 
 class ConvOffset2D(Block):
     """The seed's deformable sampling layer (oeway/pytorch-deform-conv ``ConvOffset2D``).
 
     A ``Conv2d(filters, 2 * filters, 3, padding=1, bias=False)`` predicts offsets from
-    ``x`` (b, c, h, w), c = filters, and every channel of ``x`` is bilinearly resampled at
+    ``x`` (N, C, H, W), C = filters, and every channel of ``x`` is bilinearly resampled at
     its pixel grid plus those offsets. The output has the shape of ``x``. It reproduces the
     original code exactly, including its quirks:
 
-    - **Per-channel offsets.** Each of the c channels gets its own offset field (there
-      are 2c offset channels), unlike deformable convolution where one field is shared
+    - **Per-channel offsets.** Each of the C channels gets its own offset field (there
+      are 2C offset channels), unlike deformable convolution where one field is shared
       by the channels of an offset group and there is one offset per kernel tap.
     - **The offsets are a memory reinterpretation, not a permute.** The conv output
-      (b, 2c, h, w) is viewed as (b*c, h, w, 2) (``.view`` on contiguous memory): pixel
-      (i, j) of channel c takes its (d_row, d_col) from the flat positions
-      ``2 (i w + j)`` and ``2 (i w + j) + 1`` of the 2hw values that conv channels
+      (N, 2C, H, W) is viewed as (N C, H, W, 2) (``.view`` on contiguous memory): pixel
+      (i, j) of channel c takes its (delta_row, delta_col) from the flat positions
+      ``2 (i W + j)`` and ``2 (i W + j) + 1`` of the 2 H W values that conv channels
       ``2c`` and ``2c + 1`` form together. So the first half of the map's pixels read
       both components from channel ``2c`` and the second half from ``2c + 1``; it is
-      not ``(d_row, d_col) = (t[2c], t[2c+1])`` at the same pixel.
-    - **Border clamping.** Positions are clamped to [0, h-1] and [0, w-1] per axis
+      not ``(delta_row, delta_col) = (t[2c], t[2c+1])`` at the same pixel.
+    - **Border clamping.** Positions are clamped to [0, H-1] and [0, W-1] per axis
       (border replication), not zero-padded.
     - **Zero coordinate gradient at integer positions.** The corners are floor and ceil,
       which coincide at an integer coordinate, so the offset gradient is 0 there (at
@@ -525,8 +525,8 @@ class ConvOffset2D(Block):
     rng, dtype, backend : as :class:`DeformConv2d`
 
     State: ``weight`` (2 filters, filters, 3, 3).
-    ``forward(x, training=False)``; ``backward`` returns ``((d_x,), {"weight": ...})``,
-    d_x including the path through the offset conv.
+    ``forward(x, training=False)``; ``backward`` returns ``((dx,), {"weight": ...})``,
+    dx including the path through the offset conv.
 
     ``x`` may be a CUDA array (needs CuPy): the weight is copied to the device for the
     call, the offset convolution runs in CuPy and the sampling on the "cuda" backend, and
@@ -546,22 +546,22 @@ class ConvOffset2D(Block):
     def forward(self, x, *, training=False):
         _, x = self._placed_input("x", x, 4, self.filters)
         self._check_image("x", x, "the seed's 3x3 offset convolution, padding 1, refuses an empty image in PyTorch")
-        b, c, h, w = x.shape
-        t, conv_cache = self._conv("", x, stride=1, padding=1)  # (b, 2c, h, w)
-        off = t.reshape(b * c, h, w, 2)  # the seed's .view(b*c, h, w, 2) of the same memory
-        y, map_cache = batch_map_offsets_forward(x.reshape(b * c, h, w), off, backend=self.backend)  # (b*c, h, w)
-        return y.reshape(b, c, h, w), ConvOffset2DCache(x.shape, conv_cache, map_cache)
+        N, C, H, W = x.shape
+        t, conv_cache = self._conv("", x, stride=1, padding=1)  # (N, 2C, H, W)
+        off = t.reshape(N * C, H, W, 2)  # the seed's .view(b*c, h, w, 2) of the same memory
+        y, map_cache = batch_map_offsets_forward(x.reshape(N * C, H, W), off, backend=self.backend)  # (N C, H, W)
+        return y.reshape(N, C, H, W), ConvOffset2DCache(x.shape, conv_cache, map_cache)
 
     def backward(self, grad_out, cache):
-        b, c, h, w = cache.x_shape
+        N, C, H, W = cache.x_shape
         xp = array_module(cache.conv.weight)  # the forward's side: NumPy or CuPy
         params = self.zero_grads(xp)
         grad_out = like_forward(type(self).__name__, "grad_out", grad_out, xp)
-        grad_out = self._check_input("grad_out", grad_out, 4, c, xp=xp)
-        if grad_out.shape != (b, c, h, w):
-            raise ValueError(f"{type(self).__name__}: grad_out must have shape {(b, c, h, w)}, got {tuple(grad_out.shape)}")
-        g = batch_map_offsets_backward(grad_out.reshape(b * c, h, w), cache.sampling)
-        d_t = g["offsets"].reshape(b, 2 * c, h, w)  # (b, 2c, h, w): undo the reinterpretation
-        d_x_conv = self._conv_backward("", d_t, cache.conv, params)  # (b, c, h, w)
-        d_x = g["input"].reshape(b, c, h, w) + d_x_conv  # (b, c, h, w)
-        return (d_x,), params
+        grad_out = self._check_input("grad_out", grad_out, 4, C, xp=xp)
+        if grad_out.shape != (N, C, H, W):
+            raise ValueError(f"{type(self).__name__}: grad_out must have shape {(N, C, H, W)}, got {tuple(grad_out.shape)}")
+        g = batch_map_offsets_backward(grad_out.reshape(N * C, H, W), cache.sampling)
+        dt = g["offsets"].reshape(N, 2 * C, H, W)  # (N, 2C, H, W): undo the reinterpretation
+        dx_conv = self._conv_backward("", dt, cache.conv, params)  # (N, C, H, W)
+        dx = g["input"].reshape(N, C, H, W) + dx_conv  # (N, C, H, W)
+        return (dx,), params

@@ -16,12 +16,12 @@ cpu.py's kernels are cached on disk (``cache=True``, in the folder ``npattn._num
 chooses), and Numba keys a kernel's cache on its own file: after editing this file, clear
 that folder (or touch cpu.py) so that the kernels are compiled again with the new helpers.
 
-Notation, for a sample position (p_y, p_x) inside the image's support::
+Notation, for a sample position (py, px) inside the image's support::
 
-    y0 = floor(p_y), x0 = floor(p_x), ly = p_y - y0, lx = p_x - x0, hy = 1 - ly, hx = 1 - lx
+    y0 = floor(py), x0 = floor(px), ly = py - y0, lx = px - x0, hy = 1 - ly, hx = 1 - lx
     value  = hy hx v00 + hy lx v01 + ly hx v10 + ly lx v11,   vab = v(y0 + a, x0 + b)
-    d value / d p_y = lx (v11 - v01) + hx (v10 - v00)
-    d value / d p_x = ly (v11 - v10) + hy (v01 - v00)
+    jy = d value / d py = lx (v11 - v01) + hx (v10 - v00)
+    jx = d value / d px = ly (v11 - v10) + hy (v01 - v00)
 
 and, for the seed's clamped sampling of ``th_batch_map_coordinates`` (numpy.py, second
 part), the corners floor and ceil of the clamped coordinates.
@@ -47,7 +47,7 @@ __all__ = [
 
 
 def in_support(py, px, H, W, inclusive):
-    """Whether (p_y, p_x) has an in-image corner: ``-1 < p < size`` on both axes, or
+    """Whether (py, px) has an in-image corner: ``-1 < p < size`` on both axes, or
     ``-1 <= p`` when ``inclusive`` (torchvision's offset-gradient support). False for
     NaN and +-inf, so a position that fails it never reaches an integer conversion."""
     if inclusive:
@@ -76,7 +76,7 @@ def bilinear(w00, w01, w10, w11, v00, v01, v10, v11):
 
 
 def position_grads(ly, lx, hy, hx, v00, v01, v10, v11):
-    """``(d value / d p_y, d value / d p_x)`` on the cell (the one-sided derivative from
+    """``(d value / d py, d value / d px)`` on the cell (the one-sided derivative from
     above at an integer position, as torchvision)."""
     jy = lx * (v11 - v01) + hx * (v10 - v00)
     jx = ly * (v11 - v10) + hy * (v01 - v00)

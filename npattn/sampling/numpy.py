@@ -1,46 +1,50 @@
 """Bilinear sampling in vectorised NumPy: the definition the other backends are checked against.
 
-Two kinds of sampling live here.
+Two kinds of sampling live here. Their derivation, forward and backward line by line,
+is the module docstring of :mod:`npattn.blocks.deform` (``npattn explain DeformConv2d``
+walks it on the functions below); the notation is the same: positions (py, px), offset
+components (delta_y, delta_x), corners (y0, x0), (y0, x1), (y1, x0), (y1, x1) with
+values v00, v01, v10, v11 and weights w00, w01, w10, w11, and a ``d`` prefix only on
+gradients.
 
 **Deformable convolution** (torchvision.ops.deform_conv2d, ONNX DeformConv, mmcv). For
 image ``n``, input channel ``c`` in offset group ``g = c // (C // G)``, kernel tap
 ``(i, j)`` with ``k = i * kw + j`` (``K = kh * kw``) and output pixel ``(oy, ox)``::
 
-    dy = offset[n, 2 (g K + k), oy, ox]        dx = offset[n, 2 (g K + k) + 1, oy, ox]
-    m  = mask[n, g K + k, oy, ox]              (1 when there is no mask)
-    p_y = oy s_h - pad_h + i d_h + dy          p_x = ox s_w - pad_w + j d_w + dx
-    cols[n, c, i, j, oy, ox] = m * bilinear(x[n, c], p_y, p_x)
+    delta_y = offset[n, 2 (g K + k), oy, ox]      delta_x = offset[n, 2 (g K + k) + 1, oy, ox]
+    m  = mask[n, g K + k, oy, ox]                 (1 when there is no mask)
+    py = oy s_h - pad_h + i d_h + delta_y         px = ox s_w - pad_w + j d_w + delta_x
+    xs = bilinear(x[n, c], py, px)                cols[n, c, i, j, oy, ox] = m * xs
 
-The base position ``oy s_h - pad_h + i d_h`` is an integer, converted to the dtype of
-``x`` before the offset is added (torchvision's order of operations).
+(:func:`sample_positions`, :func:`bilinear_sample`, :func:`deform_im2col`). The base
+position ``oy s_h - pad_h + i d_h`` is an integer, converted to the dtype of ``x``
+before the offset is added (torchvision's order of operations).
 
-``bilinear(img, p_y, p_x)`` is torchvision's rule: it is 0 when ``p_y <= -1``,
-``p_y >= H``, ``p_x <= -1`` or ``p_x >= W``; otherwise with ``y0 = floor(p_y)``,
-``x0 = floor(p_x)``, ``ly = p_y - y0``, ``lx = p_x - x0``, ``hy = 1 - ly``, ``hx = 1 - lx``::
+``bilinear(img, py, px)`` is torchvision's rule: 0 when ``py <= -1``, ``py >= H``,
+``px <= -1`` or ``px >= W``; otherwise, with ``y0 = floor(py)``, ``x0 = floor(px)``,
+``y1 = y0 + 1``, ``x1 = x0 + 1``, ``ly = py - y0``, ``lx = px - x0``, ``hy = 1 - ly``,
+``hx = 1 - lx``::
 
-    bilinear = hy hx v(y0, x0) + hy lx v(y0, x0+1) + ly hx v(y0+1, x0) + ly lx v(y0+1, x0+1)
+    xs = w00 v00 + w01 v01 + w10 v10 + w11 v11,   w00 = hy hx, w01 = hy lx, w10 = ly hx, w11 = ly lx
 
-where ``v(r, s)`` is the pixel when ``0 <= r < H`` and ``0 <= s < W`` and 0 otherwise
-(corners outside the image contribute 0, i.e. zero padding).
+summed in that order, with ``vab`` the pixel (ya, xb) when it is in the image and 0
+otherwise (zero padding).
 
-Gradients (``D = d_cols[n, c, i, j, oy, ox]``, sums over the channels ``c`` of group g)::
+The gradients, for ``dcols`` the gradient of the columns and ``dxs = m * dcols``:
+:func:`deform_col2im` gives ``dx`` (every sample adds ``wab * dxs`` to its corner (ya,
+xb), summed in float64), and :func:`deform_col2im_coord` gives ``doffset``, the pairs
+``(dpy, dpx)`` with ``dpy = sum_c (m jy) dcols``, ``jy = hx (v10 - v00) + lx (v11 - v01)``,
+``dpx = sum_c (m jx) dcols``, ``jx = hy (v01 - v00) + ly (v11 - v10)`` (the derivative on
+the cell [y0, y0 + 1] x [x0, x0 + 1], i.e. from the right at an integer position), and
+``dmask = sum_c dcols * xs``. The products are in this order (``m jy`` first) in every
+backend. Their support at the border is the ``border_grad`` argument of
+:func:`deform_col2im_coord`:
 
-    d_x[n, c, r, s]     += m * (corner weight of (r, s)) * D         (deform_col2im)
-    d_offset(dy)        = sum_c m * D * (lx (v(y0+1, x0+1) - v(y0, x0+1)) + hx (v(y0+1, x0) - v(y0, x0)))
-    d_offset(dx)        = sum_c m * D * (ly (v(y0+1, x0+1) - v(y0+1, x0)) + hy (v(y0, x0+1) - v(y0, x0)))
-    d_mask              = sum_c D * bilinear(x[n, c], p_y, p_x)
-
-The offset gradient is the derivative of the bilinear formula on the cell
-``[y0, y0 + 1] x [x0, x0 + 1]`` with ``y0 = floor(p_y)``: the one-sided derivative from
-the right. At an integer position (zero offsets included) a central finite difference
-therefore disagrees with it; elsewhere it is the exact derivative. Its support at the
-border is a convention, the ``border_grad`` argument of :func:`deform_col2im_coord`:
-
-* ``"torchvision"`` (default): no range test of its own; it is nonzero wherever a corner
-  of the cell is inside the image, i.e. on ``[-1, H) x [-1, W)``, which includes
-  ``p_y = -1`` or ``p_x = -1`` exactly (the forward is 0 there, its right-hand
-  derivative is not). torchvision's behaviour (pytorch/vision issue #6885).
-* ``"mmcv"``: 0 unless ``-1 < p_y < H`` and ``-1 < p_x < W``, the support of the sample
+* ``"torchvision"`` (default): no range test of its own; nonzero wherever a corner of
+  the cell is inside the image, i.e. on ``[-1, H) x [-1, W)``, which includes ``py = -1``
+  or ``px = -1`` exactly (the forward is 0 there, its right-hand derivative is not).
+  torchvision's behaviour (pytorch/vision issue #6885).
+* ``"mmcv"``: 0 unless ``-1 < py < H`` and ``-1 < px < W``, the support of the sample
   itself (mmcv's ``get_coordinate_weight`` tests ``p <= -1 || p >= size`` first).
 
 The two differ only at positions exactly at -1 on either axis (at ``p >= H`` or
@@ -48,17 +52,17 @@ The two differ only at positions exactly at -1 on either axis (at ``p >= H`` or
 
 **The seed's clamped sampling** (oeway/pytorch-deform-conv ``th_batch_map_coordinates``)::
 
-    r = clamp(row, 0, H - 1)    c = clamp(col, 0, W - 1)       (each axis on its own)
-    r0 = floor(r), r1 = ceil(r), c0 = floor(c), c1 = ceil(c), fr = r - r0, fc = c - c0
-    top    = fr (x[r1, c0] - x[r0, c0]) + x[r0, c0]
-    bottom = fr (x[r1, c1] - x[r0, c1]) + x[r0, c1]
-    out    = fc (bottom - top) + top
+    r = clamp(row, 0, H - 1)    q = clamp(col, 0, W - 1)       (each axis on its own)
+    y0 = floor(r), y1 = ceil(r), x0 = floor(q), x1 = ceil(q), ly = r - y0, lx = q - x0
+    vx0 = ly (v10 - v00) + v00      (column x0, interpolated along y)
+    vx1 = ly (v11 - v01) + v01      (column x1)
+    out = lx (vx1 - vx0) + vx0
 
-(the seed names them "t" and "b" although they are the left and right columns; the value
-is ordinary bilinear interpolation with border replication). Because the corners are
-floor and *ceil*, at an integer coordinate both corners coincide and the coordinate
-gradient is 0; the clamp passes the gradient on ``[0, H - 1]`` (bounds included, as
-``torch.clamp``) and blocks it strictly outside.
+(the seed calls vx0 and vx1 "t" and "b" although they are the left and right columns;
+the value is ordinary bilinear interpolation with border replication). Because the
+corners are floor and *ceil*, at an integer coordinate both corners coincide and the
+coordinate gradient is 0; the clamp passes the gradient on ``[0, H - 1]`` (bounds
+included, as ``torch.clamp``) and blocks it strictly outside.
 
 **Non-finite positions.** A position (or coordinate pair) with a NaN or infinite
 component samples 0 and gets zero gradients (input, offset, mask), except that the seed's
@@ -106,9 +110,9 @@ class _Cells:
 
     idx: tuple  # 4 x int64 (N, G, K, L): flat pixel index y*W + x of the corners 00, 01, 10, 11 (0 where invalid)
     valid: tuple  # 4 x bool (N, G, K, L): corner inside the image and position in the gradient support
-    sample: np.ndarray  # bool (N, G, K, L): -1 < p_y < H and -1 < p_x < W (and finite)
-    ly: np.ndarray  # (N, G, K, L) dtype of x: p_y - y0 (0 where not in the support)
-    lx: np.ndarray  # (N, G, K, L): p_x - x0
+    sample: np.ndarray  # bool (N, G, K, L): -1 < py < H and -1 < px < W (and finite)
+    ly: np.ndarray  # (N, G, K, L) dtype of x: py - y0 (0 where not in the support)
+    lx: np.ndarray  # (N, G, K, L): px - x0
     hy: np.ndarray  # (N, G, K, L): 1 - ly
     hx: np.ndarray  # (N, G, K, L): 1 - lx
 
@@ -217,7 +221,7 @@ def _corner_values(xg, cells, use_sample):
 
 
 def _bilinear(xg, cells):
-    """bilinear(x[n, c], p_y, p_x) for every sample: (N, G, Cg, K, L).
+    """bilinear(x[n, c], py, px) for every sample: (N, G, Cg, K, L).
 
     Summed corner by corner in the order w00 v00 + w01 v01 + w10 v10 + w11 v11."""
     weights = (cells.hy * cells.hx, cells.hy * cells.lx, cells.ly * cells.hx, cells.ly * cells.lx)  # (N, G, K, L) each
@@ -242,7 +246,7 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     Parameters
     ----------
     x : (N, C, H, W)
-    offset : (N, 2 G kh kw, out_h, out_w), (dy, dx) pairs per group and tap
+    offset : (N, 2 G kh kw, out_h, out_w), (delta_y, delta_x) pairs per group and tap
     mask : (N, G kh kw, out_h, out_w) or None (all ones)
     kernel_hw, stride, padding, dilation, out_hw : pairs of ints
     offset_groups : G, dividing C
@@ -250,7 +254,7 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     Returns
     -------
     cols : (N, C, kh, kw, out_h, out_w), dtype of x:
-        ``cols[n, c, i, j, oy, ox] = m * bilinear(x[n, c], p_y, p_x)`` (module docstring).
+        ``cols[n, c, i, j, oy, ox] = m * bilinear(x[n, c], py, px)`` (module docstring).
     """
     n, c, height, width = x.shape
     weight_h, weight_w = kernel_hw
@@ -279,13 +283,13 @@ def _scatter_add(flat_size, pairs, dtype):
 def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dilation, offset_groups):
     """Adjoint of :func:`deform_im2col` with respect to ``x``.
 
-    Every column entry ``D = d_cols[n, c, i, j, oy, ox]`` whose position samples a nonzero
-    value adds ``m * w * D`` to each of its (in-image) corners, ``w`` the corner's
-    bilinear weight (``hy hx``, ``hy lx``, ``ly hx``, ``ly lx``).
+    Every sample whose position is in the sampling support adds ``wab * dxs`` to each of
+    its (in-image) corners (ya, xb), ``dxs = m * dcols``, ``wab`` the corner's bilinear
+    weight (w00 = hy hx, w01 = hy lx, w10 = ly hx, w11 = ly lx).
 
     Returns
     -------
-    d_x : ndarray of ``x_shape`` (N, C, H, W), dtype of d_cols
+    dx : ndarray of ``x_shape`` (N, C, H, W), dtype of d_cols
     """
     n, c, height, width = x_shape
     weight_h, weight_w, out_h, out_w = d_cols.shape[2:]
@@ -324,8 +328,8 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
 
     Returns
     -------
-    d_offset : shape of offset, dtype of x
-    d_mask : shape of mask, or None when mask is None
+    doffset : shape of offset, dtype of x
+    dmask : shape of mask, or None when mask is None
     """
     border_grad = check_border_grad("deform_col2im_coord", border_grad)
     if cols_out is not None:
@@ -420,19 +424,19 @@ def map_coordinates_clamped_backward(d_out, x, coords):
 
     Backward, in reverse order of the forward (NaN pairs get 0 everywhere)::
 
-        d_left  = d_out (1 - fc)           d_right = d_out fc
-        d_fc    = d_out (right - left)
-        d_fr    = d_left (v(r1, c0) - v(r0, c0)) + d_right (v(r1, c1) - v(r0, c1))
-        d_x[r0, c0] += d_left (1 - fr)     d_x[r1, c0] += d_left fr
-        d_x[r0, c1] += d_right (1 - fr)    d_x[r1, c1] += d_right fr
-        d_row   = d_fr  where 0 <= row <= H-1, else 0     (r0 = floor is a constant)
-        d_col   = d_fc  where 0 <= col <= W-1, else 0
+        dvx0 = dout (1 - lx)             dvx1 = dout lx
+        dlx  = dout (vx1 - vx0)
+        dly  = dvx0 (v10 - v00) + dvx1 (v11 - v01)
+        dx[y0, x0] += dvx0 (1 - ly)      dx[y1, x0] += dvx0 ly
+        dx[y0, x1] += dvx1 (1 - ly)      dx[y1, x1] += dvx1 ly
+        drow = dly  where 0 <= row <= H-1, else 0     (y0 = floor is a constant)
+        dcol = dlx  where 0 <= col <= W-1, else 0
 
-    At an integer coordinate r0 == r1, so ``d_fr`` is 0 (likewise for columns).
+    At an integer coordinate y0 == y1, so ``dly`` is 0 (likewise for columns).
 
     Returns
     -------
-    d_x : (B, H, W), d_coords : (B, P, 2); dtype of x.
+    dx : (B, H, W), dcoords : (B, P, 2); dtype of x.
     """
     cells = _clamped_cells(x.shape, coords)
     flat = x.reshape(-1)
