@@ -79,7 +79,8 @@ Op vocabulary of the tags (``npattn.functional``'s forward functions, value only
 ``batch_norm(x, gamma, beta, running_mean, running_var, training, eps=1e-5)``,
 ``concat([a, b], axis)``, ``einsum``, ``np``, ``param(key)``, ``buffer(key)``, ``attr(name)``;
 for deformable convolution ``sample_positions(offset, kernel_hw, stride, padding, dilation)``,
-``bilinear_sample(x, py, px)`` (``npattn.sampling.numpy``) and ``conv_cols(Wd, cols, b, out_hw)``.
+``bilinear_sample(x, py, px)``, ``map_coordinates_clamped(maps, coords)`` (the seed's sampling;
+all three from ``npattn.sampling.numpy``) and ``conv_cols(Wd, cols, b, out_hw)``.
 
 What is checked
 ---------------
@@ -140,7 +141,10 @@ cases' configurations the derivation describes, for ``npattn exercise check``).
 ``tests/test_explain.py`` then walks it. Two blocks in one module share the lines: the
 second one's :attr:`Example.override` is text of the line (ending in ``::``) that
 introduces a literal block whose lines replace those of the same symbols (SEModule's
-bindings in ``npattn/blocks/se.py``); the same serves an option's variant lines.
+bindings in ``npattn/blocks/se.py``); the same serves an option's variant lines. A block
+whose lines share little with the first one's has a section of its own:
+:attr:`Example.section` is its title line, and the first ``Forward``/``Backward`` blocks
+after it are walked (ConvOffset2D in ``npattn/blocks/deform.py``).
 """
 
 from __future__ import annotations
@@ -178,6 +182,7 @@ class Example:
     fixtures: object = None  # callable config -> bool: the golden cases the derivation describes
     forward_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of forward (backend="numpy")
     trace: tuple = ()  # modules whose functions the walk also records (the functional op the block calls)
+    section: str | None = None  # title line of the docstring section whose Forward/Backward blocks are walked
 
 
 def _se(rng):
@@ -231,6 +236,19 @@ def _modulated_deform(rng):
                                      rng=rng, dtype=np.float64, backend="numpy")
 
 
+def _deform_pack(rng):
+    from .blocks.deform import DeformConv2dPack
+
+    return DeformConv2dPack(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(1, 2), groups=2, deform_groups=2,
+                            rng=rng, dtype=np.float64, backend="numpy")
+
+
+def _conv_offset(rng):
+    from .blocks.deform import ConvOffset2D
+
+    return ConvOffset2D(3, rng=rng, dtype=np.float64, backend="numpy")
+
+
 _DEFORM_TRACE = ("npattn.functional.deform", "npattn.sampling.numpy")
 
 EXAMPLES = [
@@ -253,6 +271,10 @@ EXAMPLES = [
     Example("ModulatedDeformConv2dPack", "npattn.blocks.deform", _modulated_deform, {"x": (2, 4, 7, 6)},
             override="``npattn explain ModulatedDeformConv2dPack`` walks", trace=_DEFORM_TRACE,
             fixtures=lambda c: c.get("bias", True) and c.get("border_grad", "mmcv") == "torchvision"),
+    Example("DeformConv2dPack", "npattn.blocks.deform", _deform_pack, {"x": (2, 4, 6, 7)}, trace=_DEFORM_TRACE,
+            section="DeformConv2dPack, line by line", fixtures=lambda c: c.get("border_grad", "mmcv") == "torchvision"),
+    Example("ConvOffset2D", "npattn.blocks.deform", _conv_offset, {"x": (2, 3, 5, 4)}, trace=_DEFORM_TRACE,
+            section="ConvOffset2D", fixtures=lambda c: True),
 ]
 
 
@@ -403,13 +425,20 @@ def _apply_override(lines, heading, fwd, bwd, where):
                               f"replace no line and come before none that does")
 
 
-def parse_derivation(doc: str, where="docstring", override=None) -> Derivation:
+def parse_derivation(doc: str, where="docstring", override=None, section=None) -> Derivation:
     """The Forward and Backward lines of a module docstring (format: this module's docstring).
 
     ``override``: text of a line ending in ``::`` whose literal block replaces
     lines of the same symbols (a second block of the module, an option); a line with a
-    new symbol is inserted before the next line of that block that replaces one."""
+    new symbol is inserted before the next line of that block that replaces one.
+    ``section``: a title line of the docstring; the first Forward and Backward blocks after
+    it are walked (a second block of the module with lines of its own)."""
     lines = doc.splitlines()
+    if section:
+        at = next((i for i, ln in enumerate(lines) if ln.strip() == section), None)
+        if at is None:
+            raise DerivationError(f"{where}: the module docstring has no line {section!r}")
+        lines = [""] * at + lines[at:]  # line numbers stay those of the docstring
     result = []
     for marker in ("Forward::", "Backward::"):
         parsed = _parse_block(_literal_block(lines, marker, where), where)
@@ -430,14 +459,14 @@ def parse_derivation(doc: str, where="docstring", override=None) -> Derivation:
     return Derivation(fwd, bwd)
 
 
-def derivation_of(module_name: str, override=None) -> Derivation:
+def derivation_of(module_name: str, override=None, section=None) -> Derivation:
     mod = importlib.import_module(module_name)
-    return parse_derivation(mod.__doc__ or "", module_name, override)
+    return parse_derivation(mod.__doc__ or "", module_name, override, section)
 
 
 def derivation_for(example: "Example") -> Derivation:
     """The derivation an example walks (its module's, with its override applied)."""
-    return derivation_of(example.module, example.override)
+    return derivation_of(example.module, example.override, example.section)
 
 
 # ---- the op vocabulary -------------------------------------------------------------------
@@ -488,6 +517,7 @@ def _vocabulary():
         # deformable convolution (npattn.blocks.deform), on the readable NumPy sampling
         "bilinear_sample": _deform_ops()["bilinear_sample"],
         "conv_cols": _deform_ops()["conv_cols"],
+        "map_coordinates_clamped": _deform_ops()["map_coordinates_clamped"],
         "sample_positions": _deform_ops()["sample_positions"],
         "None": None,
         "True": True,
@@ -509,7 +539,8 @@ def _deform_ops():
         y = np.einsum("gok,ngkl->ngol", Wd.reshape(Gw, C_out // Gw, -1), X).reshape((N, C_out) + tuple(out_hw))
         return y if b is None else y + b[None, :, None, None]
 
-    return {"bilinear_sample": S.bilinear_sample, "conv_cols": conv_cols, "sample_positions": S.sample_positions}
+    return {"bilinear_sample": S.bilinear_sample, "conv_cols": conv_cols,
+            "map_coordinates_clamped": S.map_coordinates_clamped, "sample_positions": S.sample_positions}
 
 
 def _eval(tag, env):

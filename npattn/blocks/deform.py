@@ -133,19 +133,46 @@ Backward, for dy = dL/dy (dy_g: dy's channels of weight group g as (Co / Gw, L))
 The jy, jx above are on the cell with the torchvision convention (``border_grad``);
 the walk's positions are random, away from integers and from -1.
 
-The Pack layers
----------------
+DeformConv2dPack, line by line
+------------------------------
 
-``DeformConv2dPack`` (no mask, no bias: mmcv asserts ``bias=False``) predicts the
-offset with a conv of the layer's kernel, stride, padding and dilation; the lines of
-DeformConv2d above with ``m = 1`` and ``b = 0``, and::
+mmcv's DCNv1 layer (no mask, no bias: mmcv asserts ``bias=False``) predicts the offset
+with a conv of the layer's kernel, stride, padding and dilation. Its lines are
+DeformConv2d's with ``m = 1`` (so cols = xs) and no b, after the offset conv;
+``npattn explain DeformConv2dPack`` walks them.
 
-    Woff = conv_offset.weight      (2 G K, C, kh, kw)
-    boff = conv_offset.bias        (2 G K,)
-    offset = conv(x, Woff, boff)   (N, 2 G K, Ho, Wo)
-    ...
-    dWoff, dboff, dx_offset = conv backward of doffset
-    dx = col2im(dxs) + dx_offset   (N, C, H, W)       x reaches y through the samples and the offsets
+Forward, for x (N, C, H, W)::
+
+    Wd = weight                    (Co, Cw, kh, kw)  the kernel                   [param("weight")]
+    stride = (s_h, s_w)            (2,)                                           [attr("stride")]
+    padding = (pad_h, pad_w)       (2,)                                           [attr("padding")]
+    dilation = (d_h, d_w)          (2,)                                           [attr("dilation")]
+    Woff = conv_offset.weight      (T, C, kh, kw)    T = 2 G K                    [param("conv_offset.weight")]
+    boff = conv_offset.bias        (T,)                                           [param("conv_offset.bias")]
+    offset = conv(x, Woff, boff)   (N, T, Ho, Wo)    the layer's stride, padding, dilation  [conv2d(x, Woff, boff, stride=(int(stride[0]), int(stride[1])), padding=(int(padding[0]), int(padding[1])), dilation=(int(dilation[0]), int(dilation[1])))]
+    py = oy s_h - pad_h + i d_h + delta_y
+                                   (N, G, K, L)      the sample rows              [sample_positions(offset, Wd.shape[2:], stride, padding, dilation)[0]]
+    px = ox s_w - pad_w + j d_w + delta_x
+                                   (N, G, K, L)      the sample columns           [sample_positions(offset, Wd.shape[2:], stride, padding, dilation)[1]]
+    xs = bilinear(x, py, px)       (N, G, Cg, K, L)  the columns: X_g = xs as (Cw K, L)  [bilinear_sample(x, py, px)]
+    y = Wd_g X_g                   (N, Co, Ho, Wo)   the convolution as a product  [conv_cols(Wd, xs, None, offset.shape[2:])]
+
+Backward, for dy = dL/dy::
+
+    dWd = sum_n dy_g X_g^T         (Co, Cw, kh, kw)  y is linear in Wd
+    dxs = Wd_g^T dy_g              (N, G, Cg, K, L)  y is linear in X_g (the code's dcols: m = 1)
+    dpy = sum_c dxs * jy           (N, G, K, L)      xs depends on py through the cell
+    dpx = sum_c dxs * jx           (N, G, K, L)
+    doffset = (dpy, dpx) interleaved
+                                   (N, T, Ho, Wo)    py = base + delta_y
+    dWoff = conv weight gradient   (T, C, kh, kw)    the correlation of doffset with x
+    dboff = sum_{n, oy, ox} doffset
+                                   (T,)
+    dx = col2im(dxs) + conv backward of doffset
+                                   (N, C, H, W)      x reaches y through the samples and the offsets
+
+ModulatedDeformConv2dPack
+-------------------------
 
 ``ModulatedDeformConv2dPack`` predicts offset and mask from one conv of 3 G K channels,
 split in three as ``torch.chunk(t, 3, dim=1)``: the first two thirds are the offset
@@ -176,25 +203,42 @@ The seed's layer: a ``Conv2d(C, 2C, 3, padding=1, bias=False)`` predicts an offs
 per channel and pixel, and every channel is resampled at its own grid plus offset
 with the seed's clamped sampling (:func:`npattn.functional.batch_map_offsets`, whose
 sampling and adjoint are ``map_coordinates_clamped`` and its backward in
-``npattn/sampling/numpy.py``)::
+``npattn/sampling/numpy.py``). For a map b = n C + c and a coordinate pair (row, col)
+of ``coords[b]``::
 
-    t = conv(x, Wt)                (N, 2C, H, W)
-    off = t.reshape(N C, H, W, 2)  (N C, H, W, 2)    memory reinterpretation, not a permute
-    r = clamp(i + off[..., 0], 0, H - 1),  q = clamp(j + off[..., 1], 0, W - 1)
+    r = clamp(row, 0, H - 1)       q = clamp(col, 0, W - 1)       (each axis on its own)
     y0, y1 = floor(r), ceil(r)     x0, x1 = floor(q), ceil(q)     ly = r - y0, lx = q - x0
     vx0 = ly (v10 - v00) + v00     vx1 = ly (v11 - v01) + v01     (columns x0 and x1)
-    y = lx (vx1 - vx0) + vx0       (N, C, H, W)
+    value = lx (vx1 - vx0) + vx0
 
-    dvx0 = dy (1 - lx),  dvx1 = dy lx,  dlx = dy (vx1 - vx0)
-    dly = dvx0 (v10 - v00) + dvx1 (v11 - v01)
+and its adjoint, for the value's gradient dv::
+
+    dvx0 = dv (1 - lx),  dvx1 = dv lx,  dlx = dv (vx1 - vx0),  dly = dvx0 (v10 - v00) + dvx1 (v11 - v01)
     dx_sample[y0, x0] += dvx0 (1 - ly),  [y1, x0] += dvx0 ly,  [y0, x1] += dvx1 (1 - ly),  [y1, x1] += dvx1 ly
-    doff = (dly where 0 <= row <= H - 1, dlx where 0 <= col <= W - 1), else 0   (the clamp)
-    dt = doff.reshape(N, 2C, H, W)  (undo the reinterpretation)
-    dWt, dx_conv = conv backward of dt
-    dx = dx_sample + dx_conv
+    (drow, dcol) = (dly where 0 <= row <= H - 1, dlx where 0 <= col <= W - 1), else 0   (the clamp)
 
 With floor and ceil as corners, at an integer coordinate y0 = y1 and dly = 0 (likewise
 dlx): the seed's behaviour, kept. See the class docstring for the layer's quirks.
+``npattn explain ConvOffset2D`` walks these lines.
+
+Forward, for x (N, C, H, W)::
+
+    Wt = weight                    (T, C, 3, 3)      T = 2 C, no bias              [param("weight")]
+    t = conv(x, Wt), padding 1     (N, T, H, W)                                   [conv2d(x, Wt, padding=1)]
+    off = t.reshape(N C, H, W, 2)  (N*C, H, W, 2)    the seed's .view: memory reinterpretation, not a permute  [t.reshape(-1, t.shape[2], t.shape[3], 2)]
+    coords = (i, j) + off          (N*C, H*W, 2)     (row, col) of every pixel of every map  [off.reshape(off.shape[0], -1, 2) + np.stack(np.meshgrid(np.arange(off.shape[1]), np.arange(off.shape[2]), indexing="ij"), -1).reshape(-1, 2)]
+    y = value at coords            (N, C, H, W)      the clamped bilinear sample of map n C + c  [map_coordinates_clamped(x.reshape(coords.shape[0], x.shape[2], x.shape[3]), coords).reshape(x.shape)]
+
+Backward, for dy = dL/dy::
+
+    dcoords = (drow, dcol)         (N*C, H*W, 2)     the adjoint above, dv = dy
+    doff = dcoords as (N C, H, W, 2)
+                                   (N*C, H, W, 2)    coords = grid + off: the grid is constant
+    dt = doff.reshape(N, 2C, H, W)  (N, T, H, W)     undo the reinterpretation (the same memory)
+    dWt = conv weight gradient     (T, C, 3, 3)      the correlation of dt with x
+    dx = dx_sample + conv backward of dt
+                                   (N, C, H, W)      x reaches y through the samples (dx_sample, the
+                                                     scatter above) and through t
 """
 
 from __future__ import annotations
@@ -549,8 +593,9 @@ class ConvOffset2D(Block):
         N, C, H, W = x.shape
         t, conv_cache = self._conv("", x, stride=1, padding=1)  # (N, 2C, H, W)
         off = t.reshape(N * C, H, W, 2)  # the seed's .view(b*c, h, w, 2) of the same memory
-        y, map_cache = batch_map_offsets_forward(x.reshape(N * C, H, W), off, backend=self.backend)  # (N C, H, W)
-        return y.reshape(N, C, H, W), ConvOffset2DCache(x.shape, conv_cache, map_cache)
+        y_maps, map_cache = batch_map_offsets_forward(x.reshape(N * C, H, W), off, backend=self.backend)  # (N C, H, W)
+        y = y_maps.reshape(N, C, H, W)  # (N, C, H, W)
+        return y, ConvOffset2DCache(x.shape, conv_cache, map_cache)
 
     def backward(self, grad_out, cache):
         N, C, H, W = cache.x_shape
@@ -561,7 +606,8 @@ class ConvOffset2D(Block):
         if grad_out.shape != (N, C, H, W):
             raise ValueError(f"{type(self).__name__}: grad_out must have shape {(N, C, H, W)}, got {tuple(grad_out.shape)}")
         g = batch_map_offsets_backward(grad_out.reshape(N * C, H, W), cache.sampling)
-        dt = g["offsets"].reshape(N, 2 * C, H, W)  # (N, 2C, H, W): undo the reinterpretation
+        doff = g["offsets"]  # (N C, H, W, 2)
+        dt = doff.reshape(N, 2 * C, H, W)  # (N, 2C, H, W): undo the reinterpretation
         dx_conv = self._conv_backward("", dt, cache.conv, params)  # (N, C, H, W)
         dx = g["input"].reshape(N, C, H, W) + dx_conv  # (N, C, H, W)
         return (dx,), params
