@@ -112,6 +112,11 @@ Notation (one across the package)
 - ``s`` a pooled (squeezed) vector, ``h`` a hidden pre-activation, ``a = act(h)``,
   ``z`` a gate's pre-activation, ``g = sigmoid(z)`` a gate;
 - one value per pool, branch or head is ``SYM_t`` (``v_avg``, ``v_max``).
+- bilinear sampling (``npattn/blocks/deform.py``): positions ``py, px``, offset components
+  ``delta_y, delta_x`` (never ``dy, dx``), the corners (y0, x0), (y0, x1), (y1, x0),
+  (y1, x1) with values ``v00, v01, v10, v11`` and weights ``w00 .. w11``, the fractions
+  ``ly, lx`` and ``hy = 1 - ly, hx = 1 - lx``; ``jy, jx`` the sample's derivatives in
+  the position.
 
 Where the code's values are found
 ---------------------------------

@@ -56,8 +56,8 @@ from the right (zero offsets are such a point; a central difference disagrees th
 im2col as a matrix. The columns ``cols = m * xs`` (m the mask, 1 without one) hold,
 for every channel c, tap k and output pixel l, the modulated sample. For weight group
 g they form a matrix ``X_g`` of Cw K rows (channel-major, then tap) and L columns, the
-weight of the group is ``Wd_g`` (Co / Gw, Cw K), and the convolution is three matrix
-products' worth of work::
+weight of the group is ``Wd_g`` (Co / Gw, Cw K), and the convolution and its two
+gradients are three matrix products per image and weight group::
 
     y_g = Wd_g X_g + b            (forward)
     dX_g = Wd_g^T dy_g            (the columns' gradient)
@@ -117,8 +117,8 @@ Forward, for x (N, C, H, W), offset (N, 2 G K, Ho, Wo) and mask (N, G K, Ho, Wo)
 Backward, for dy = dL/dy (dy_g: dy's channels of weight group g as (Co / Gw, L))::
 
     db = sum_{n, oy, ox} dy        (Co,)             y = ... + b
-    dWd = sum_n dy_g X_g^T         (Co, Cw, kh, kw)  y is linear in Wd: the second product
-    dcols = Wd_g^T dy_g            (N, G, Cg, K, L)  y is linear in X_g: the third product
+    dWd = sum_n dy_g X_g^T         (Co, Cw, kh, kw)  y is linear in Wd: the third product
+    dcols = Wd_g^T dy_g            (N, G, Cg, K, L)  y is linear in X_g: the second product
     dmask = sum_c dcols * xs       (N, G*K, Ho, Wo)  cols = m * xs; the group's channels share m
     dxs = m * dcols                (N, G, Cg, K, L)  cols = m * xs
     dpy = sum_c dxs * jy           (N, G, K, L)      xs depends on py through the cell, jy = d xs / d py;
