@@ -157,7 +157,7 @@ def _divmod(a, b, ity):
 @_device
 def _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity):
     # Flat sampling position t in the row-major order (N, G, K, oh, ow) -> (n, g, k, q,
-    # pix, p_y, p_x): q = (n G + g) K + k, pix = oy ow + ox; the offset pair is at
+    # pix, py, px): q = (n G + g) K + k, pix = oy ow + ox; the offset pair is at
     # 2 q L + pix and (2 q + 1) L + pix of the flat offset (N, 2 G K, oh, ow), and the
     # mask entry at t itself. Index arithmetic in ity (uint32 or int64), positions in
     # int64 (they may be negative), the sample position in tp.
@@ -311,18 +311,18 @@ def _deform_kernels(ity):
                 for _ in range(cpg):
                     v00, v01, v10, v11 = _corners(x, b11, ity(W), up, down, left, right, zero)
                     d = d_cols[ci]
-                    gy, gx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)
+                    jy, jx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)
                     v = zero
                     if sample:
                         v = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
                     if has_mask:
-                        acc_y += (m * gy) * d
-                        acc_x += (m * gx) * d
+                        acc_y += (m * jy) * d
+                        acc_x += (m * jx) * d
                         if sample:
                             acc_m += v * d
                     else:
-                        acc_y += gy * d
-                        acc_x += gx * d
+                        acc_y += jy * d
+                        acc_x += jx * d
                     if write_cols:
                         cols[ci] = m * v if has_mask else v
                     b11 = ity(b11 + HW)
