@@ -82,7 +82,10 @@ Op vocabulary of the tags (``npattn.functional``'s forward functions, value only
 for attention: ``layer_norm(x, gamma, beta, eps)`` (over the last axis), ``matmul(a, b)``
 (``np.matmul``: batched over the leading axes), ``split_heads(a, Nh)`` ((N, T, E) ->
 (N, Nh, T, E / Nh), head i owning channels i E / Nh ... (i + 1) E / Nh - 1) and
-``merge_heads(a)`` (its inverse, the heads side by side).
+``merge_heads(a)`` (its inverse, the heads side by side);
+for deformable convolution ``sample_positions(offset, kernel_hw, stride, padding, dilation)``,
+``bilinear_sample(x, py, px)``, ``map_coordinates_clamped(maps, coords)`` (the seed's sampling;
+all three from ``npattn.sampling.numpy``) and ``conv_cols(Wd, cols, b, out_hw)``.
 
 What is checked
 ---------------
@@ -118,13 +121,20 @@ Notation (one across the package)
 - ``s`` a pooled (squeezed) vector, ``h`` a hidden pre-activation, ``a = act(h)``,
   ``z`` a gate's pre-activation, ``g = sigmoid(z)`` a gate;
 - one value per pool, branch or head is ``SYM_t`` (``v_avg``, ``v_max``).
+- bilinear sampling (``npattn/blocks/deform.py``): positions ``py, px``, offset components
+  ``delta_y, delta_x`` (never ``dy, dx``), the corners (y0, x0), (y0, x1), (y1, x0),
+  (y1, x1) with values ``v00, v01, v10, v11`` and weights ``w00 .. w11``, the fractions
+  ``ly, lx`` and ``hy = 1 - ly, hx = 1 - lx``; ``jy, jx`` the sample's derivatives in
+  the position.
 
 Where the code's values are found
 ---------------------------------
 
 The walk records every function of the block's module file as it returns (``forward``,
-``backward``, helpers such as a ``_mlp``), keeping its ndarray locals (and dicts of
-ndarrays). ``SYM`` is the local ``SYM`` of ``forward`` (``backward`` for ``dSYM``), else
+``backward``, helpers such as a ``_mlp``), and those of the modules in
+:attr:`Example.trace` (the functional op a block calls: the deformable blocks trace
+``npattn.functional.deform`` and ``npattn.sampling.numpy``), keeping its ndarray locals
+(and dicts of ndarrays). ``SYM`` is the local ``SYM`` of ``forward`` (``backward`` for ``dSYM``), else
 of a helper; a symbol ``base_key`` may also be the entry ``key`` of a local dict ``base``
 (``v_avg`` is ``v["avg"]``: one line per pool of a loop). So in the code:
 
@@ -154,7 +164,8 @@ text of a docstring line after which its ``Forward::`` and ``Backward::`` blocks
 whose derivation shares nothing with the module's first one names its own two blocks in
 :attr:`Example.markers` (``DAF forward::`` in ``npattn/blocks/aff.py``). A parameter that
 no Forward line reads (a key the module keeps and never uses) has the gradient 0; its
-Backward line passes when the code's value is exactly 0.
+Backward line passes when the code's value is exactly 0. ConvOffset2D and
+DeformConv2dPack in ``npattn/blocks/deform.py`` use :attr:`Example.section` too.
 """
 
 from __future__ import annotations
@@ -193,6 +204,7 @@ class Example:
     fixtures: object = None  # callable config -> bool: the golden cases the derivation describes
     forward_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of forward (backend="numpy")
     markers: tuple = ("Forward::", "Backward::")  # the lines introducing its two literal blocks (DAF's own)
+    trace: tuple = ()  # modules whose functions the walk also records (the functional op the block calls)
 
 
 def _se(rng):
@@ -296,6 +308,36 @@ def _daf(rng):
     return DAF(dtype=np.float64)
 
 
+def _deform_conv(rng):
+    from .blocks.deform import DeformConv2d
+
+    # uneven on purpose: stride (2, 1), padding (1, 0), dilation (1, 2), kernel (3, 2), 2 weight groups
+    return DeformConv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, rng=rng,
+                        dtype=np.float64, backend="numpy")
+
+
+def _modulated_deform(rng):
+    from .blocks.deform import ModulatedDeformConv2dPack
+
+    return ModulatedDeformConv2dPack(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), deform_groups=2,
+                                     rng=rng, dtype=np.float64, backend="numpy")
+
+
+def _deform_pack(rng):
+    from .blocks.deform import DeformConv2dPack
+
+    return DeformConv2dPack(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(1, 2), groups=2, deform_groups=2,
+                            rng=rng, dtype=np.float64, backend="numpy")
+
+
+def _conv_offset(rng):
+    from .blocks.deform import ConvOffset2D
+
+    return ConvOffset2D(3, rng=rng, dtype=np.float64, backend="numpy")
+
+
+_DEFORM_TRACE = ("npattn.functional.deform", "npattn.sampling.numpy")
+
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
     Example("SEModule", "npattn.blocks.se", _se_module, {"x": (2, 8, 5, 3)}, override="``npattn explain SEModule`` walks",
@@ -334,6 +376,17 @@ EXAMPLES = [
             override="``npattn explain iAFF`` walks", fixtures=lambda c: c.get("share_global_att", True)),
     Example("DAF", "npattn.blocks.aff", _daf, {"x": (2, 3, 4, 5), "residual": (2, 3, 4, 5)},
             markers=("DAF forward::", "DAF backward::"), fixtures=lambda c: True),
+    # the offset groups G = 2 come from the offset's channels: 2 G kh kw = 24
+    Example("DeformConv2d", "npattn.blocks.deform", _deform_conv, {"x": (2, 4, 6, 7), "offset": (2, 24, 3, 5),
+            "mask": (2, 12, 3, 5)}, trace=_DEFORM_TRACE,
+            fixtures=lambda c: c.get("bias", True) and c.get("border_grad", "torchvision") == "torchvision"),
+    Example("ModulatedDeformConv2dPack", "npattn.blocks.deform", _modulated_deform, {"x": (2, 4, 7, 6)},
+            override="``npattn explain ModulatedDeformConv2dPack`` walks", trace=_DEFORM_TRACE,
+            fixtures=lambda c: c.get("bias", True) and c.get("border_grad", "mmcv") == "torchvision"),
+    Example("DeformConv2dPack", "npattn.blocks.deform", _deform_pack, {"x": (2, 4, 6, 7)}, trace=_DEFORM_TRACE,
+            section="DeformConv2dPack, line by line", fixtures=lambda c: c.get("border_grad", "mmcv") == "torchvision"),
+    Example("ConvOffset2D", "npattn.blocks.deform", _conv_offset, {"x": (2, 3, 5, 4)}, trace=_DEFORM_TRACE,
+            section="ConvOffset2D", fixtures=lambda c: True),
 ]
 
 
@@ -497,7 +550,9 @@ def parse_derivation(doc: str, where="docstring", override=None, section=None,
     derivation shares nothing with the module's first one (``"DAF forward::"``)."""
     lines = doc.splitlines()
     if section:
-        start = next((i for i, ln in enumerate(lines) if section in ln), None)
+        start = next((i for i, ln in enumerate(lines) if ln.strip() == section), None)  # a title line
+        if start is None:
+            start = next((i for i, ln in enumerate(lines) if section in ln), None)
         if start is None:
             raise DerivationError(f"{where}: no line containing {section!r}")
         lines = [""] * (start + 1) + lines[start + 1:]  # line numbers kept
@@ -583,6 +638,11 @@ def _vocabulary():
         "matmul": np.matmul,
         "merge_heads": _merge_heads,
         "split_heads": _split_heads,
+        # deformable convolution (npattn.blocks.deform), on the readable NumPy sampling
+        "bilinear_sample": _deform_ops()["bilinear_sample"],
+        "conv_cols": _deform_ops()["conv_cols"],
+        "map_coordinates_clamped": _deform_ops()["map_coordinates_clamped"],
+        "sample_positions": _deform_ops()["sample_positions"],
         "None": None,
         "True": True,
         "False": False,
@@ -602,6 +662,24 @@ def _merge_heads(a):
     return a.transpose(0, 2, 1, 3).reshape(N, T, Nh * E_h)
 
 
+def _deform_ops():
+    """The deformable convolution's steps: ``sample_positions(offset, kernel_hw, stride, padding,
+    dilation)`` -> (py, px), ``bilinear_sample(x, py, px)`` -> xs (npattn.sampling.numpy), and
+    ``conv_cols(Wd, cols, b, out_hw)``, the convolution as a product with the columns."""
+    from .sampling import numpy as S
+
+    def conv_cols(Wd, cols, b, out_hw):
+        N = cols.shape[0]
+        C_out, Cw = Wd.shape[:2]
+        Gw = cols.shape[1] * cols.shape[2] // Cw  # weight groups
+        X = cols.reshape(N, Gw, -1, cols.shape[-1])  # (N, Gw, Cw K, L): im2col's matrix per group
+        y = np.einsum("gok,ngkl->ngol", Wd.reshape(Gw, C_out // Gw, -1), X).reshape((N, C_out) + tuple(out_hw))
+        return y if b is None else y + b[None, :, None, None]
+
+    return {"bilinear_sample": S.bilinear_sample, "conv_cols": conv_cols,
+            "map_coordinates_clamped": S.map_coordinates_clamped, "sample_positions": S.sample_positions}
+
+
 def _eval(tag, env):
     return eval(compile(tag, "<tag>", "eval"), {"__builtins__": {"range": range, "len": len, "float": float, "int": int}}, env)
 
@@ -610,10 +688,10 @@ def _eval(tag, env):
 
 
 class _Recorder:
-    """Records, at each return, the locals of the frames of functions defined in one file."""
+    """Records, at each return, the locals of the frames of functions defined in the given files."""
 
-    def __init__(self, filename):
-        self.filename = filename
+    def __init__(self, *filenames):
+        self.filenames = set(filenames)
         self.frames = []  # (function name, {name: value}) in the order the calls returned
 
     def _local(self, frame, event, arg):
@@ -631,7 +709,7 @@ class _Recorder:
         return self._local
 
     def _global(self, frame, event, arg):
-        if event == "call" and frame.f_code.co_filename == self.filename:
+        if event == "call" and frame.f_code.co_filename in self.filenames:
             return self._local
         return None
 
@@ -810,7 +888,8 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
     state0 = block.state_dict()
     inputs = {k: rng.standard_normal(shape) for k, shape in example.inputs.items()}
     mod = importlib.import_module(type(block).__module__)
-    rec = _Recorder(inspect.getsourcefile(mod))
+    rec = _Recorder(inspect.getsourcefile(mod),
+                    *(inspect.getsourcefile(importlib.import_module(t)) for t in example.trace))
 
     if example.forward_kwargs:  # e.g. backend="numpy": the readable path
         block.forward = functools.partial(type(block).forward, block, **example.forward_kwargs)

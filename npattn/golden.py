@@ -677,8 +677,8 @@ def diagnose(case: Case, outputs: dict, report: CheckReport, golden_dir=None) ->
 
 def _taps_at_minus_one(case: Case) -> np.ndarray:
     """Boolean array shaped like the offset: True where the component's sample position
-    (p_y for the dy channel, p_x for the dx channel) is exactly -1, from the case's
-    inputs and configuration (torchvision's layout: pair (dy, dx) at channels
+    (py for the delta_y channel, px for the delta_x channel) is exactly -1, from the case's
+    inputs and configuration (torchvision's layout: pair (delta_y, delta_x) at channels
     2(g K + k), 2(g K + k) + 1, tap k = i kw + j)."""
     cfg = case.meta.get("config") or {}
     offset = case.arrays["input.offset"].astype(np.float64)

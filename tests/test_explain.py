@@ -706,6 +706,66 @@ SOLUTIONS["SKConv"] = '''    from npattn import functional as F
 '''
 
 
+# DeformConv2d
+SOLUTIONS.update({
+    # written from the derivation alone, in plain NumPy (np.add.at for col2im), no npattn sampling code
+    "DeformConv2d": '''    x, offset, mask, Wd, py, px, xs, cols = (cache[k] for k in
+                                             ("x", "offset", "mask", "Wd", "py", "px", "xs", "cols"))
+    N, C, H, W = x.shape
+    Co, Cw = Wd.shape[:2]
+    _, G, Cg, K, L = xs.shape
+    Gw = C // Cw
+    dy_g = dy.reshape(N, Gw, Co // Gw, L)
+    db = dy.sum(axis=(0, 2, 3))
+    dWd = np.einsum("ngol,ngkl->gok", dy_g, cols.reshape(N, Gw, Cw * K, L)).reshape(Wd.shape)
+    dcols = np.einsum("gok,ngol->ngkl", Wd.reshape(Gw, Co // Gw, Cw * K), dy_g).reshape(xs.shape)
+    dmask = (dcols * xs).sum(axis=2).reshape(mask.shape)
+    dxs = mask.reshape(N, G, 1, K, L) * dcols
+    y0, x0 = np.floor(py), np.floor(px)
+    ly, lx = py - y0, px - x0
+    hy, hx = 1 - ly, 1 - lx
+    grad_support = (py >= -1) & (py < H) & (px >= -1) & (px < W)  # torchvision's, for the offset gradient
+    sample_support = grad_support & (py > -1) & (px > -1)  # where xs is not 0
+    xg = x.reshape(N, G, Cg, H, W)
+    n_, g_, c_ = (np.arange(N)[:, None, None, None, None], np.arange(G)[None, :, None, None, None],
+                  np.arange(Cg)[None, None, :, None, None])
+    dx = np.zeros((N, G, Cg, H, W), dtype=x.dtype)
+    v = {}
+    for a, b, w in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
+        ya, xb = (y0 + a).astype(int), (x0 + b).astype(int)
+        ok = grad_support & (ya >= 0) & (ya < H) & (xb >= 0) & (xb < W)  # (N, G, K, L)
+        at = (n_, g_, c_, np.clip(ya, 0, H - 1)[:, :, None], np.clip(xb, 0, W - 1)[:, :, None])
+        v[a, b] = np.where(ok[:, :, None], xg[at], 0)  # the corner's value, 0 outside the image
+        np.add.at(dx, at, np.where((ok & sample_support)[:, :, None], w[:, :, None] * dxs, 0))  # col2im
+    jy = hx[:, :, None] * (v[1, 0] - v[0, 0]) + lx[:, :, None] * (v[1, 1] - v[0, 1])
+    jx = hy[:, :, None] * (v[0, 1] - v[0, 0]) + ly[:, :, None] * (v[1, 1] - v[1, 0])
+    dpy = (dxs * jy).sum(axis=2)
+    dpx = (dxs * jx).sum(axis=2)
+    doffset = np.stack([dpy, dpx], axis=3).reshape(offset.shape)
+    return dict(db=db, dWd=dWd, dcols=dcols, dmask=dmask, dxs=dxs, dpy=dpy, dpx=dpx, doffset=doffset,
+                dx=dx.reshape(x.shape))
+''',
+})
+
+
+def test_deform_exercise_names_a_wrong_offset_line(tmp_path):
+    assert run_cli("exercise", "DeformConv2d", str(tmp_path))[0] == 0
+    wrong = SOLUTIONS["DeformConv2d"].replace("dpx = (dxs * jx).sum(axis=2)", "dpx = (dxs * jy).sum(axis=2)")
+    assert wrong != SOLUTIONS["DeformConv2d"]
+    _solve(tmp_path / "deformconv2d_exercise.py", wrong)
+    rc, text = run_cli("exercise", "check", str(tmp_path))
+    assert rc == 1 and "FAIL first wrong gradient: dpx = sum_c dxs * jx" in text
+    assert "gradcheck doffset" in text and "WRONG" in text and "grad.input.offset" in text
+
+
+def test_a_section_that_is_not_there_is_refused():
+    from npattn.blocks import deform
+
+    assert [ln.sym for ln in explain.parse_derivation(deform.__doc__, section="ConvOffset2D").forward][-1] == "y"
+    with pytest.raises(explain.DerivationError, match="no line containing 'NoSuchSection'"):
+        explain.parse_derivation(deform.__doc__, section="NoSuchSection")
+
+
 @pytest.mark.parametrize("name", sorted(SOLUTIONS))
 def test_exercise_solutions_pass_their_fixtures(name, tmp_path):
     assert run_cli("exercise", name, str(tmp_path))[0] == 0

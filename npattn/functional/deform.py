@@ -4,7 +4,9 @@
 ``torchvision.ops.deform_conv2d`` (also ONNX DeformConv and mmcv's deform convs);
 ``batch_map_offsets`` is the seed's ``th_batch_map_offsets`` (oeway/pytorch-deform-conv).
 The bilinear sampling itself lives in :mod:`npattn.sampling`, whose NumPy backend
-(``npattn/sampling/numpy.py``) states the sampling rules in full.
+(``npattn/sampling/numpy.py``) is the readable definition. The derivation of deformable
+convolution, forward and backward line by line, is in one place: the module docstring of
+:mod:`npattn.blocks.deform` (``npattn explain DeformConv2d`` walks it on this op).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def deform_conv2d_forward(
     input : ndarray (N, C_in, H, W), float32 or float64
     offset : ndarray (N, 2 * G_off * kh * kw, out_h, out_w), same dtype
         For offset group g and tap k = i * kw + j, channel ``2 (g K + k)`` holds the
-        row offset dy and channel ``2 (g K + k) + 1`` the column offset dx (K = kh kw).
+        row offset delta_y and channel ``2 (g K + k) + 1`` the column offset delta_x (K = kh kw).
         The number of offset groups is ``G_off = offset.shape[1] // (2 kh kw)``; input
         channel c belongs to group ``c // (C_in / G_off)``.
     weight : ndarray (C_out, C_in / G_w, kh, kw), same dtype; the number of weight groups
@@ -172,40 +174,20 @@ def deform_conv2d_forward(
 
     Notes
     -----
-    Forward. The deformable columns (``npattn.sampling``, module ``numpy``)::
+    The derivation is the module docstring of :mod:`npattn.blocks.deform`. The op: with
+    the positions ``py = oy s_h - pad_h + i d_h + delta_y`` and ``px = ox s_w - pad_w +
+    j d_w + delta_x``, the columns ``cols = m * bilinear(input, py, px)`` (0 outside
+    ``(-1, H) x (-1, W)``, corners outside the image contribute 0) and, per weight group
+    g, ``out_g = W_g X_g + b`` with ``X_g`` the columns as a (C_in/G_w kh kw, out_h out_w)
+    matrix. The backward (the three products, col2im as the adjoint of im2col, the offset
+    and mask gradients) is derived there, line by line.
 
-        p_y = oy s_h - pad_h + i d_h + dy[n, g, k, oy, ox]
-        p_x = ox s_w - pad_w + j d_w + dx[n, g, k, oy, ox]
-        cols[n, c, i, j, oy, ox] = m[n, g, k, oy, ox] * bilinear(input[n, c], p_y, p_x)
-
-    where bilinear is 0 outside ``(-1, H) x (-1, W)`` and corners outside the image
-    contribute 0. Then per image n and weight group g, with ``X_col`` of shape
-    (C_in/G_w * kh * kw, out_h * out_w) and ``W_g`` of shape (C_out/G_w, C_in/G_w * kh * kw)::
-
-        out[n, g] = W_g @ X_col[n, g] + b_g
-
-    Backward, for upstream ``dY``::
-
-        d_bias   = sum_{n, oy, ox} dY                       (C_out,)
-        d_cols   = W_g^T @ dY[n, g]                          (C_in/G_w * kh * kw, L)
-        d_input  = col2im: every sample adds m * w * d_cols to each corner, w its
-                   bilinear weight                            (N, C_in, H, W)
-        d_offset = sum over the group's channels of m * d_cols * d bilinear / d p
-                   (derivative on the cell [floor p, floor p + 1], i.e. from the right)
-        d_mask   = sum over the group's channels of d_cols * bilinear
-        d_weight = sum_n dY[n, g] @ X_col[n, g]^T           (C_out/G_w, C_in/G_w * kh * kw)
-
-    Border convention (``border_grad``). At exactly ``p_y = -1`` or ``p_x = -1`` the
-    sample is 0 whatever the offset on the left, and frameworks disagree on ``d_offset``:
-
-    - ``"torchvision"`` (torchvision, ONNX's reference): the right-hand derivative, which
-      is nonzero where a corner of the cell ``[-1, 0]`` is in the image;
-    - ``"mmcv"`` (mmcv's DCNv1 and DCNv2 kernels, which test ``p <= -1`` first): 0.
-
-    Everywhere else, ``p >= H`` and ``p >= W`` included (both give 0 there), the two are
-    identical (pytorch/vision #6885). Zero offsets with ``padding >= 1`` put the border
-    taps exactly on ``p = -1``: the initial state of a layer with a zero-initialised offset
-    conv. At integer positions (zero offsets too) ``d_offset`` is likewise one-sided.
+    Border convention (``border_grad``, derived there too). At exactly ``py = -1`` or
+    ``px = -1`` the sample is 0 whatever the offset on the left, and frameworks disagree
+    on ``d_offset``: ``"torchvision"`` (torchvision, ONNX's reference) takes the right-hand
+    derivative, ``"mmcv"`` (mmcv's DCNv1 and DCNv2 kernels) 0. Everywhere else the two are
+    identical (pytorch/vision #6885). At integer positions (zero offsets too) ``d_offset``
+    is likewise one-sided.
 
     Non-finite offsets: a position with a NaN or infinite component samples 0 and gets
     zero input, offset and mask gradients; no memory outside the input is ever read.
@@ -297,13 +279,13 @@ def deform_conv2d_forward(
     mask = None if mask is None else xp.ascontiguousarray(mask)
     geometry = ((weight_h, weight_w), stride, padding, dilation)
     w_g = xp.ascontiguousarray(weight.reshape(weight_groups, c_out // weight_groups, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
-    out = xp.empty((n, c_out, out_h, out_w), dtype=input.dtype)
+    y = xp.empty((n, c_out, out_h, out_w), dtype=input.dtype)
     prod = sampling.products(backend_name, xp)  # numba: tiles on the kernels' threads (npattn.sampling.products)
     fused = getattr(be, "deform_conv_forward", None)  # numba: the columns of each tile sampled next to its product
     with sampling.blas_context(backend_name):  # kernels and BLAS share the cores: see blas_context
         if fused is not None:  # the arithmetic of the chunks below, without a column array
             fused(input, offset, mask, w_g, *geometry, offset_groups,
-                  out.reshape(n, weight_groups, c_out // weight_groups, out_h * out_w))  # (N, G_w, C_out/G_w, L)
+                  y.reshape(n, weight_groups, c_out // weight_groups, out_h * out_w))  # (N, G_w, C_out/G_w, L)
         for s in range(0, n if fused is None else 0, chunk):
             sl = slice(s, min(s + chunk, n))
             m = len(range(*sl.indices(n)))
@@ -311,14 +293,14 @@ def deform_conv2d_forward(
                 input[sl], offset[sl], None if mask is None else mask[sl], *geometry, (out_h, out_w), offset_groups
             )  # (m, C_in, kh, kw, out_h, out_w)
             cols = xp.ascontiguousarray(cols).reshape(m, weight_groups, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
-            prod.forward(w_g, cols, out[sl].reshape(m, weight_groups, c_out // weight_groups, out_h * out_w))  # (m, G_w, C_out/G_w, L)
+            prod.forward(w_g, cols, y[sl].reshape(m, weight_groups, c_out // weight_groups, out_h * out_w))  # (m, G_w, C_out/G_w, L)
     if bias is not None:
-        out += bias[None, :, None, None]
+        y += bias[None, :, None, None]
     cache = DeformConv2dCache(
         input, offset, mask, weight, bias is not None, stride, padding, dilation, (out_h, out_w),
         weight_groups, offset_groups, backend_name, chunk, border_grad, xp is not np, upload,
     )
-    return (_to_host(out) if upload else out), cache
+    return (_to_host(y) if upload else y), cache
 
 
 def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
@@ -346,9 +328,9 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
     grad_out = xp.ascontiguousarray(grad_out)
     w_g = xp.ascontiguousarray(weight.reshape(g_w, c_out // g_w, c_per_group * k_taps))  # (G_w, C_out/G_w, Ck)
 
-    d_input = xp.empty_like(x)  # (N, C_in, H, W)
-    d_offset = xp.empty_like(offset)  # (N, 2 G_off K, out_h, out_w)
-    d_mask = None if mask is None else xp.empty_like(mask)  # (N, G_off K, out_h, out_w)
+    dx = xp.empty_like(x)  # (N, C_in, H, W)
+    doffset = xp.empty_like(offset)  # (N, 2 G_off K, out_h, out_w)
+    dmask = None if mask is None else xp.empty_like(mask)  # (N, G_off K, out_h, out_w)
     d_w_g = xp.zeros_like(w_g)  # (G_w, C_out/G_w, Ck)
     prod = sampling.products(cache.backend, xp)  # numba: tiles on the kernels' threads (npattn.sampling.products)
     with sampling.blas_context(cache.backend):  # kernels and BLAS share the cores: see blas_context
@@ -360,24 +342,26 @@ def deform_conv2d_backward(grad_out, cache: DeformConv2dCache):
             d_cols = xp.empty((m, g_w, c_per_group * k_taps, out_h * out_w), dtype=x.dtype)
             prod.d_cols(w_g, dy_g, d_cols)  # (m, G_w, Ck, L)
             d_cols = d_cols.reshape(m, c_in, weight_h, weight_w, out_h, out_w)  # (m, C_in, kh, kw, out_h, out_w)
-            d_input[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
+            dx[sl] = be.deform_col2im(d_cols, offset[sl], mask_sl, (m, c_in, height, width), *geometry, cache.offset_groups)
             # the offset/mask gradient also recomputes the forward's columns (for d_weight)
             cols = xp.empty((m, c_in, weight_h, weight_w, out_h, out_w), dtype=x.dtype)
             d_off, d_m = be.deform_col2im_coord(
                 d_cols, x[sl], offset[sl], mask_sl, *geometry, cache.offset_groups, cols_out=cols,
                 border_grad=cache.border_grad,
             )
-            d_offset[sl] = d_off  # (m, 2 G_off K, out_h, out_w)
-            if d_mask is not None:
-                d_mask[sl] = d_m  # (m, G_off K, out_h, out_w)
+            doffset[sl] = d_off  # (m, 2 G_off K, out_h, out_w)
+            if dmask is not None:
+                dmask[sl] = d_m  # (m, G_off K, out_h, out_w)
             cols = cols.reshape(m, g_w, c_per_group * k_taps, out_h * out_w)  # (m, G_w, Ck, L)
             prod.d_weight(dy_g, cols, d_w_g)  # d_w_g += sum over the chunk's images: (G_w, C_out/G_w, Ck)
 
-    grads = {"input": d_input, "offset": d_offset, "weight": d_w_g.reshape(weight.shape)}
+    dWd = d_w_g.reshape(weight.shape)  # (C_out, C_in / G_w, kh, kw)
+    grads = {"input": dx, "offset": doffset, "weight": dWd}
     if cache.has_bias:
-        grads["bias"] = grad_out.sum(axis=(0, 2, 3))  # (C_out,)
-    if d_mask is not None:
-        grads["mask"] = d_mask
+        db = grad_out.sum(axis=(0, 2, 3))  # (C_out,)
+        grads["bias"] = db
+    if dmask is not None:
+        grads["mask"] = dmask
     if cache.to_host:
         grads = {k: _to_host(v) for k, v in grads.items()}
     return grads
@@ -437,23 +421,23 @@ def batch_map_offsets_forward(input, offsets, *, backend=None):
     -----
     Forward, per map b and pixel (i, j), with ``(row, col) = (i, j) + offsets[b, i, j]``::
 
-        r = clamp(row, 0, H - 1)            c = clamp(col, 0, W - 1)
-        r0, r1 = floor(r), ceil(r)          c0, c1 = floor(c), ceil(c)
-        fr = r - r0                         fc = c - c0
-        left  = fr (x[r1, c0] - x[r0, c0]) + x[r0, c0]
-        right = fr (x[r1, c1] - x[r0, c1]) + x[r0, c1]
-        out   = fc (right - left) + left
+        r = clamp(row, 0, H - 1)            q = clamp(col, 0, W - 1)
+        y0, y1 = floor(r), ceil(r)          x0, x1 = floor(q), ceil(q)
+        ly = r - y0                         lx = q - x0
+        vx0 = ly (x[y1, x0] - x[y0, x0]) + x[y0, x0]      (column x0)
+        vx1 = ly (x[y1, x1] - x[y0, x1]) + x[y0, x1]      (column x1)
+        out = lx (vx1 - vx0) + vx0
 
     i.e. bilinear interpolation with the border replicated (each axis clamped on its
     own, so non-square maps work as in the upstream repository).
 
-    Backward::
+    Backward (derived in :mod:`npattn.blocks.deform`, section ConvOffset2D)::
 
-        d_left  = d_out (1 - fc),   d_right = d_out fc
-        d_input[corner] += d_left / d_right times (1 - fr) or fr     (scatter to 4 corners)
-        d_fr = d_left (x[r1, c0] - x[r0, c0]) + d_right (x[r1, c1] - x[r0, c1])
-        d_fc = d_out (right - left)
-        d_offsets[b, i, j] = (d_fr [0 <= row <= H-1], d_fc [0 <= col <= W-1])
+        dvx0 = dout (1 - lx),   dvx1 = dout lx
+        dinput[corner] += dvx0 / dvx1 times (1 - ly) or ly     (scatter to 4 corners)
+        dly = dvx0 (x[y1, x0] - x[y0, x0]) + dvx1 (x[y1, x1] - x[y0, x1])
+        dlx = dout (vx1 - vx0)
+        doffsets[b, i, j] = (dly [0 <= row <= H-1], dlx [0 <= col <= W-1])
 
     The corners are floor and *ceil*: at an integer coordinate they coincide, so the
     coordinate gradient is 0 there (the seed's behaviour). Outside the clamp range the

@@ -23,9 +23,9 @@ Border convention of the offset gradient. ``deform_col2im_coord`` of every backe
 
 * ``"torchvision"`` (the default): the offset gradient is the derivative of the bilinear
   formula on the cell ``[floor p, floor p + 1]`` wherever a corner of that cell is in the
-  image, including at exactly ``p_y = -1`` or ``p_x = -1``, where the sample itself is 0
+  image, including at exactly ``py = -1`` or ``px = -1``, where the sample itself is 0
   (torchvision's ``deform_conv2d`` and ONNX DeformConv's reference);
-* ``"mmcv"``: the offset gradient is 0 unless ``-1 < p_y < H`` and ``-1 < p_x < W``
+* ``"mmcv"``: the offset gradient is 0 unless ``-1 < py < H`` and ``-1 < px < W``
   (mmcv's DCNv1 and DCNv2 kernels test ``p <= -1 || p >= size`` first).
 
 The two agree everywhere except at positions exactly at -1 on either axis. Sampling,

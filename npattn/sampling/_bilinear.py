@@ -16,12 +16,12 @@ cpu.py's kernels are cached on disk (``cache=True``, in the folder ``npattn._num
 chooses), and Numba keys a kernel's cache on its own file: after editing this file, clear
 that folder (or touch cpu.py) so that the kernels are compiled again with the new helpers.
 
-Notation, for a sample position (p_y, p_x) inside the image's support::
+Notation, for a sample position (py, px) inside the image's support::
 
-    y0 = floor(p_y), x0 = floor(p_x), ly = p_y - y0, lx = p_x - x0, hy = 1 - ly, hx = 1 - lx
+    y0 = floor(py), x0 = floor(px), ly = py - y0, lx = px - x0, hy = 1 - ly, hx = 1 - lx
     value  = hy hx v00 + hy lx v01 + ly hx v10 + ly lx v11,   vab = v(y0 + a, x0 + b)
-    d value / d p_y = lx (v11 - v01) + hx (v10 - v00)
-    d value / d p_x = ly (v11 - v10) + hy (v01 - v00)
+    jy = d value / d py = lx (v11 - v01) + hx (v10 - v00)
+    jx = d value / d px = ly (v11 - v10) + hy (v01 - v00)
 
 and, for the seed's clamped sampling of ``th_batch_map_coordinates`` (numpy.py, second
 part), the corners floor and ceil of the clamped coordinates.
@@ -47,7 +47,7 @@ __all__ = [
 
 
 def in_support(py, px, H, W, inclusive):
-    """Whether (p_y, p_x) has an in-image corner: ``-1 < p < size`` on both axes, or
+    """Whether (py, px) has an in-image corner: ``-1 < p < size`` on both axes, or
     ``-1 <= p`` when ``inclusive`` (torchvision's offset-gradient support). False for
     NaN and +-inf, so a position that fails it never reaches an integer conversion."""
     if inclusive:
@@ -76,11 +76,11 @@ def bilinear(w00, w01, w10, w11, v00, v01, v10, v11):
 
 
 def position_grads(ly, lx, hy, hx, v00, v01, v10, v11):
-    """``(d value / d p_y, d value / d p_x)`` on the cell (the one-sided derivative from
+    """``(d value / d py, d value / d px)`` on the cell (the one-sided derivative from
     above at an integer position, as torchvision)."""
-    gy = lx * (v11 - v01) + hx * (v10 - v00)
-    gx = ly * (v11 - v10) + hy * (v01 - v00)
-    return gy, gx
+    jy = lx * (v11 - v01) + hx * (v10 - v00)
+    jx = ly * (v11 - v10) + hy * (v01 - v00)
+    return jy, jx
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,33 +90,33 @@ def position_grads(ly, lx, hy, hx, v00, v01, v10, v11):
 def clamped_point(x, b, y, xq, hmax, wmax, tp):
     """The seed's sample of map ``x[b]`` (H, W) at (y, xq): 0 when either coordinate is
     NaN; else each coordinate clamped to [0, hmax] / [0, wmax] (+-inf clamp like any
-    other value), the corners floor and ceil, interpolated along the rows first.
-    The corners are named as in the seed: lt = (i0, j0), rb = (i1, j1), lb = (i0, j1),
-    rt = (i1, j0)."""
+    other value), the corners floor and ceil, interpolated along y first. The corners
+    are (y0, x0), (y0, x1), (y1, x0), (y1, x1) with values v00, v01, v10, v11, as in
+    the deformable sampling above (the seed calls them lt, lb, rt, rb)."""
     zero = tp(0)
     if math.isnan(y) or math.isnan(xq):
         return zero
     yc = min(max(y, zero), hmax)
     xc = min(max(xq, zero), wmax)
-    i0 = int(math.floor(yc))
-    i1 = int(math.ceil(yc))
-    j0 = int(math.floor(xc))
-    j1 = int(math.ceil(xc))
-    fy = yc - tp(i0)
-    fx = xc - tp(j0)
-    v_lt = x[b, i0, j0]
-    v_rb = x[b, i1, j1]
-    v_lb = x[b, i0, j1]
-    v_rt = x[b, i1, j0]
-    vals_t = fy * (v_rt - v_lt) + v_lt
-    vals_b = fy * (v_rb - v_lb) + v_lb
-    return fx * (vals_b - vals_t) + vals_t
+    y0 = int(math.floor(yc))
+    y1 = int(math.ceil(yc))
+    x0 = int(math.floor(xc))
+    x1 = int(math.ceil(xc))
+    ly = yc - tp(y0)
+    lx = xc - tp(x0)
+    v00 = x[b, y0, x0]
+    v11 = x[b, y1, x1]
+    v01 = x[b, y0, x1]
+    v10 = x[b, y1, x0]
+    vx0 = ly * (v10 - v00) + v00
+    vx1 = ly * (v11 - v01) + v01
+    return lx * (vx1 - vx0) + vx0
 
 
 def clamped_point_backward(x, b, y, xq, d, hmax, wmax, tp):
     """The adjoint of :func:`clamped_point` for an incoming gradient ``d``:
-    ``(i0, i1, j0, j1, d_lt, d_rt, d_lb, d_rb, d_y, d_xq)``, the corners, the terms to add
-    to ``d_x[b]`` at (i0, j0), (i1, j0), (i0, j1), (i1, j1) (in the dtype of x; the
+    ``(y0, y1, x0, x1, d00, d10, d01, d11, dyq, dxq)``, the corners, the terms to add
+    to ``dx[b]`` at (y0, x0), (y1, x0), (y0, x1), (y1, x1) (in the dtype of x; the
     caller accumulates them), and the coordinate gradients. ``torch.clamp`` passes the
     gradient on [0, hi], bounds included; at an integer coordinate floor == ceil, so the
     seed's formula gives 0 there. A NaN coordinate gives zero terms at corner (0, 0) and
@@ -127,23 +127,23 @@ def clamped_point_backward(x, b, y, xq, d, hmax, wmax, tp):
         return 0, 0, 0, 0, zero, zero, zero, zero, zero, zero
     yc = min(max(y, zero), hmax)
     xc = min(max(xq, zero), wmax)
-    i0 = int(math.floor(yc))
-    i1 = int(math.ceil(yc))
-    j0 = int(math.floor(xc))
-    j1 = int(math.ceil(xc))
-    fy = yc - tp(i0)
-    fx = xc - tp(j0)
-    v_lt = x[b, i0, j0]
-    v_rb = x[b, i1, j1]
-    v_lb = x[b, i0, j1]
-    v_rt = x[b, i1, j0]
-    vals_t = fy * (v_rt - v_lt) + v_lt
-    vals_b = fy * (v_rb - v_lb) + v_lb
-    d_vals_b = fx * d
-    d_vals_t = (one - fx) * d
-    d_fx = (vals_b - vals_t) * d
-    d_fy = (v_rt - v_lt) * d_vals_t + (v_rb - v_lb) * d_vals_b
-    d_y = d_fy if (y >= 0 and y <= hmax) else zero
-    d_xq = d_fx if (xq >= 0 and xq <= wmax) else zero
-    return (i0, i1, j0, j1, (one - fy) * d_vals_t, fy * d_vals_t, (one - fy) * d_vals_b, fy * d_vals_b, d_y,
-            d_xq)
+    y0 = int(math.floor(yc))
+    y1 = int(math.ceil(yc))
+    x0 = int(math.floor(xc))
+    x1 = int(math.ceil(xc))
+    ly = yc - tp(y0)
+    lx = xc - tp(x0)
+    v00 = x[b, y0, x0]
+    v11 = x[b, y1, x1]
+    v01 = x[b, y0, x1]
+    v10 = x[b, y1, x0]
+    vx0 = ly * (v10 - v00) + v00
+    vx1 = ly * (v11 - v01) + v01
+    dvx1 = lx * d
+    dvx0 = (one - lx) * d
+    dlx = (vx1 - vx0) * d
+    dly = (v10 - v00) * dvx0 + (v11 - v01) * dvx1
+    dyq = dly if (y >= 0 and y <= hmax) else zero
+    dxq = dlx if (xq >= 0 and xq <= wmax) else zero
+    return (y0, y1, x0, x1, (one - ly) * dvx0, ly * dvx0, (one - ly) * dvx1, ly * dvx1, dyq,
+            dxq)

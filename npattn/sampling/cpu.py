@@ -5,8 +5,8 @@ docstring and ``numpy.py`` for the semantics. Shapes and names follow torchvisio
 ``deform_conv2d_kernel.cpp``: ``G`` offset groups, ``K = kh * kw`` taps, tap ``k = i*kw + j``,
 sample position::
 
-    p_y = oy*stride_h - pad_h + i*dilation_h + offset[n, 2*(g*K + k),     oy, ox]
-    p_x = ox*stride_w - pad_w + j*dilation_w + offset[n, 2*(g*K + k) + 1, oy, ox]
+    py = oy*stride_h - pad_h + i*dilation_h + offset[n, 2*(g*K + k),     oy, ox]
+    px = ox*stride_w - pad_w + j*dilation_w + offset[n, 2*(g*K + k) + 1, oy, ox]
 
 Kernels
 -------
@@ -374,11 +374,11 @@ def _pad_kernel(x, xp):
 def _row_cells(offset, n, ch, oy, base_y, base_x, sw, H, W, inclusive, base, frac):
     """Cells of the samples of one output row.
 
-    For ox in range(ow): ``p_y = base_y + offset[n, ch, oy, ox]`` and ``p_x = base_x +
-    ox*sw + offset[n, ch+1, oy, ox]``. Inside the support -- ``-1 < p_y < H`` and
-    ``-1 < p_x < W`` (sampling), or with ``-1 <=`` when ``inclusive`` (the offset
-    gradient) -- ``base[ox]`` is the padded index of corner (floor p_y, floor p_x) and
-    ``frac[:, ox]`` = (ly, lx, hy, hx) = (p_y - floor p_y, p_x - floor p_x, 1 - ly,
+    For ox in range(ow): ``py = base_y + offset[n, ch, oy, ox]`` and ``px = base_x +
+    ox*sw + offset[n, ch+1, oy, ox]``. Inside the support -- ``-1 < py < H`` and
+    ``-1 < px < W`` (sampling), or with ``-1 <=`` when ``inclusive`` (the offset
+    gradient) -- ``base[ox]`` is the padded index of corner (floor py, floor px) and
+    ``frac[:, ox]`` = (ly, lx, hy, hx) = (py - floor py, px - floor px, 1 - ly,
     1 - lx); outside (NaN and +-inf included) ``base`` is the all-zero block and ``frac`` 0.
     """
     tp = frac.dtype.type
@@ -558,21 +558,21 @@ def _coord_kernel(d_cols, xp, offset, mask, has_mask, H, W, kh, kw, sh, sw, ph, 
                 v11 = xc[b + Wp + 1]
                 ly, lx, hy, hx = frac[0, ox], frac[1, ox], frac[2, ox], frac[3, ox]
                 d = dc[ox]
-                gy, gx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)  # d bilinear / d (p_y, p_x)
+                jy, jx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)  # d xs / d (py, px)
                 if has_mask or want_cols:
                     w00, w01, w10, w11 = _corner_weights(ly, lx, hy, hx)
                     val = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
                     val = val if smp[ox] else zero
                 if has_mask:
                     m = mrow[ox]
-                    acc_y[ox] += (m * gy) * d
-                    acc_x[ox] += (m * gx) * d
+                    acc_y[ox] += (m * jy) * d
+                    acc_x[ox] += (m * jx) * d
                     acc_m[ox] += val * d
                     if want_cols:
                         cols[n, c, k, oy, ox] = m * val
                 else:
-                    acc_y[ox] += gy * d
-                    acc_x[ox] += gx * d
+                    acc_y[ox] += jy * d
+                    acc_x[ox] += jx * d
                     if want_cols:
                         cols[n, c, k, oy, ox] = val
         for ox in range(ow):
@@ -816,14 +816,14 @@ def _map_backward_kernel(d_out, x, coords, d_x, d_coords):
     wmax = tp(W - 1)
     for b in prange(B):
         for p in range(P):
-            i0, i1, j0, j1, d_lt, d_rt, d_lb, d_rb, d_y, d_xq = _clamped_point_backward(
+            y0, y1, x0, x1, d00, d10, d01, d11, dyq, dxq = _clamped_point_backward(
                 x, b, coords[b, p, 0], coords[b, p, 1], d_out[b, p], hmax, wmax, tp)
-            d_x[b, i0, j0] += d_lt
-            d_x[b, i1, j0] += d_rt
-            d_x[b, i0, j1] += d_lb
-            d_x[b, i1, j1] += d_rb
-            d_coords[b, p, 0] = d_y
-            d_coords[b, p, 1] = d_xq
+            d_x[b, y0, x0] += d00
+            d_x[b, y1, x0] += d10
+            d_x[b, y0, x1] += d01
+            d_x[b, y1, x1] += d11
+            d_coords[b, p, 0] = dyq
+            d_coords[b, p, 1] = dxq
 
 
 # ---------------------------------------------------------------------------------------

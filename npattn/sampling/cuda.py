@@ -157,7 +157,7 @@ def _divmod(a, b, ity):
 @_device
 def _sample(offset, t, L, ow, K, G, kw, sh, sw, ph, pw, dh, dw, tp, ity):
     # Flat sampling position t in the row-major order (N, G, K, oh, ow) -> (n, g, k, q,
-    # pix, p_y, p_x): q = (n G + g) K + k, pix = oy ow + ox; the offset pair is at
+    # pix, py, px): q = (n G + g) K + k, pix = oy ow + ox; the offset pair is at
     # 2 q L + pix and (2 q + 1) L + pix of the flat offset (N, 2 G K, oh, ow), and the
     # mask entry at t itself. Index arithmetic in ity (uint32 or int64), positions in
     # int64 (they may be negative), the sample position in tp.
@@ -311,18 +311,18 @@ def _deform_kernels(ity):
                 for _ in range(cpg):
                     v00, v01, v10, v11 = _corners(x, b11, ity(W), up, down, left, right, zero)
                     d = d_cols[ci]
-                    gy, gx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)
+                    jy, jx = _position_grads(ly, lx, hy, hx, v00, v01, v10, v11)
                     v = zero
                     if sample:
                         v = _bilinear_value(w00, w01, w10, w11, v00, v01, v10, v11)
                     if has_mask:
-                        acc_y += (m * gy) * d
-                        acc_x += (m * gx) * d
+                        acc_y += (m * jy) * d
+                        acc_x += (m * jx) * d
                         if sample:
                             acc_m += v * d
                     else:
-                        acc_y += gy * d
-                        acc_x += gx * d
+                        acc_y += jy * d
+                        acc_x += jx * d
                     if write_cols:
                         cols[ci] = m * v if has_mask else v
                     b11 = ity(b11 + HW)
@@ -375,14 +375,14 @@ def _map_backward_k(d_out, x, coords, d_x, d_coords):
     for t in range(start, B * P, step):
         b = t // P
         p = t - b * P
-        i0, i1, j0, j1, d_lt, d_rt, d_lb, d_rb, d_y, d_xq = _clamped_point_backward(
+        y0, y1, x0, x1, d00, d10, d01, d11, dyq, dxq = _clamped_point_backward(
             x, b, coords[b, p, 0], coords[b, p, 1], d_out[b, p], hmax, wmax, tp)
-        cuda.atomic.add(d_x, (b, i0, j0), float64(d_lt))
-        cuda.atomic.add(d_x, (b, i1, j0), float64(d_rt))
-        cuda.atomic.add(d_x, (b, i0, j1), float64(d_lb))
-        cuda.atomic.add(d_x, (b, i1, j1), float64(d_rb))
-        d_coords[b, p, 0] = d_y
-        d_coords[b, p, 1] = d_xq
+        cuda.atomic.add(d_x, (b, y0, x0), float64(d00))
+        cuda.atomic.add(d_x, (b, y1, x0), float64(d10))
+        cuda.atomic.add(d_x, (b, y0, x1), float64(d01))
+        cuda.atomic.add(d_x, (b, y1, x1), float64(d11))
+        d_coords[b, p, 0] = dyq
+        d_coords[b, p, 1] = dxq
 
 
 def _zero_k(dst):

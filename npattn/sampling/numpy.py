@@ -1,46 +1,50 @@
 """Bilinear sampling in vectorised NumPy: the definition the other backends are checked against.
 
-Two kinds of sampling live here.
+Two kinds of sampling live here. Their derivation, forward and backward line by line,
+is the module docstring of :mod:`npattn.blocks.deform` (``npattn explain DeformConv2d``
+walks it on the functions below); the notation is the same: positions (py, px), offset
+components (delta_y, delta_x), corners (y0, x0), (y0, x1), (y1, x0), (y1, x1) with
+values v00, v01, v10, v11 and weights w00, w01, w10, w11, and a ``d`` prefix only on
+gradients.
 
 **Deformable convolution** (torchvision.ops.deform_conv2d, ONNX DeformConv, mmcv). For
 image ``n``, input channel ``c`` in offset group ``g = c // (C // G)``, kernel tap
 ``(i, j)`` with ``k = i * kw + j`` (``K = kh * kw``) and output pixel ``(oy, ox)``::
 
-    dy = offset[n, 2 (g K + k), oy, ox]        dx = offset[n, 2 (g K + k) + 1, oy, ox]
-    m  = mask[n, g K + k, oy, ox]              (1 when there is no mask)
-    p_y = oy s_h - pad_h + i d_h + dy          p_x = ox s_w - pad_w + j d_w + dx
-    cols[n, c, i, j, oy, ox] = m * bilinear(x[n, c], p_y, p_x)
+    delta_y = offset[n, 2 (g K + k), oy, ox]      delta_x = offset[n, 2 (g K + k) + 1, oy, ox]
+    m  = mask[n, g K + k, oy, ox]                 (1 when there is no mask)
+    py = oy s_h - pad_h + i d_h + delta_y         px = ox s_w - pad_w + j d_w + delta_x
+    xs = bilinear(x[n, c], py, px)                cols[n, c, i, j, oy, ox] = m * xs
 
-The base position ``oy s_h - pad_h + i d_h`` is an integer, converted to the dtype of
-``x`` before the offset is added (torchvision's order of operations).
+(:func:`sample_positions`, :func:`bilinear_sample`, :func:`deform_im2col`). The base
+position ``oy s_h - pad_h + i d_h`` is an integer, converted to the dtype of ``x``
+before the offset is added (torchvision's order of operations).
 
-``bilinear(img, p_y, p_x)`` is torchvision's rule: it is 0 when ``p_y <= -1``,
-``p_y >= H``, ``p_x <= -1`` or ``p_x >= W``; otherwise with ``y0 = floor(p_y)``,
-``x0 = floor(p_x)``, ``ly = p_y - y0``, ``lx = p_x - x0``, ``hy = 1 - ly``, ``hx = 1 - lx``::
+``bilinear(img, py, px)`` is torchvision's rule: 0 when ``py <= -1``, ``py >= H``,
+``px <= -1`` or ``px >= W``; otherwise, with ``y0 = floor(py)``, ``x0 = floor(px)``,
+``y1 = y0 + 1``, ``x1 = x0 + 1``, ``ly = py - y0``, ``lx = px - x0``, ``hy = 1 - ly``,
+``hx = 1 - lx``::
 
-    bilinear = hy hx v(y0, x0) + hy lx v(y0, x0+1) + ly hx v(y0+1, x0) + ly lx v(y0+1, x0+1)
+    xs = w00 v00 + w01 v01 + w10 v10 + w11 v11,   w00 = hy hx, w01 = hy lx, w10 = ly hx, w11 = ly lx
 
-where ``v(r, s)`` is the pixel when ``0 <= r < H`` and ``0 <= s < W`` and 0 otherwise
-(corners outside the image contribute 0, i.e. zero padding).
+summed in that order, with ``vab`` the pixel (ya, xb) when it is in the image and 0
+otherwise (zero padding).
 
-Gradients (``D = d_cols[n, c, i, j, oy, ox]``, sums over the channels ``c`` of group g)::
+The gradients, for ``dcols`` the gradient of the columns and ``dxs = m * dcols``:
+:func:`deform_col2im` gives ``dx`` (every sample adds ``wab * dxs`` to its corner (ya,
+xb), summed in float64), and :func:`deform_col2im_coord` gives ``doffset``, the pairs
+``(dpy, dpx)`` with ``dpy = sum_c (m jy) dcols``, ``jy = hx (v10 - v00) + lx (v11 - v01)``,
+``dpx = sum_c (m jx) dcols``, ``jx = hy (v01 - v00) + ly (v11 - v10)`` (the derivative on
+the cell [y0, y0 + 1] x [x0, x0 + 1], i.e. from the right at an integer position), and
+``dmask = sum_c dcols * xs``. The products are in this order (``m jy`` first) in every
+backend. Their support at the border is the ``border_grad`` argument of
+:func:`deform_col2im_coord`:
 
-    d_x[n, c, r, s]     += m * (corner weight of (r, s)) * D         (deform_col2im)
-    d_offset(dy)        = sum_c m * D * (lx (v(y0+1, x0+1) - v(y0, x0+1)) + hx (v(y0+1, x0) - v(y0, x0)))
-    d_offset(dx)        = sum_c m * D * (ly (v(y0+1, x0+1) - v(y0+1, x0)) + hy (v(y0, x0+1) - v(y0, x0)))
-    d_mask              = sum_c D * bilinear(x[n, c], p_y, p_x)
-
-The offset gradient is the derivative of the bilinear formula on the cell
-``[y0, y0 + 1] x [x0, x0 + 1]`` with ``y0 = floor(p_y)``: the one-sided derivative from
-the right. At an integer position (zero offsets included) a central finite difference
-therefore disagrees with it; elsewhere it is the exact derivative. Its support at the
-border is a convention, the ``border_grad`` argument of :func:`deform_col2im_coord`:
-
-* ``"torchvision"`` (default): no range test of its own; it is nonzero wherever a corner
-  of the cell is inside the image, i.e. on ``[-1, H) x [-1, W)``, which includes
-  ``p_y = -1`` or ``p_x = -1`` exactly (the forward is 0 there, its right-hand
-  derivative is not). torchvision's behaviour (pytorch/vision issue #6885).
-* ``"mmcv"``: 0 unless ``-1 < p_y < H`` and ``-1 < p_x < W``, the support of the sample
+* ``"torchvision"`` (default): no range test of its own; nonzero wherever a corner of
+  the cell is inside the image, i.e. on ``[-1, H) x [-1, W)``, which includes ``py = -1``
+  or ``px = -1`` exactly (the forward is 0 there, its right-hand derivative is not).
+  torchvision's behaviour (pytorch/vision issue #6885).
+* ``"mmcv"``: 0 unless ``-1 < py < H`` and ``-1 < px < W``, the support of the sample
   itself (mmcv's ``get_coordinate_weight`` tests ``p <= -1 || p >= size`` first).
 
 The two differ only at positions exactly at -1 on either axis (at ``p >= H`` or
@@ -48,17 +52,17 @@ The two differ only at positions exactly at -1 on either axis (at ``p >= H`` or
 
 **The seed's clamped sampling** (oeway/pytorch-deform-conv ``th_batch_map_coordinates``)::
 
-    r = clamp(row, 0, H - 1)    c = clamp(col, 0, W - 1)       (each axis on its own)
-    r0 = floor(r), r1 = ceil(r), c0 = floor(c), c1 = ceil(c), fr = r - r0, fc = c - c0
-    top    = fr (x[r1, c0] - x[r0, c0]) + x[r0, c0]
-    bottom = fr (x[r1, c1] - x[r0, c1]) + x[r0, c1]
-    out    = fc (bottom - top) + top
+    r = clamp(row, 0, H - 1)    q = clamp(col, 0, W - 1)       (each axis on its own)
+    y0 = floor(r), y1 = ceil(r), x0 = floor(q), x1 = ceil(q), ly = r - y0, lx = q - x0
+    vx0 = ly (v10 - v00) + v00      (column x0, interpolated along y)
+    vx1 = ly (v11 - v01) + v01      (column x1)
+    out = lx (vx1 - vx0) + vx0
 
-(the seed names them "t" and "b" although they are the left and right columns; the value
-is ordinary bilinear interpolation with border replication). Because the corners are
-floor and *ceil*, at an integer coordinate both corners coincide and the coordinate
-gradient is 0; the clamp passes the gradient on ``[0, H - 1]`` (bounds included, as
-``torch.clamp``) and blocks it strictly outside.
+(the seed calls vx0 and vx1 "t" and "b" although they are the left and right columns;
+the value is ordinary bilinear interpolation with border replication). Because the
+corners are floor and *ceil*, at an integer coordinate both corners coincide and the
+coordinate gradient is 0; the clamp passes the gradient on ``[0, H - 1]`` (bounds
+included, as ``torch.clamp``) and blocks it strictly outside.
 
 **Non-finite positions.** A position (or coordinate pair) with a NaN or infinite
 component samples 0 and gets zero gradients (input, offset, mask), except that the seed's
@@ -82,11 +86,13 @@ from . import check_border_grad
 
 __all__ = [
     "unavailable_reason",
+    "bilinear_sample",
     "deform_im2col",
     "deform_col2im",
     "deform_col2im_coord",
     "map_coordinates_clamped",
     "map_coordinates_clamped_backward",
+    "sample_positions",
 ]
 
 
@@ -104,57 +110,90 @@ class _Cells:
 
     idx: tuple  # 4 x int64 (N, G, K, L): flat pixel index y*W + x of the corners 00, 01, 10, 11 (0 where invalid)
     valid: tuple  # 4 x bool (N, G, K, L): corner inside the image and position in the gradient support
-    sample: np.ndarray  # bool (N, G, K, L): -1 < p_y < H and -1 < p_x < W (and finite)
-    ly: np.ndarray  # (N, G, K, L) dtype of x: p_y - y0 (0 where not in the support)
-    lx: np.ndarray  # (N, G, K, L): p_x - x0
+    sample: np.ndarray  # bool (N, G, K, L): -1 < py < H and -1 < px < W (and finite)
+    ly: np.ndarray  # (N, G, K, L) dtype of x: py - y0 (0 where not in the support)
+    lx: np.ndarray  # (N, G, K, L): px - x0
     hy: np.ndarray  # (N, G, K, L): 1 - ly
     hx: np.ndarray  # (N, G, K, L): 1 - lx
 
 
-def _cells(offset, height, width, kernel_hw, stride, padding, dilation, out_hw, offset_groups, dtype):
-    """Sample positions of every (n, g, k, oy, ox) and the cell [y0, y0+1] x [x0, x0+1] each falls in.
+def sample_positions(offset, kernel_hw, stride, padding, dilation, dtype=None):
+    """The sample positions ``(py, px)`` of a deformable im2col, each (N, G, K, L).
 
-    The gradient support is ``-1 <= p_y < H`` and ``-1 <= p_x < W`` (finite): outside it
-    all four corners are outside the image. The sampling support is the same with
-    ``p > -1``.
+    For offset group g, tap k = i kw + j (K = kh kw) and output pixel l = oy out_w + ox
+    (L = out_h out_w)::
+
+        py = oy s_h - pad_h + i d_h + delta_y       delta_y = offset[n, 2 (g K + k), oy, ox]
+        px = ox s_w - pad_w + j d_w + delta_x       delta_x = offset[n, 2 (g K + k) + 1, oy, ox]
+
+    G and the output size come from ``offset`` (N, 2 G K, out_h, out_w). The integer base
+    is converted to ``dtype`` (default: the offset's) before the offset is added.
     """
-    n = offset.shape[0]
-    weight_h, weight_w = kernel_hw
-    stride_h, stride_w = stride
-    pad_h, pad_w = padding
-    dilation_h, dilation_w = dilation
-    out_h, out_w = out_hw
+    n, channels, out_h, out_w = offset.shape
+    weight_h, weight_w = (int(v) for v in kernel_hw)
+    stride_h, stride_w = (int(v) for v in stride)
+    pad_h, pad_w = (int(v) for v in padding)
+    dilation_h, dilation_w = (int(v) for v in dilation)
     k_taps = weight_h * weight_w
-    off = offset.reshape(n, offset_groups, k_taps, 2, out_h * out_w)  # (N, G, K, 2, L)
+    offset_groups = channels // (2 * k_taps)
+    off = offset.reshape(n, offset_groups, k_taps, 2, out_h * out_w)  # (N, G, K, 2, L): (delta_y, delta_x) pairs
     tap_i = np.repeat(np.arange(weight_h), weight_w)  # (K,) i of tap k
     tap_j = np.tile(np.arange(weight_w), weight_h)  # (K,) j of tap k
     oy = np.repeat(np.arange(out_h), out_w)  # (L,)
     ox = np.tile(np.arange(out_w), out_h)  # (L,)
+    dtype = offset.dtype if dtype is None else dtype
     base_y = ((oy * stride_h - pad_h)[None, :] + (tap_i * dilation_h)[:, None]).astype(dtype)  # (K, L)
     base_x = ((ox * stride_w - pad_w)[None, :] + (tap_j * dilation_w)[:, None]).astype(dtype)  # (K, L)
-    p_y = base_y + off[:, :, :, 0]  # (N, G, K, L)
-    p_x = base_x + off[:, :, :, 1]  # (N, G, K, L)
+    py = base_y + off[:, :, :, 0]  # (N, G, K, L)
+    px = base_x + off[:, :, :, 1]  # (N, G, K, L)
+    return py, px
 
-    support = np.isfinite(p_y) & np.isfinite(p_x)
-    support &= (p_y >= -1) & (p_y < height) & (p_x >= -1) & (p_x < width)
-    sample = support & (p_y > -1) & (p_x > -1)
-    p_y = np.where(support, p_y, 0)  # never floor a non-finite or far-away position
-    p_x = np.where(support, p_x, 0)
-    y0f = np.floor(p_y)
-    x0f = np.floor(p_x)
-    ly = p_y - y0f
-    lx = p_x - x0f
+
+def _cells(offset, height, width, kernel_hw, stride, padding, dilation, out_hw, offset_groups, dtype):
+    """The cells of every (n, g, k, oy, ox) of a deformable im2col: :func:`sample_positions`,
+    then :func:`_cells_at`."""
+    py, px = sample_positions(offset, kernel_hw, stride, padding, dilation, dtype)
+    return _cells_at(py, px, height, width)
+
+
+def _cells_at(py, px, height, width):
+    """The cell [y0, y0+1] x [x0, x0+1] each position (py, px) (N, G, K, L) falls in.
+
+    The gradient support is ``-1 <= py < H`` and ``-1 <= px < W`` (finite): outside it
+    all four corners are outside the image. The sampling support is the same with
+    ``p > -1``.
+    """
+    support = np.isfinite(py) & np.isfinite(px)
+    support &= (py >= -1) & (py < height) & (px >= -1) & (px < width)
+    sample = support & (py > -1) & (px > -1)
+    py_s = np.where(support, py, 0)  # never floor a non-finite or far-away position
+    px_s = np.where(support, px, 0)
+    y0f = np.floor(py_s)
+    x0f = np.floor(px_s)
+    ly = py_s - y0f
+    lx = px_s - x0f
     y0 = y0f.astype(np.int64)  # in [-1, H-1] inside the support
     x0 = x0f.astype(np.int64)  # in [-1, W-1]
 
     idx, valid = [], []
-    for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        y = y0 + a
-        x = x0 + b
-        ok = support & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+    for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):  # corners (y0, x0), (y0, x1), (y1, x0), (y1, x1)
+        ya = y0 + a
+        xb = x0 + b
+        ok = support & (ya >= 0) & (ya < height) & (xb >= 0) & (xb < width)
         valid.append(ok)
-        idx.append(np.where(ok, y * width + x, 0))
+        idx.append(np.where(ok, ya * width + xb, 0))
     return _Cells(tuple(idx), tuple(valid), sample, ly, lx, 1 - ly, 1 - lx)
+
+
+def bilinear_sample(x, py, px):
+    """``xs[n, g, c, k, l] = bilinear(x[n, g Cg + c], py[n, g, k, l], px[n, g, k, l])``
+    (module docstring) for x (N, C, H, W) and positions (N, G, K, L), G dividing C:
+    the samples, (N, G, Cg, K, L), Cg = C / G."""
+    n, c, height, width = x.shape
+    offset_groups = py.shape[1]
+    cells = _cells_at(py, px, height, width)
+    xg = x.reshape(n, offset_groups, c // offset_groups, height * width)  # (N, G, Cg, H*W)
+    return _bilinear(xg, cells)
 
 
 def _corner_values(xg, cells, use_sample):
@@ -182,7 +221,7 @@ def _corner_values(xg, cells, use_sample):
 
 
 def _bilinear(xg, cells):
-    """bilinear(x[n, c], p_y, p_x) for every sample: (N, G, Cg, K, L).
+    """bilinear(x[n, c], py, px) for every sample: (N, G, Cg, K, L).
 
     Summed corner by corner in the order w00 v00 + w01 v01 + w10 v10 + w11 v11."""
     weights = (cells.hy * cells.hx, cells.hy * cells.lx, cells.ly * cells.hx, cells.ly * cells.lx)  # (N, G, K, L) each
@@ -207,7 +246,7 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     Parameters
     ----------
     x : (N, C, H, W)
-    offset : (N, 2 G kh kw, out_h, out_w), (dy, dx) pairs per group and tap
+    offset : (N, 2 G kh kw, out_h, out_w), (delta_y, delta_x) pairs per group and tap
     mask : (N, G kh kw, out_h, out_w) or None (all ones)
     kernel_hw, stride, padding, dilation, out_hw : pairs of ints
     offset_groups : G, dividing C
@@ -215,17 +254,18 @@ def deform_im2col(x, offset, mask, kernel_hw, stride, padding, dilation, out_hw,
     Returns
     -------
     cols : (N, C, kh, kw, out_h, out_w), dtype of x:
-        ``cols[n, c, i, j, oy, ox] = m * bilinear(x[n, c], p_y, p_x)`` (module docstring).
+        ``cols[n, c, i, j, oy, ox] = m * bilinear(x[n, c], py, px)`` (module docstring).
     """
     n, c, height, width = x.shape
     weight_h, weight_w = kernel_hw
     out_h, out_w = out_hw
     k_taps, length = weight_h * weight_w, out_h * out_w
-    cells = _cells(offset, height, width, kernel_hw, stride, padding, dilation, out_hw, offset_groups, x.dtype)
-    xg = x.reshape(n, offset_groups, c // offset_groups, height * width)  # (N, G, Cg, H*W)
-    cols = _bilinear(xg, cells)  # (N, G, Cg, K, L)
+    py, px = sample_positions(offset, kernel_hw, stride, padding, dilation, x.dtype)  # (N, G, K, L) each
+    xs = bilinear_sample(x, py, px)  # (N, G, Cg, K, L) the samples
+    cols = xs  # (N, G, Cg, K, L)
     if mask is not None:
-        cols = _mask_g(mask, n, offset_groups, k_taps, length) * cols
+        m = _mask_g(mask, n, offset_groups, k_taps, length)  # (N, G, 1, K, L)
+        cols = m * xs  # (N, G, Cg, K, L) modulated
     return cols.reshape(n, c, weight_h, weight_w, out_h, out_w)
 
 
@@ -243,34 +283,35 @@ def _scatter_add(flat_size, pairs, dtype):
 def deform_col2im(d_cols, offset, mask, x_shape, kernel_hw, stride, padding, dilation, offset_groups):
     """Adjoint of :func:`deform_im2col` with respect to ``x``.
 
-    Every column entry ``D = d_cols[n, c, i, j, oy, ox]`` whose position samples a nonzero
-    value adds ``m * w * D`` to each of its (in-image) corners, ``w`` the corner's
-    bilinear weight (``hy hx``, ``hy lx``, ``ly hx``, ``ly lx``).
+    Every sample whose position is in the sampling support adds ``wab * dxs`` to each of
+    its (in-image) corners (ya, xb), ``dxs = m * dcols``, ``wab`` the corner's bilinear
+    weight (w00 = hy hx, w01 = hy lx, w10 = ly hx, w11 = ly lx).
 
     Returns
     -------
-    d_x : ndarray of ``x_shape`` (N, C, H, W), dtype of d_cols
+    dx : ndarray of ``x_shape`` (N, C, H, W), dtype of d_cols
     """
     n, c, height, width = x_shape
     weight_h, weight_w, out_h, out_w = d_cols.shape[2:]
     k_taps, length = weight_h * weight_w, out_h * out_w
     cg = c // offset_groups
     cells = _cells(offset, height, width, kernel_hw, stride, padding, dilation, (out_h, out_w), offset_groups, d_cols.dtype)
-    d = d_cols.reshape(n, offset_groups, cg, k_taps, length)  # (N, G, Cg, K, L)
+    dcols = d_cols.reshape(n, offset_groups, cg, k_taps, length)  # (N, G, Cg, K, L)
+    dxs = dcols  # (N, G, Cg, K, L) the gradient of the samples, cols = m * xs
     if mask is not None:
-        d = _mask_g(mask, n, offset_groups, k_taps, length) * d
-    weights = (cells.hy * cells.hx, cells.hy * cells.lx, cells.ly * cells.hx, cells.ly * cells.lx)
-    # flat index into d_x of (n, g, cc) planes: ((n*G + g)*Cg + cc) * H*W
+        dxs = _mask_g(mask, n, offset_groups, k_taps, length) * dcols
+    weights = (cells.hy * cells.hx, cells.hy * cells.lx, cells.ly * cells.hx, cells.ly * cells.lx)  # w00, w01, w10, w11
+    # flat index into dx of (n, g, cc) planes: ((n*G + g)*Cg + cc) * H*W
     plane = (np.arange(n * c).reshape(n, offset_groups, cg, 1, 1)) * (height * width)  # (N, G, Cg, 1, 1)
     corners = (
         (
-            plane + idx[:, :, None],  # (N, G, Cg, K, L) flat index into d_x
-            np.where((ok & cells.sample)[:, :, None], w[:, :, None] * d, 0),  # (N, G, Cg, K, L)
+            plane + idx[:, :, None],  # (N, G, Cg, K, L) flat index into dx
+            np.where((ok & cells.sample)[:, :, None], w[:, :, None] * dxs, 0),  # (N, G, Cg, K, L)
         )
         for idx, ok, w in zip(cells.idx, cells.valid, weights)
     )  # one corner at a time
-    d_x = _scatter_add(n * c * height * width, corners, d_cols.dtype)
-    return d_x.reshape(x_shape)
+    dx = _scatter_add(n * c * height * width, corners, d_cols.dtype).reshape(x_shape)  # (N, C, H, W)
+    return dx
 
 
 def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dilation, offset_groups,
@@ -287,8 +328,8 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
 
     Returns
     -------
-    d_offset : shape of offset, dtype of x
-    d_mask : shape of mask, or None when mask is None
+    doffset : shape of offset, dtype of x
+    dmask : shape of mask, or None when mask is None
     """
     border_grad = check_border_grad("deform_col2im_coord", border_grad)
     if cols_out is not None:
@@ -298,31 +339,29 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
     k_taps, length = weight_h * weight_w, out_h * out_w
     cells = _cells(offset, height, width, kernel_hw, stride, padding, dilation, (out_h, out_w), offset_groups, x.dtype)
     xg = x.reshape(n, offset_groups, c // offset_groups, height * width)  # (N, G, Cg, H*W)
-    d = d_cols.reshape(n, offset_groups, c // offset_groups, k_taps, length)  # (N, G, Cg, K, L)
+    dcols = d_cols.reshape(n, offset_groups, c // offset_groups, k_taps, length)  # (N, G, Cg, K, L)
 
     # torchvision: corners read on the gradient support [-1, H) x [-1, W); mmcv: only where
     # the position samples, (-1, H) x (-1, W), so the derivative is exactly 0 at p = -1
     v00, v01, v10, v11 = _corner_values(xg, cells, use_sample=border_grad == "mmcv")  # 4 x (N, G, Cg, K, L)
     ly, lx = cells.ly[:, :, None], cells.lx[:, :, None]  # (N, G, 1, K, L)
     hy, hx = cells.hy[:, :, None], cells.hx[:, :, None]
-    d_sample_dy = lx * (v11 - v01) + hx * (v10 - v00)  # (N, G, Cg, K, L) d bilinear / d p_y on the cell
-    d_sample_dx = ly * (v11 - v10) + hy * (v01 - v00)  # (N, G, Cg, K, L) d bilinear / d p_x on the cell
-    if mask is not None:
+    jy = lx * (v11 - v01) + hx * (v10 - v00)  # (N, G, Cg, K, L) d xs / d py on the cell
+    jx = ly * (v11 - v10) + hy * (v01 - v00)  # (N, G, Cg, K, L) d xs / d px on the cell
+    if mask is not None:  # m folded into the derivative first (the compiled kernels' order): m jy dcols = jy dxs
         m = _mask_g(mask, n, offset_groups, k_taps, length)  # (N, G, 1, K, L)
-        d_sample_dy = m * d_sample_dy
-        d_sample_dx = m * d_sample_dx
-    d_py = (d_sample_dy * d).sum(axis=2)  # (N, G, K, L)
-    d_px = (d_sample_dx * d).sum(axis=2)  # (N, G, K, L)
-    d_offset = np.stack([d_py, d_px], axis=3)  # (N, G, K, 2, L)
-    d_offset = d_offset.reshape(offset.shape).astype(x.dtype, copy=False)
-    del v00, v01, v10, v11, d_sample_dy, d_sample_dx  # free them before the mask gradient
+        jy = m * jy
+        jx = m * jx
+    dpy = (jy * dcols).sum(axis=2)  # (N, G, K, L)
+    dpx = (jx * dcols).sum(axis=2)  # (N, G, K, L)
+    doffset = np.stack([dpy, dpx], axis=3).reshape(offset.shape).astype(x.dtype, copy=False)  # (N, 2 G K, out_h, out_w)
+    del v00, v01, v10, v11, jy, jx  # free them before the mask gradient
 
-    d_mask = None
+    dmask = None
     if mask is not None:
-        sampled = _bilinear(xg, cells)  # (N, G, Cg, K, L)
-        d_mask = (d * sampled).sum(axis=2)  # (N, G, K, L)
-        d_mask = d_mask.reshape(mask.shape).astype(x.dtype, copy=False)
-    return d_offset, d_mask
+        xs = _bilinear(xg, cells)  # (N, G, Cg, K, L) the samples, again
+        dmask = (dcols * xs).sum(axis=2).reshape(mask.shape).astype(x.dtype, copy=False)  # (N, G K, out_h, out_w)
+    return doffset, dmask
 
 
 # ---- the seed's clamped sampling ----------------------------------------------------
@@ -332,9 +371,9 @@ def deform_col2im_coord(d_cols, x, offset, mask, kernel_hw, stride, padding, dil
 class _ClampedCells:
     """Corners of every coordinate pair of the seed's sampling; arrays are (B, P)."""
 
-    idx: tuple  # 4 x int64 (B, P): flat index b*H*W + r*W + c of corners (r0,c0), (r1,c0), (r0,c1), (r1,c1)
-    fr: np.ndarray  # (B, P): r - r0
-    fc: np.ndarray  # (B, P): c - c0
+    idx: tuple  # 4 x int64 (B, P): flat index b*H*W + y*W + x of corners (y0, x0), (y1, x0), (y0, x1), (y1, x1)
+    ly: np.ndarray  # (B, P): clamped row - y0
+    lx: np.ndarray  # (B, P): clamped col - x0
     nan: np.ndarray  # bool (B, P): the pair has a NaN (samples 0, zero gradients)
     pass_r: np.ndarray  # bool (B, P): 0 <= row <= H-1 (clamp passes the row gradient)
     pass_c: np.ndarray  # bool (B, P): 0 <= col <= W-1
@@ -347,15 +386,15 @@ def _clamped_cells(x_shape, coords):
     nan = np.isnan(row) | np.isnan(col)
     r = np.where(nan, 0, np.clip(row, 0, height - 1))  # clamp per axis; +-inf go to the border
     c = np.where(nan, 0, np.clip(col, 0, width - 1))
-    r0f, r1f = np.floor(r), np.ceil(r)
-    c0f, c1f = np.floor(c), np.ceil(c)
-    r0, r1 = r0f.astype(np.int64), r1f.astype(np.int64)
-    c0, c1 = c0f.astype(np.int64), c1f.astype(np.int64)
+    y0f, y1f = np.floor(r), np.ceil(r)
+    x0f, x1f = np.floor(c), np.ceil(c)
+    y0, y1 = y0f.astype(np.int64), y1f.astype(np.int64)
+    x0, x1 = x0f.astype(np.int64), x1f.astype(np.int64)
     base = (np.arange(b) * (height * width))[:, None]  # (B, 1)
-    idx = (base + r0 * width + c0, base + r1 * width + c0, base + r0 * width + c1, base + r1 * width + c1)
+    idx = (base + y0 * width + x0, base + y1 * width + x0, base + y0 * width + x1, base + y1 * width + x1)
     pass_r = ~nan & (row >= 0) & (row <= height - 1)
     pass_c = ~nan & (col >= 0) & (col <= width - 1)
-    return _ClampedCells(idx, r - r0f, c - c0f, nan, pass_r, pass_c)
+    return _ClampedCells(idx, r - y0f, c - x0f, nan, pass_r, pass_c)
 
 
 def map_coordinates_clamped(x, coords):
@@ -372,11 +411,11 @@ def map_coordinates_clamped(x, coords):
     """
     cells = _clamped_cells(x.shape, coords)
     flat = x.reshape(-1)
-    v_r0c0, v_r1c0, v_r0c1, v_r1c1 = (flat[i] for i in cells.idx)  # (B, P) each
-    fr, fc = cells.fr, cells.fc
-    left = fr * (v_r1c0 - v_r0c0) + v_r0c0  # column c0, interpolated along the rows
-    right = fr * (v_r1c1 - v_r0c1) + v_r0c1  # column c1
-    out = fc * (right - left) + left
+    v00, v10, v01, v11 = (flat[i] for i in cells.idx)  # (B, P) each: corners (y0, x0), (y1, x0), (y0, x1), (y1, x1)
+    ly, lx = cells.ly, cells.lx
+    vx0 = ly * (v10 - v00) + v00  # column x0, interpolated along y
+    vx1 = ly * (v11 - v01) + v01  # column x1
+    out = lx * (vx1 - vx0) + vx0
     return np.where(cells.nan, 0, out)
 
 
@@ -385,38 +424,38 @@ def map_coordinates_clamped_backward(d_out, x, coords):
 
     Backward, in reverse order of the forward (NaN pairs get 0 everywhere)::
 
-        d_left  = d_out (1 - fc)           d_right = d_out fc
-        d_fc    = d_out (right - left)
-        d_fr    = d_left (v(r1, c0) - v(r0, c0)) + d_right (v(r1, c1) - v(r0, c1))
-        d_x[r0, c0] += d_left (1 - fr)     d_x[r1, c0] += d_left fr
-        d_x[r0, c1] += d_right (1 - fr)    d_x[r1, c1] += d_right fr
-        d_row   = d_fr  where 0 <= row <= H-1, else 0     (r0 = floor is a constant)
-        d_col   = d_fc  where 0 <= col <= W-1, else 0
+        dvx0 = dout (1 - lx)             dvx1 = dout lx
+        dlx  = dout (vx1 - vx0)
+        dly  = dvx0 (v10 - v00) + dvx1 (v11 - v01)
+        dx[y0, x0] += dvx0 (1 - ly)      dx[y1, x0] += dvx0 ly
+        dx[y0, x1] += dvx1 (1 - ly)      dx[y1, x1] += dvx1 ly
+        drow = dly  where 0 <= row <= H-1, else 0     (y0 = floor is a constant)
+        dcol = dlx  where 0 <= col <= W-1, else 0
 
-    At an integer coordinate r0 == r1, so ``d_fr`` is 0 (likewise for columns).
+    At an integer coordinate y0 == y1, so ``dly`` is 0 (likewise for columns).
 
     Returns
     -------
-    d_x : (B, H, W), d_coords : (B, P, 2); dtype of x.
+    dx : (B, H, W), dcoords : (B, P, 2); dtype of x.
     """
     cells = _clamped_cells(x.shape, coords)
     flat = x.reshape(-1)
-    v_r0c0, v_r1c0, v_r0c1, v_r1c1 = (flat[i] for i in cells.idx)  # (B, P) each
-    fr, fc = cells.fr, cells.fc
-    d_out = np.where(cells.nan, 0, d_out)  # (B, P)
-    left = fr * (v_r1c0 - v_r0c0) + v_r0c0  # (B, P)
-    right = fr * (v_r1c1 - v_r0c1) + v_r0c1  # (B, P)
+    v00, v10, v01, v11 = (flat[i] for i in cells.idx)  # (B, P) each
+    ly, lx = cells.ly, cells.lx
+    dout = np.where(cells.nan, 0, d_out)  # (B, P)
+    vx0 = ly * (v10 - v00) + v00  # (B, P)
+    vx1 = ly * (v11 - v01) + v01  # (B, P)
 
-    d_left = d_out * (1 - fc)  # (B, P)
-    d_right = d_out * fc  # (B, P)
-    d_fc = d_out * (right - left)  # (B, P)
-    d_fr = d_left * (v_r1c0 - v_r0c0) + d_right * (v_r1c1 - v_r0c1)  # (B, P)
-    d_x = _scatter_add(
+    dvx0 = dout * (1 - lx)  # (B, P)
+    dvx1 = dout * lx  # (B, P)
+    dlx = dout * (vx1 - vx0)  # (B, P)
+    dly = dvx0 * (v10 - v00) + dvx1 * (v11 - v01)  # (B, P)
+    dx = _scatter_add(
         x.size,
-        zip(cells.idx, (d_left * (1 - fr), d_left * fr, d_right * (1 - fr), d_right * fr)),
+        zip(cells.idx, (dvx0 * (1 - ly), dvx0 * ly, dvx1 * (1 - ly), dvx1 * ly)),
         x.dtype,
     ).reshape(x.shape)  # (B, H, W)
-    d_row = np.where(cells.pass_r, d_fr, 0)  # (B, P)
-    d_col = np.where(cells.pass_c, d_fc, 0)  # (B, P)
-    d_coords = np.stack([d_row, d_col], axis=-1).astype(x.dtype, copy=False)  # (B, P, 2)
-    return d_x, d_coords
+    drow = np.where(cells.pass_r, dly, 0)  # (B, P)
+    dcol = np.where(cells.pass_c, dlx, 0)  # (B, P)
+    dcoords = np.stack([drow, dcol], axis=-1).astype(x.dtype, copy=False)  # (B, P, 2)
+    return dx, dcoords
