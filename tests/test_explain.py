@@ -9,6 +9,7 @@ backward line must fail its check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 import types
@@ -562,6 +563,22 @@ def test_exercise_solutions_pass_their_fixtures(name, tmp_path):
     rc, text = run_cli("exercise", "check", str(tmp_path))
     assert rc == 0, text
     assert "gradients right" in text and text.count(" ok (worst rel err") >= 2 and "FAIL" not in text
+
+
+@pytest.mark.parametrize("name", ["MultiheadAttention", "NonLocalAttn"])
+def test_attention_symbols_are_found_in_the_shared_helper(name):
+    """S, P, dP, dS are locals of npattn.functional.attention's ``attention`` and
+    ``attention_backward`` (one implementation for the attention blocks): the walk finds
+    them through ``Example.helpers``; without it the code has no dP and dS."""
+    ex = explain.find_example(name)
+    assert ex.helpers == ("npattn.functional.attention",)
+    w = explain.walk(ex, seed=0)
+    steps = {s.line.sym: s for s in w.steps}
+    assert [steps[k].source for k in ("S", "P", "dP", "dS")] == ["code"] * 4 and w.ok
+    bare = explain.walk(dataclasses.replace(ex, helpers=()), seed=0)
+    steps = {s.line.sym: s for s in bare.steps}
+    assert steps["S"].source == "tag" and steps["dP"].source == "missing" and steps["dS"].source == "missing"
+    assert not bare.ok
 
 
 def test_non_local_sub_sample_lines_walk():

@@ -33,7 +33,8 @@ masks as torch:
 
 The lines below are torch's default configuration (biases, kdim = vdim = E, sequence
 first, no mask), in ``npattn.explain``'s format; ``npattn explain MultiheadAttention``
-walks them.
+walks them. Both blocks (and ``NonLocalAttn``) attend with ``npattn.functional.attention``'s
+``attention`` and ``attention_backward``, whose locals are S, P, O and dV, dP, dS, dQ, dK.
 
 Forward::
 
