@@ -3,7 +3,8 @@
 A block's module docstring is the single source of its math. ``explain`` reads the
 derivation there, runs the block on a small seeded float64 input, records the local
 variables of the block's ``forward`` and ``backward`` (and of the helper functions
-defined in the block's module), and checks the code against the derivation line by line.
+defined in the block's module, or in the shared modules its :class:`Example` names), and
+checks the code against the derivation line by line.
 
 The derivation format
 ---------------------
@@ -38,7 +39,8 @@ field)::
 
 - ``SYM``: a Python identifier. The same name is the code's local variable that holds
   the value, in the block's ``forward`` (Forward lines) or ``backward`` (Backward lines),
-  or in a helper function of the block's module they call.
+  or in a helper function they call (of the block's module, or of a shared module named
+  in the block's :attr:`Example.helpers`).
 - ``math-form``: the formula as a reader writes it (free text, one space between terms).
 - ``(shape)``: required (on the next line when the formula fills its line); the
   value's shape in named sizes, e.g. ``(N, C, H, W)``,
@@ -131,12 +133,17 @@ Where the code's values are found
 ---------------------------------
 
 The walk records every function of the block's module file as it returns (``forward``,
-``backward``, helpers such as a ``_mlp``), and those of the modules in
-:attr:`Example.trace` (the functional op a block calls: the deformable blocks trace
-``npattn.functional.deform`` and ``npattn.sampling.numpy``), keeping its ndarray locals
-(and dicts of ndarrays). ``SYM`` is the local ``SYM`` of ``forward`` (``backward`` for ``dSYM``), else
-of a helper; a symbol ``base_key`` may also be the entry ``key`` of a local dict ``base``
-(``v_avg`` is ``v["avg"]``: one line per pool of a loop). So in the code:
+``backward``, helpers such as a ``_mlp``), keeping its ndarray locals (and dicts of
+ndarrays), and likewise every function of the modules in the block's
+:attr:`Example.helpers`: shared code several blocks call, so that it is written once
+(``npattn.functional.attention``'s ``attention`` and ``attention_backward``, whose locals
+are S, P, O and dV, dP, dS, dQ, dK, for MultiheadAttention, ViTAttention and NonLocalAttn;
+``npattn.functional.deform`` and ``npattn.sampling.numpy`` for the deformable blocks).
+``SYM`` is looked up in this order: the local ``SYM`` of ``forward`` (``backward`` for
+``dSYM``); else of a helper of the block's module (the first to return that has it); else
+of a function of the helper modules (the same rule, in the order they are named). A
+symbol ``base_key`` may also be the entry ``key`` of a local dict ``base`` (``v_avg`` is
+``v["avg"]``: one line per pool of a loop), in the same order. So in the code:
 
 - one value, one name: a symbol is assigned once (``dx += ...`` on the same array is
   fine; a name rebound to another value shows only its last value);
@@ -146,6 +153,9 @@ of a helper; a symbol ``base_key`` may also be the entry ``key`` of a local dict
   of its first call: give each call's result its own name in the caller, or a dict, or
   give the helper a ``str`` argument ``suffix``: its locals ``SYM`` are then the symbols
   ``SYM + suffix`` (SKConv's ``_path(..., suffix="_0")`` defines ``q_0``, ``f_0``, ...).
+- a shared helper's locals are named as the symbols of the blocks that read them; a
+  caller's own local of the same name wins (ViTAttention's ``Q`` is its ``Q``, not the
+  ``Qn`` it passes to ``attention`` as ``Q``).
 
 Adding a block
 --------------
@@ -153,7 +163,8 @@ Adding a block
 Write its derivation in the format above, name the code's locals as the symbols (the
 change must leave every output and gradient bit-identical), and add an :class:`Example`
 to :data:`EXAMPLES` (a small float64 block, input shapes, the mode, and which golden
-cases' configurations the derivation describes, for ``npattn exercise check``).
+cases' configurations the derivation describes, for ``npattn exercise check``; and, in
+:attr:`Example.helpers`, the shared modules whose functions hold some of its symbols).
 ``tests/test_explain.py`` then walks it. Two blocks in one module share the lines: the
 second one's :attr:`Example.override` is text of the line (ending in ``::``) that
 introduces a literal block whose lines replace those of the same symbols (SEModule's
@@ -204,7 +215,7 @@ class Example:
     fixtures: object = None  # callable config -> bool: the golden cases the derivation describes
     forward_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of forward (backend="numpy")
     markers: tuple = ("Forward::", "Backward::")  # the lines introducing its two literal blocks (DAF's own)
-    trace: tuple = ()  # modules whose functions the walk also records (the functional op the block calls)
+    helpers: tuple = ()  # modules of shared functions whose locals are recorded too, after the block's module
 
 
 def _se(rng):
@@ -336,7 +347,8 @@ def _conv_offset(rng):
     return ConvOffset2D(3, rng=rng, dtype=np.float64, backend="numpy")
 
 
-_DEFORM_TRACE = ("npattn.functional.deform", "npattn.sampling.numpy")
+_DEFORM = ("npattn.functional.deform", "npattn.sampling.numpy")
+_ATTENTION = ("npattn.functional.attention",)  # attention, attention_backward: S, P, O; dV, dP, dS, dQ, dK
 
 EXAMPLES = [
     Example("SEBlock", "npattn.blocks.se", _se, {"x": (2, 8, 5, 3)}, fixtures=lambda c: c.get("bias", False)),
@@ -357,16 +369,16 @@ EXAMPLES = [
             fixtures=lambda c: c.get("use_attn", True) and c.get("fuse_scale", True) and not c.get("fuse_add")),
     Example("NonLocalAttn", "npattn.blocks.non_local", _non_local, {"x": (2, 8, 5, 3)}, training=True,
             fixtures=lambda c: c.get("mode", "embedded_gaussian") == "embedded_gaussian"
-            and not c.get("sub_sample") and c.get("norm", True)),
+            and not c.get("sub_sample") and c.get("norm", True), helpers=_ATTENTION),
     # torch's default configuration without a mask: the golden case that states bias=True (the masked ones do not)
     Example("MultiheadAttention", "npattn.blocks.attention", _mha, {"query": (4, 2, 6), "key": (5, 2, 6), "value": (5, 2, 6)},
             fixtures=lambda c: c.get("bias") is True and not c.get("batch_first") and c.get("kdim") is None
-            and c.get("vdim") is None),
+            and c.get("vdim") is None, helpers=_ATTENTION),
     Example("ViTAttention", "npattn.blocks.attention", _vit, {"x": (2, 5, 6)}, section="``ViTAttention`` (timm",
-            fixtures=_vit_default),
+            fixtures=_vit_default, helpers=_ATTENTION),
     Example("ViTAttention_qk_norm", "npattn.blocks.attention", functools.partial(_vit, qk_norm=True), {"x": (2, 5, 6)},
             section="``ViTAttention`` (timm", override="the lines of ``qk_norm=True``",
-            fixtures=lambda c: c.get("qk_norm") and _vit_default(dict(c, qk_norm=False))),
+            fixtures=lambda c: c.get("qk_norm") and _vit_default(dict(c, qk_norm=False)), helpers=_ATTENTION),
     Example("SKConv", "npattn.blocks.sk", _sk, {"x": (3, 4, 5, 3)}, training=True,
             fixtures=lambda c: c.get("paths", 2) == 2 and c.get("bias", True)),
     Example("MS_CAM", "npattn.blocks.aff", _ms_cam, {"x": (3, 6, 5, 3)}, training=True, fixtures=lambda c: True),
@@ -378,14 +390,14 @@ EXAMPLES = [
             markers=("DAF forward::", "DAF backward::"), fixtures=lambda c: True),
     # the offset groups G = 2 come from the offset's channels: 2 G kh kw = 24
     Example("DeformConv2d", "npattn.blocks.deform", _deform_conv, {"x": (2, 4, 6, 7), "offset": (2, 24, 3, 5),
-            "mask": (2, 12, 3, 5)}, trace=_DEFORM_TRACE,
+            "mask": (2, 12, 3, 5)}, helpers=_DEFORM,
             fixtures=lambda c: c.get("bias", True) and c.get("border_grad", "torchvision") == "torchvision"),
     Example("ModulatedDeformConv2dPack", "npattn.blocks.deform", _modulated_deform, {"x": (2, 4, 7, 6)},
-            override="``npattn explain ModulatedDeformConv2dPack`` walks", trace=_DEFORM_TRACE,
+            override="``npattn explain ModulatedDeformConv2dPack`` walks", helpers=_DEFORM,
             fixtures=lambda c: c.get("bias", True) and c.get("border_grad", "mmcv") == "torchvision"),
-    Example("DeformConv2dPack", "npattn.blocks.deform", _deform_pack, {"x": (2, 4, 6, 7)}, trace=_DEFORM_TRACE,
+    Example("DeformConv2dPack", "npattn.blocks.deform", _deform_pack, {"x": (2, 4, 6, 7)}, helpers=_DEFORM,
             section="DeformConv2dPack, line by line", fixtures=lambda c: c.get("border_grad", "mmcv") == "torchvision"),
-    Example("ConvOffset2D", "npattn.blocks.deform", _conv_offset, {"x": (2, 3, 5, 4)}, trace=_DEFORM_TRACE,
+    Example("ConvOffset2D", "npattn.blocks.deform", _conv_offset, {"x": (2, 3, 5, 4)}, helpers=_DEFORM,
             section="ConvOffset2D", fixtures=lambda c: True),
 ]
 
@@ -688,11 +700,12 @@ def _eval(tag, env):
 
 
 class _Recorder:
-    """Records, at each return, the locals of the frames of functions defined in the given files."""
+    """Records, at each return, the locals of the frames of functions defined in some files:
+    the block's module first, then shared modules (:attr:`Example.helpers`)."""
 
-    def __init__(self, *filenames):
-        self.filenames = set(filenames)
-        self.frames = []  # (function name, {name: value}) in the order the calls returned
+    def __init__(self, filenames):
+        self.filenames = list(filenames)  # lookup order: the block's module, then the helpers
+        self.frames = []  # (rank of the file, function name, {name: value}) in the order the calls returned
 
     def _local(self, frame, event, arg):
         if event == "return":
@@ -705,7 +718,7 @@ class _Recorder:
             sfx = frame.f_locals.get("suffix")  # a helper's call named by its caller: SYM + suffix
             if isinstance(sfx, str) and sfx:
                 snap = {k + sfx: val for k, val in snap.items()}
-            self.frames.append((frame.f_code.co_name, snap))
+            self.frames.append((self.filenames.index(frame.f_code.co_filename), frame.f_code.co_name, snap))
         return self._local
 
     def _global(self, frame, event, arg):
@@ -724,14 +737,16 @@ class _Recorder:
 
     def lookup(self, sym):
         """The value of ``sym``: a local of the outermost call (it returns last), else of a
-        helper frame (the first to return that has it), else an entry ``key`` of a local
-        dict ``base`` for ``sym = base_key``."""
-        frames = self.frames[-1:] + self.frames[:-1]
-        for _, snap in frames:
+        helper frame of the block's module (the first to return that has it), else of a
+        frame of the helper modules (by their order, then the first to return), else an
+        entry ``key`` of a local dict ``base`` for ``sym = base_key`` (the same order)."""
+        rest = sorted(self.frames[:-1], key=lambda f: f[0])  # stable: the order of return within a file
+        frames = [snap for _, _, snap in self.frames[-1:] + rest]
+        for snap in frames:
             if isinstance(snap.get(sym), np.ndarray):
                 return snap[sym]
         if "_" in sym:
-            for _, snap in frames:
+            for snap in frames:
                 for i in range(len(sym) - 1, 0, -1):
                     if sym[i] == "_" and isinstance(snap.get(sym[:i]), dict) and sym[i + 1:] in snap[sym[:i]]:
                         return snap[sym[:i]][sym[i + 1:]]
@@ -888,8 +903,8 @@ def walk(example: Example, seed: int = 0, *, n_dirs: int = 3) -> Walk:
     state0 = block.state_dict()
     inputs = {k: rng.standard_normal(shape) for k, shape in example.inputs.items()}
     mod = importlib.import_module(type(block).__module__)
-    rec = _Recorder(inspect.getsourcefile(mod),
-                    *(inspect.getsourcefile(importlib.import_module(t)) for t in example.trace))
+    helpers = [inspect.getsourcefile(importlib.import_module(name)) for name in example.helpers]
+    rec = _Recorder([inspect.getsourcefile(mod)] + helpers)
 
     if example.forward_kwargs:  # e.g. backend="numpy": the readable path
         block.forward = functools.partial(type(block).forward, block, **example.forward_kwargs)

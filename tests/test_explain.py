@@ -9,6 +9,7 @@ backward line must fail its check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 import types
@@ -550,9 +551,9 @@ SOLUTIONS.update({
     dY = dU.reshape(N, D, H * W).transpose(0, 2, 1)
     dV = P.transpose(0, 2, 1) @ dY
     dP = dY @ V.transpose(0, 2, 1)
-    dZ = P * (dP - (dP * P).sum(axis=2, keepdims=True))
-    dQ = c * dZ @ K
-    dK = c * dZ.transpose(0, 2, 1) @ Q
+    dS = P * (dP - (dP * P).sum(axis=2, keepdims=True))
+    dQ = c * dS @ K
+    dK = c * dS.transpose(0, 2, 1) @ Q
     xl = x.reshape(N, C, H * W)
     dWt = np.einsum("nld,ncl->dc", dQ, xl)
     dbt = dQ.sum(axis=(0, 1))
@@ -562,7 +563,7 @@ SOLUTIONS.update({
     dbg = dV.sum(axis=(0, 1))
     dx = dy + (np.einsum("dc,nld->ncl", Wt, dQ) + np.einsum("dc,nld->ncl", Wp, dK)
                + np.einsum("dc,nld->ncl", Wg, dV)).reshape(x.shape)
-    return dict(dr=dr, dgamma=dgamma, dbeta=dbeta, do=do, dWz=dWz, dbz=dbz, dU=dU, dY=dY, dV=dV, dP=dP, dZ=dZ,
+    return dict(dr=dr, dgamma=dgamma, dbeta=dbeta, do=do, dWz=dWz, dbz=dbz, dU=dU, dY=dY, dV=dV, dP=dP, dS=dS,
                 dQ=dQ, dK=dK, dWt=dWt, dbt=dbt, dWp=dWp, dbp=dbp, dWg=dWg, dbg=dbg, dx=dx)
 ''',
 })
@@ -775,6 +776,22 @@ def test_exercise_solutions_pass_their_fixtures(name, tmp_path):
     assert "gradients right" in text and text.count(" ok (worst rel err") >= 2 and "FAIL" not in text
 
 
+@pytest.mark.parametrize("name", ["MultiheadAttention", "NonLocalAttn"])
+def test_attention_symbols_are_found_in_the_shared_helper(name):
+    """S, P, dP, dS are locals of npattn.functional.attention's ``attention`` and
+    ``attention_backward`` (one implementation for the attention blocks): the walk finds
+    them through ``Example.helpers``; without it the code has no dP and dS."""
+    ex = explain.find_example(name)
+    assert ex.helpers == ("npattn.functional.attention",)
+    w = explain.walk(ex, seed=0)
+    steps = {s.line.sym: s for s in w.steps}
+    assert [steps[k].source for k in ("S", "P", "dP", "dS")] == ["code"] * 4 and w.ok
+    bare = explain.walk(dataclasses.replace(ex, helpers=()), seed=0)
+    steps = {s.line.sym: s for s in bare.steps}
+    assert steps["S"].source == "tag" and steps["dP"].source == "missing" and steps["dS"].source == "missing"
+    assert not bare.ok
+
+
 def test_non_local_sub_sample_lines_walk():
     """NonLocalAttn's key and value lines with sub_sample=True (the override block of its
     docstring): the pooled keys and values, walked and checked line by line."""
@@ -782,11 +799,12 @@ def test_non_local_sub_sample_lines_walk():
 
     ex = explain.Example("NonLocalAttn", "npattn.blocks.non_local",
                          lambda rng: NonLocalAttn(8, rd_channels=3, sub_sample=True, rng=rng, dtype=np.float64),
-                         {"x": (2, 8, 5, 4)}, training=True, override="``tests/test_explain.py`` walks them")
+                         {"x": (2, 8, 5, 4)}, training=True, override="``tests/test_explain.py`` walks them",
+                         helpers=("npattn.functional.attention",))
     w = explain.walk(ex, seed=0)
     steps = {s.line.sym: s for s in w.steps}
     assert steps["K"].line.math.startswith("pool(") and steps["V"].line.math.startswith("pool(")
-    assert np.shape(steps["K"].value) == (2, 2 * 2, 3) and np.shape(steps["Q"].value) == (2, 5 * 4, 3)  # S = 2 * 2
+    assert np.shape(steps["K"].value) == (2, 2 * 2, 3) and np.shape(steps["Q"].value) == (2, 5 * 4, 3)  # Lk = 2 * 2
     assert all(step.ok for step in w.steps), [(s.line.sym, s.verdicts) for s in w.steps if not s.ok]
     assert w.ok, w.summary
 
@@ -794,11 +812,11 @@ def test_non_local_sub_sample_lines_walk():
 def test_non_local_exercise_names_a_wrong_softmax_line(tmp_path):
     assert run_cli("exercise", "NonLocalAttn", str(tmp_path))[0] == 0
     body = SOLUTIONS["NonLocalAttn"]
-    wrong = "    dZ = P * (dP - (dP * P).sum(axis=2, keepdims=True))\n"
+    wrong = "    dS = P * (dP - (dP * P).sum(axis=2, keepdims=True))\n"
     assert body.count(wrong) == 1
-    _solve(tmp_path / "nonlocalattn_exercise.py", body.replace(wrong, "    dZ = P * dP\n"))  # the row sum forgotten
+    _solve(tmp_path / "nonlocalattn_exercise.py", body.replace(wrong, "    dS = P * dP\n"))  # the row sum forgotten
     rc, text = run_cli("exercise", "check", str(tmp_path))
-    assert rc == 1 and "FAIL first wrong gradient: dZ = P * (dP - sum_S dP * P)" in text, text
+    assert rc == 1 and "FAIL first wrong gradient: dS = P * (dP - rowsum(dP * P))" in text, text
 
 
 def test_a_forward_tag_that_raises_fails_its_line_and_the_walk_goes_on(monkeypatch):

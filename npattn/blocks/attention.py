@@ -33,7 +33,8 @@ masks as torch:
 
 The lines below are torch's default configuration (biases, kdim = vdim = E, sequence
 first, no mask), in ``npattn.explain``'s format; ``npattn explain MultiheadAttention``
-walks them.
+walks them. Both blocks (and ``NonLocalAttn``) attend with ``npattn.functional.attention``'s
+``attention`` and ``attention_backward``, whose locals are S, P, O and dV, dP, dS, dQ, dK.
 
 Forward::
 
@@ -260,6 +261,7 @@ import numpy as np
 
 from .. import functional as F
 from .._checks import float_array, positive_int, shape_is
+from ..functional.attention import attention, attention_backward
 from .base import Block, kaiming_uniform, make_rng
 
 __all__ = ["ViTAttention", "MultiheadAttention"]
@@ -276,58 +278,6 @@ def _merge_heads(a):
     _split_heads)."""
     N, Nh, T, E_h = a.shape
     return np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(N, T, Nh * E_h)
-
-
-@dataclass(frozen=True)
-class HeadsCache:
-    Q: np.ndarray  # (N, Nh, L, E_h) the queries the logits were computed from
-    K: np.ndarray  # (N, Nh, Lk, E_h)
-    V: np.ndarray  # (N, Nh, Lk, E_h)
-    P: np.ndarray  # (N, Nh, L, Lk) the attention weights (0 on masked keys)
-    scale: float  # c
-
-
-def _attend(Q, K, V, mask, scale, empty_rows):
-    """``O = softmax(c Q K^T + mask) V`` per head (the derivations' S, P, O), no checks.
-
-    ``mask``: None, a boolean array (True = may attend; False: the logit becomes -inf) or a
-    float one added to the logits, broadcastable to (N, Nh, L, Lk). ``empty_rows``: what a
-    query whose every logit is -inf gets: ``"zero"`` (P = 0, as
-    ``F.scaled_dot_product_attention``) or ``"nan"`` (0/0, as ``nn.MultiheadAttention``).
-    Returns ``(O, HeadsCache)``."""
-    c = Q.dtype.type(scale)
-    S = np.matmul(Q, np.swapaxes(K, -1, -2))  # (N, Nh, L, Lk) Q K^T
-    S *= c
-    if mask is not None:
-        S = np.where(mask, S, c.dtype.type(-np.inf)) if mask.dtype == np.bool_ else S + mask  # (N, Nh, L, Lk)
-    row_max = S.max(axis=-1, keepdims=True, initial=-np.inf)  # (N, Nh, L, 1); initial: Lk = 0 is an empty row
-    if empty_rows == "zero":
-        empty = row_max == -np.inf  # (N, Nh, L, 1) queries with no key
-        row_max = np.where(empty, c.dtype.type(0), row_max)  # exp(-inf - 0) = 0: the row's weights are all 0
-        e = np.exp(S - row_max)  # (N, Nh, L, Lk) exp(S - max), each in [0, 1]
-        total = np.where(empty, c.dtype.type(1), e.sum(axis=-1, keepdims=True))  # 0 / 1 = 0 on an empty row
-    else:
-        with np.errstate(invalid="ignore"):  # -inf - (-inf) = NaN on an empty row, as torch
-            e = np.exp(S - row_max)
-        total = e.sum(axis=-1, keepdims=True)  # (N, Nh, L, 1)
-    P = e / total  # (N, Nh, L, Lk) softmax over the keys
-    O = np.matmul(P, V)  # (N, Nh, L, E_h)
-    return O, HeadsCache(Q, K, V, P, float(scale))
-
-
-def _attend_backward(dO, cache: HeadsCache):
-    """``(dQ, dK, dV)`` of :func:`_attend` (the derivations' dV, dP, dS, dQ, dK)."""
-    Q, K, V, P = cache.Q, cache.K, cache.V, cache.P
-    c = Q.dtype.type(cache.scale)
-    dV = np.matmul(np.swapaxes(P, -1, -2), dO)  # (N, Nh, Lk, E_h) P^T dO
-    dP = np.matmul(dO, np.swapaxes(V, -1, -2))  # (N, Nh, L, Lk) dO V^T
-    rowsum = np.einsum("...ls,...ls->...l", dP, P)[..., None]  # (N, Nh, L, 1) sum_j dP_j P_j
-    dS = (dP - rowsum) * P  # (N, Nh, L, Lk) P * (dP - rowsum(dP * P))
-    dQ = np.matmul(dS, K)  # (N, Nh, L, E_h)
-    dQ *= c
-    dK = np.matmul(np.swapaxes(dS, -1, -2), Q)  # (N, Nh, Lk, E_h)
-    dK *= c
-    return dQ, dK, dV
 
 
 def _check_tokens(op, name, a, dtype, width, width_name, layout):
@@ -348,7 +298,7 @@ class ViTAttentionCache:
     qkv: object  # LinearCache of qkv: x as (N T, C)
     q_norm: object  # LayerNormCache of q_norm over Q (N, Nh, T, E_h), or None (no qk_norm)
     k_norm: object  # LayerNormCache of k_norm over K (N, Nh, T, E_h), or None
-    heads: object  # HeadsCache: Qn, Kn, V (N, Nh, T, E_h), P (N, Nh, T, T); None when T = 0
+    heads: object  # functional.attention's AttentionCache: Qn, Kn, V (N, Nh, T, E_h), P (N, Nh, T, T); None when T = 0
     norm: object  # LayerNormCache of norm over Om (N T, E), or None (no scale_norm)
     gate: object  # LinearCache of gate: x as (N T, C), or None (not gated)
     G: np.ndarray  # (N T, E) G = sigmoid(gate(x)), or None
@@ -510,7 +460,7 @@ class ViTAttention(Block):
         else:
             Qn, Kn, ln_q, ln_k = Q, K, None, None
         if T:
-            O, heads = _attend(Qn, Kn, V, mask, self.scale, empty_rows="zero")  # (N, Nh, T, E_h)
+            O, heads = attention(Qn, Kn, V, mask, self.scale, empty_rows="zero")  # (N, Nh, T, E_h)
         else:  # no tokens: nothing to attend to, an empty output (as timm)
             O, heads = np.zeros((N, Nh, 0, E_h), dtype=x.dtype), None
         Om = _merge_heads(O)  # (N, T, E)
@@ -556,7 +506,7 @@ class ViTAttention(Block):
         dOm = dOm.reshape(N, T, E)
         dO = _split_heads(dOm, Nh)  # (N, Nh, T, E_h)
         if cache.heads is not None:
-            dQn, dKn, dV = _attend_backward(dO, cache.heads)  # (N, Nh, T, E_h)
+            dQn, dKn, dV = attention_backward(dO, cache.heads)  # (N, Nh, T, E_h)
         else:
             dQn = dKn = dV = np.zeros((N, Nh, 0, E_h), dtype=cache.dtype)
         dQ, dK = dQn, dKn  # no qk_norm: Qn = Q, Kn = K
@@ -585,7 +535,7 @@ class MultiheadAttentionCache:
     value_shape: tuple  # (Lk, N, vdim) or (N, Lk, vdim)
     dtype: np.dtype
     in_proj: tuple  # LinearCache of the q, k, v projections: inputs (N L, E), (N Lk, kdim), (N Lk, vdim)
-    heads: object  # HeadsCache: Q (N, Nh, L, E_h), K, V (N, Nh, Lk, E_h), P (N, Nh, L, Lk)
+    heads: object  # functional.attention's AttentionCache: Q (N, Nh, L, E_h), K, V (N, Nh, Lk, E_h), P (N, Nh, L, Lk)
     out_proj: object  # LinearCache of out_proj: Om as (N L, E)
     attn_weights: np.ndarray  # (N, L, Lk) P averaged over the heads (torch's need_weights output)
 
@@ -723,7 +673,7 @@ class MultiheadAttention(Block):
         Q = _split_heads(Qp, Nh)  # (N, Nh, L, E_h)
         K = _split_heads(Kp, Nh)  # (N, Nh, Lk, E_h)
         V = _split_heads(Vp, Nh)  # (N, Nh, Lk, E_h)
-        O, heads = _attend(Q, K, V, mask, self.scale, empty_rows="nan")  # (N, Nh, L, E_h)
+        O, heads = attention(Q, K, V, mask, self.scale, empty_rows="nan")  # (N, Nh, L, E_h)
         Om = _merge_heads(O)  # (N, L, E)
         Y, lin_out = self._linear("out_proj.", Om.reshape(N * L, E))  # (N L, E)
         Y = Y.reshape(N, L, E)
@@ -750,7 +700,7 @@ class MultiheadAttention(Block):
         dOm = self._linear_backward("out_proj.", np.ascontiguousarray(dY).reshape(N * L, E), cache.out_proj, grads)  # (N L, E)
         dOm = dOm.reshape(N, L, E)
         dO = _split_heads(dOm, self.num_heads)  # (N, Nh, L, E_h)
-        dQ, dK, dV = _attend_backward(dO, cache.heads)  # (N, Nh, L|Lk|Lk, E_h)
+        dQ, dK, dV = attention_backward(dO, cache.heads)  # (N, Nh, L|Lk|Lk, E_h)
         dQp, dKp, dVp = _merge_heads(dQ), _merge_heads(dK), _merge_heads(dV)  # (N, L|Lk|Lk, E)
         lin_q, lin_k, lin_v = cache.in_proj
         gq = F.linear_backward(dQp.reshape(N * L, E), lin_q)  # x (N L, E), weight (E, E), bias (E,)

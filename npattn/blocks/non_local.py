@@ -22,7 +22,7 @@ Kaiming-normal (fan_out, ReLU gain), their biases with 0, and norm.weight = norm
 ``z.weight`` = 0 instead, as the port's ``bn_layer=False``; concat_project as PyTorch's
 default conv init).
 
-For x of shape (N, C, H, W): L = H W query positions, S key positions (S = L, or
+For x of shape (N, C, H, W): L = H W query positions, Lk key positions (Lk = L, or
 floor(H/2) floor(W/2) with ``sub_sample``), x_l the column of x at position l, and the
 score scale c: ``scale`` when given, else C^(-1/2) with ``use_scale`` (timm scales by
 the INPUT channels C, not by D; the authors' Caffe2 code scales by D^(-1/2): pass
@@ -49,10 +49,10 @@ Forward::
     eps = bn_eps                       ()                                               [attr("bn_eps")]
     c = scale                          ()            the score scale                    [attr("scale")]
     Q = Wt x_l + bt                    (N, L, D)     one query per position             [einsum("dc,ncl->nld", Wt, x.reshape(x.shape[0], x.shape[1], -1)) + bt]
-    K = Wp x_l + bp                    (N, S, D)     one key per position               [einsum("dc,ncl->nld", Wp, x.reshape(x.shape[0], x.shape[1], -1)) + bp]
-    V = Wg x_l + bg                    (N, S, D)     one value per position             [einsum("dc,ncl->nld", Wg, x.reshape(x.shape[0], x.shape[1], -1)) + bg]
-    Z = c Q K^T                        (N, L, S)     the scores, query l against key j  [c * Q @ K.transpose(0, 2, 1)]
-    P = softmax_S(Z)                   (N, L, S)     each row: weights over the keys    [softmax(Z, -1)]
+    K = Wp x_l + bp                    (N, Lk, D)     one key per position               [einsum("dc,ncl->nld", Wp, x.reshape(x.shape[0], x.shape[1], -1)) + bp]
+    V = Wg x_l + bg                    (N, Lk, D)     one value per position             [einsum("dc,ncl->nld", Wg, x.reshape(x.shape[0], x.shape[1], -1)) + bg]
+    S = c Q K^T                        (N, L, Lk)    the logits, query l against key j  [c * Q @ K.transpose(0, 2, 1)]
+    P = softmax_rows(S)                (N, L, Lk)    each row: weights over the keys    [softmax(S, -1)]
     Y = P V                            (N, L, D)     row l: the weighted mean of the values  [P @ V]
     U = Y as (N, D, H, W)              (N, D, H, W)  back to a map                      [Y.transpose(0, 2, 1).reshape(x.shape[0], -1, x.shape[2], x.shape[3])]
     o = Wz U + bz                      (N, C, H, W)  z, back to C channels              [conv2d(U, Wz[:, :, None, None], bz)]
@@ -61,23 +61,25 @@ Forward::
 
 The options change single lines (names as in the constructor)::
 
-    sub_sample=True:    K and V come from a 2x2 max-pool (stride 2, floor), S = floor(H/2) floor(W/2):
+    sub_sample=True:    K and V come from a 2x2 max-pool (stride 2, floor), Lk = floor(H/2) floor(W/2):
       sub_sample_at="after_conv"  (the port):   K = pool(Wp x + bp),  V = pool(Wg x + bg)
       sub_sample_at="before_conv" (Caffe2):     K = Wp pool(x) + bp,  V = Wg pool(x) + bg
-    mode="gaussian":    Q = x_l, K = x_l (or pool(x)): no t and no p; Z = c Q K^T with C columns
-    mode="dot_product": P = Z / S (the port's f / N), no softmax
-    mode="concatenation": Z_lj = relu(w_t . Q_l + w_p . K_j), [w_t, w_p] = concat_project.0.weight,
-                        P = c Z / S
+    mode="gaussian":    Q = x_l, K = x_l (or pool(x)): no t and no p; S = c Q K^T with C columns
+    mode="dot_product": P = S / Lk (the port's f / N), no softmax
+    mode="concatenation": S_lj = relu(w_t . Q_l + w_p . K_j), [w_t, w_p] = concat_project.0.weight,
+                        P = c S / Lk
     norm=False:         y = o + x, no norm.* keys
 
 (the max-pool is ``npattn.functional.max_pool2d_forward``, whose gradient goes to the
-first maximal element of each window, as torch's CPU kernel; the softmax is the one of
-``npattn.functional.attention``, which derives its backward.) With ``sub_sample=True``
+first maximal element of each window, as torch's CPU kernel; S, P, Y and dV, dP, dS, dQ,
+dK are computed by ``npattn.functional.attention``'s ``attention`` and
+``attention_backward``, the attention of MultiheadAttention and ViTAttention too, whose
+module docstring derives the backward.) With ``sub_sample=True``
 (after the convolutions, the port's default) the key and value lines are these
 (``tests/test_explain.py`` walks them)::
 
-    K = pool(Wp x + bp)                (N, S, D)     keys of the 2x2 max-pooled map     [max_pool2d(conv2d(x, Wp[:, :, None, None], bp), 2).reshape(x.shape[0], Wp.shape[0], -1).transpose(0, 2, 1)]
-    V = pool(Wg x + bg)                (N, S, D)     values of the pooled map           [max_pool2d(conv2d(x, Wg[:, :, None, None], bg), 2).reshape(x.shape[0], Wg.shape[0], -1).transpose(0, 2, 1)]
+    K = pool(Wp x + bp)                (N, Lk, D)     keys of the 2x2 max-pooled map     [max_pool2d(conv2d(x, Wp[:, :, None, None], bp), 2).reshape(x.shape[0], Wp.shape[0], -1).transpose(0, 2, 1)]
+    V = pool(Wg x + bg)                (N, Lk, D)     values of the pooled map           [max_pool2d(conv2d(x, Wg[:, :, None, None], bg), 2).reshape(x.shape[0], Wg.shape[0], -1).transpose(0, 2, 1)]
 
 Backward, for dy = dL/dy, in the order the code computes it::
 
@@ -89,11 +91,11 @@ Backward, for dy = dL/dy, in the order the code computes it::
     dbz = sum_{n, h, w} do             (C,)          0 exactly in training (below): the block returns zeros
     dU = Wz^T do                       (N, D, H, W)  o is linear in U (z's adjoint)
     dY = dU as (N, L, D)               (N, L, D)     U is Y rearranged
-    dV = P^T dY                        (N, S, D)     Y is linear in V
-    dP = dY V^T                        (N, L, S)     Y is linear in P
-    dZ = P * (dP - sum_S dP * P)       (N, L, S)     softmax's Jacobian diag(P_l) - P_l P_l^T, row by row
-    dQ = c dZ K                        (N, L, D)     Z is bilinear in (Q, K)
-    dK = c dZ^T Q                      (N, S, D)
+    dV = P^T dY                        (N, Lk, D)     Y is linear in V
+    dP = dY V^T                        (N, L, Lk)     Y is linear in P
+    dS = P * (dP - rowsum(dP * P))     (N, L, Lk)    softmax's Jacobian diag(P_l) - P_l P_l^T, row by row
+    dQ = c dS K                        (N, L, D)     S is bilinear in (Q, K)
+    dK = c dS^T Q                      (N, Lk, D)
     dWt = sum_{n, l} dQ_l x_l^T        (D, C)        Q is linear in Wt
     dbt = sum_{n, l} dQ_l              (D,)
     dWp = sum_{n, j} dK_j x_j^T        (D, C)        K is linear in Wp
@@ -109,8 +111,8 @@ Backward, for dy = dL/dy, in the order the code computes it::
 
 The options' backward lines, in the same notation::
 
-    dot_product:    dZ = dP / S                       (no softmax)
-    concatenation:  dR = c dP / S * [w_t . Q_l + w_p . K_j > 0]   (relu'(0) = 0)
+    dot_product:    dS = dP / Lk                      (no softmax)
+    concatenation:  dR = c dP / Lk * [w_t . Q_l + w_p . K_j > 0]   (relu'(0) = 0)
                     dQ = rowsum(dR) w_t;  dK = colsum(dR) w_p
                     dw_t = sum_{n, l} rowsum(dR)_l Q_l;  dw_p = sum_{n, j} colsum(dR)_j K_j
     gaussian:       dx += dQ_l + dK_l as maps (the input is its own query and key; dK through
@@ -122,14 +124,14 @@ Parameter gradients that are zero in exact arithmetic, which npattn returns as e
 
 - ``p.bias`` in the embedded_gaussian mode (the gaussian mode has no p): it adds ``c Q_l . bp``
   to every score of row l, the same number for every key, and a softmax does not change
-  when a row is shifted (sum_j dZ_lj = 0). (In dot_product and concatenation it is an
+  when a row is shifted (sum_j dS_lj = 0). (In dot_product and concatenation it is an
   ordinary gradient.)
 - ``z.bias`` in training with ``norm``: it feeds a BatchNorm that normalises with the
   batch statistics, which removes any per-channel constant.
 - ``g.bias`` in training with ``norm`` in the softmax modes: it adds bg to every value,
   every row of P sums to 1, so Y gains the same bg at every position (max-pooling
   keeps a constant shift), and z maps that to the per-channel constant Wz bg, removed
-  by the BatchNorm. (With P = Z / S the rows do not sum to 1 and the gradient is not 0.)
+  by the BatchNorm. (With P = S / Lk the rows do not sum to 1 and the gradient is not 0.)
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import functional as F
+from ..functional.attention import attention, attention_backward
 from .._checks import float_array, positive_int, shape_is
 from .base import Block, kaiming_uniform, make_rng
 
@@ -167,7 +170,8 @@ class NonLocalCache:
     pool_x: object  # MaxPool2dCache of pool(x) (before_conv, or gaussian keys), else None
     convs: tuple  # Conv2dCache of t, p, g (None where absent); t on x, p and g on x or pool(x)
     pools: tuple  # MaxPool2dCache of pool(p(x)), pool(g(x)) (after_conv), else (None, None)
-    qkv: tuple  # (Q (N, L, Dq), K (N, S, Dq), V (N, S, D), P (N, L, S), relu mask (N, L, S) or None)
+    qkv: tuple  # (Q (N, L, Dq), K (N, Lk, Dq), V (N, Lk, D), P (N, L, Lk), relu mask (N, L, Lk) or None)
+    attn: object  # functional.attention's AttentionCache in the softmax modes, else None
     z: object  # Conv2dCache of z: input U (N, D, H, W)
     norm: object  # BatchNormCache of norm: (N, C, H, W), None without norm
 
@@ -299,36 +303,27 @@ class NonLocalAttn(Block):
         if after:
             v_map, cache_pool_g = F.max_pool2d_forward(v_map, 2)  # (N, D, Hk, Wk)
         Hk, Wk = v_map.shape[2:]
-        S, Dq = Hk * Wk, q_map.shape[1]
+        Lk, Dq = Hk * Wk, q_map.shape[1]
         Q = q_map.reshape(N, Dq, L).transpose(0, 2, 1)  # (N, L, Dq) queries, one per position
-        K = k_map.reshape(N, Dq, S).transpose(0, 2, 1)  # (N, S, Dq) keys
-        V = v_map.reshape(N, D, S).transpose(0, 2, 1)  # (N, S, D) values
-        mask = None
+        K = k_map.reshape(N, Dq, Lk).transpose(0, 2, 1)  # (N, Lk, Dq) keys
+        V = v_map.reshape(N, D, Lk).transpose(0, 2, 1)  # (N, Lk, D) values
+        mask = attn = None
         if self.mode in SOFTMAX_MODES:
-            c = x.dtype.type(self.scale)
-            Z = np.matmul(Q, np.swapaxes(K, -1, -2))  # (N, L, S) Q K^T
-            Z *= c  # (N, L, S) the scores
-            # P = softmax over the keys, as npattn.functional.attention computes it (a row of
-            # -inf only, from non-finite inputs, gives P = 0 there, as that function)
-            z_max = Z.max(axis=-1, keepdims=True, initial=-np.inf)  # (N, L, 1)
-            empty = z_max == -np.inf  # (N, L, 1)
-            z_max[empty] = 0
-            with np.errstate(invalid="ignore"):
-                E = np.exp(Z - z_max)  # (N, L, S)
-            total = E.sum(axis=-1, keepdims=True)  # (N, L, 1)
-            total[empty] = 1
-            P = E / total  # (N, L, S)
+            # S = c Q K^T, P = softmax over the keys, Y = P V: npattn.functional.attention (a
+            # row of -inf only, from non-finite inputs, gives P = 0 there)
+            Y, attn = attention(Q, K, V, None, self.scale, empty_rows="zero")  # (N, L, D)
+            P = attn.P  # (N, L, Lk)
         else:
             c = x.dtype.type(self.scale)
             if self.mode == "dot_product":
-                Z = np.matmul(Q, K.transpose(0, 2, 1))  # (N, L, S) Q K^T
+                S = np.matmul(Q, K.transpose(0, 2, 1))  # (N, L, Lk) Q K^T
             else:
                 wcat = self._state["concat_project.0.weight"].reshape(2 * D)
-                pre = (Q @ wcat[:D])[:, :, None] + (K @ wcat[D:])[:, None, :]  # (N, L, S) w_t.Q_l + w_p.K_j
+                pre = (Q @ wcat[:D])[:, :, None] + (K @ wcat[D:])[:, None, :]  # (N, L, Lk) w_t.Q_l + w_p.K_j
                 mask = pre > 0
-                Z = np.maximum(pre, x.dtype.type(0))  # (N, L, S) relu
-            P = Z * (c / x.dtype.type(S))  # (N, L, S) P = c Z / S
-        Y = np.matmul(P, V)  # (N, L, D)
+                S = np.maximum(pre, x.dtype.type(0))  # (N, L, Lk) relu
+            P = S * (c / x.dtype.type(Lk))  # (N, L, Lk) P = c S / Lk
+            Y = np.matmul(P, V)  # (N, L, D)
         U = np.ascontiguousarray(Y.transpose(0, 2, 1)).reshape(N, D, H, W)  # (N, D, H, W)
         o, cache_z = self._conv("z.", U)  # (N, C, H, W)
         cache_norm = None
@@ -338,7 +333,7 @@ class NonLocalAttn(Block):
             r = o
         y = r + x  # (N, C, H, W) the residual
         return y, NonLocalCache(x.shape, x.dtype, bool(training), (Hk, Wk), cache_pool_x, (cache_t, cache_p, cache_g),
-                                (cache_pool_p, cache_pool_g), (Q, K, V, P, mask), cache_z, cache_norm)
+                                (cache_pool_p, cache_pool_g), (Q, K, V, P, mask), attn, cache_z, cache_norm)
 
     def backward(self, grad_out, cache: NonLocalCache):
         """Returns ``((dx,), grads)``, grads keyed like the state_dict's parameters; the
@@ -351,7 +346,7 @@ class NonLocalAttn(Block):
         N, C, H, W = cache.x_shape
         D, L = self.rd_channels, H * W
         Hk, Wk = cache.key_hw
-        S = Hk * Wk
+        Lk = Hk * Wk
         gaussian = self.mode == "gaussian"
         grads = self.zero_grads()  # every parameter's gradient is added into it
         Q, K, V, P, mask = cache.qkv
@@ -364,31 +359,22 @@ class NonLocalAttn(Block):
         dU = self._conv_backward("z.", do, cache.z, grads, next_bn=cache.norm)  # (N, D, H, W); dWz, dbz (base.bias_grad_is_zero)
         dY = dU.reshape(N, D, L).transpose(0, 2, 1)  # (N, L, D)
         if self.mode in SOFTMAX_MODES:
-            c = dy.dtype.type(self.scale)
-            dV = np.matmul(np.swapaxes(P, -1, -2), dY)  # (N, S, D) P^T dY
-            dP = np.matmul(dY, np.swapaxes(V, -1, -2))  # (N, L, S) dY V^T
-            dot = np.einsum("...ls,...ls->...l", dP, P)[..., None]  # (N, L, 1) sum_j dP_lj P_lj
-            dZ = dP - dot
-            dZ *= P  # (N, L, S) P * (dP - sum dP P), the softmax's backward
-            dQ = np.matmul(dZ, K)  # (N, L, Dq)
-            dQ *= c
-            dK = np.matmul(np.swapaxes(dZ, -1, -2), Q)  # (N, S, Dq)
-            dK *= c
+            dQ, dK, dV = attention_backward(dY, cache.attn)  # (N, L|Lk|Lk, Dq|Dq|D); dP, dS inside
         else:
-            sc = dy.dtype.type(self.scale) / dy.dtype.type(S)
-            dV = np.matmul(P.transpose(0, 2, 1), dY)  # (N, S, D) P^T dY
-            dP = np.matmul(dY, V.transpose(0, 2, 1))  # (N, L, S) dY V^T
-            dZ = dP * sc  # (N, L, S) through P = c Z / S
+            sc = dy.dtype.type(self.scale) / dy.dtype.type(Lk)
+            dV = np.matmul(P.transpose(0, 2, 1), dY)  # (N, Lk, D) P^T dY
+            dP = np.matmul(dY, V.transpose(0, 2, 1))  # (N, L, Lk) dY V^T
+            dS = dP * sc  # (N, L, Lk) through P = c S / Lk
             if self.mode == "dot_product":
-                dQ = np.matmul(dZ, K)  # (N, L, D)
-                dK = np.matmul(dZ.transpose(0, 2, 1), Q)  # (N, S, D)
+                dQ = np.matmul(dS, K)  # (N, L, D)
+                dK = np.matmul(dS.transpose(0, 2, 1), Q)  # (N, Lk, D)
             else:
-                dZ *= mask  # (N, L, S) relu': the docstring's dR
+                dS *= mask  # (N, L, Lk) relu': the docstring's dR
                 wcat = self._state["concat_project.0.weight"].reshape(2 * D)
-                d_rows = dZ.sum(axis=2)  # (N, L) dL/d(w_t . Q_l)
-                d_cols = dZ.sum(axis=1)  # (N, S) dL/d(w_p . K_j)
+                d_rows = dS.sum(axis=2)  # (N, L) dL/d(w_t . Q_l)
+                d_cols = dS.sum(axis=1)  # (N, Lk) dL/d(w_p . K_j)
                 dQ = d_rows[:, :, None] * wcat[:D]  # (N, L, D)
-                dK = d_cols[:, :, None] * wcat[D:]  # (N, S, D)
+                dK = d_cols[:, :, None] * wcat[D:]  # (N, Lk, D)
                 dw = np.concatenate([np.einsum("bn,bnc->c", d_rows, Q), np.einsum("bm,bmc->c", d_cols, K)])  # (2D,)
                 grads["concat_project.0.weight"] = dw.reshape(1, 2 * D, 1, 1)
         Dq = dQ.shape[2]

@@ -47,7 +47,7 @@ lse = -inf, P = 0, therefore O = 0 and no gradient through it: that is what
 ``torch.nn.functional.scaled_dot_product_attention`` returns (torch 2.14.1 on the CPU,
 float32 and float64: output 0, gradients 0; tested in tests/crosscheck).
 ``torch.nn.MultiheadAttention`` gives NaN there instead; npattn's ``MultiheadAttention``
-block follows it (its ``_attend``, with ``empty_rows="nan"``).
+block follows it (:func:`attention`, with ``empty_rows="nan"``).
 
 Backward, for dO = dL/dO and, when given, dlse = dL/dlse, in the order the code computes
 it (each line with the rule it comes from)::
@@ -97,64 +97,62 @@ ALIGNMENTS = ("top_left", "bottom_right")
 
 @dataclass(frozen=True)
 class AttentionCache:
-    q: np.ndarray  # (..., L, E)
-    k: np.ndarray  # (..., S, E)
-    v: np.ndarray  # (..., S, Ev)
-    p: np.ndarray  # (..., L, S) attention weights P (0 on masked keys)
+    Q: np.ndarray  # (..., L, E) the queries the logits were computed from
+    K: np.ndarray  # (..., Lk, E)
+    V: np.ndarray  # (..., Lk, Ev)
+    P: np.ndarray  # (..., L, Lk) the attention weights (0 on masked keys)
     scale: float  # c
 
 
 # ---------------------------------------------------------------------------- the math
 
-def attention(q, k, v, mask, scale, empty_rows="zero"):
-    """``O = softmax(c q k^T + mask) v`` without argument checks (NonLocalAttn calls it).
+def attention(Q, K, V, mask, scale, empty_rows="zero"):
+    """``O = softmax(c Q K^T + mask) V`` without argument checks: the attention of the
+    blocks (``MultiheadAttention``, ``ViTAttention``, ``NonLocalAttn``). Its local names
+    are the blocks' derivation symbols (S the logits, P the weights, O the output), which
+    ``npattn explain`` reads in this function's frame.
 
-    ``mask`` is None or an additive float array broadcastable to (..., L, Lk), -inf where masked.
-    ``empty_rows``: what a row whose every score is -inf gives: ``"zero"`` (P = 0, as
+    ``mask``: None, a boolean array (True = may attend; False: the logit becomes -inf) or a
+    float one added to the logits (-inf where masked), broadcastable to (..., L, Lk).
+    ``empty_rows``: what a query whose every logit is -inf gets: ``"zero"`` (P = 0, as
     ``F.scaled_dot_product_attention``) or ``"nan"`` (0/0 = NaN, as
-    ``nn.MultiheadAttention``). Returns ``(O, cache)``.
+    ``nn.MultiheadAttention``). Returns ``(O, AttentionCache)``.
     """
-    c = q.dtype.type(scale)
-    z = np.matmul(q, np.swapaxes(k, -1, -2))  # (..., L, S) q k^T
-    z *= c
+    c = Q.dtype.type(scale)
+    S = np.matmul(Q, np.swapaxes(K, -1, -2))  # (..., L, Lk) Q K^T
+    S *= c
     if mask is not None:
-        z += mask  # (..., L, Lk) -inf on masked keys
-    m = z.max(axis=-1, keepdims=True, initial=-np.inf)  # (..., L, 1); initial: no keys (S = 0) is an empty row
-    empty = None
+        S = np.where(mask, S, c.dtype.type(-np.inf)) if mask.dtype == np.bool_ else S + mask  # (..., L, Lk)
+    row_max = S.max(axis=-1, keepdims=True, initial=-np.inf)  # (..., L, 1); initial: Lk = 0 is an empty row
     if empty_rows == "zero":
-        empty = m == -np.inf  # (..., L, 1) rows with every key masked
-        if empty.any():
-            m[empty] = 0  # exp(-inf - 0) = 0: the row's weights are all 0
-        else:
-            empty = None
-    with np.errstate(invalid="ignore"):  # "nan": -inf - (-inf) = NaN, as torch
-        z -= m
-    np.exp(z, out=z)  # (..., L, S) exp(Z - m), each in [0, 1]
-    total = z.sum(axis=-1, keepdims=True)  # (..., L, 1) >= 1 unless the row is empty
-    if empty is not None:
-        total[empty] = 1  # 0 / 1 = 0
-    z /= total
-    p = z  # (..., L, S)
-    out = np.matmul(p, v)  # (..., L, Ev)
-    return out, AttentionCache(q, k, v, p, float(scale))
+        empty = row_max == -np.inf  # (..., L, 1) queries with no key
+        row_max = np.where(empty, c.dtype.type(0), row_max)  # exp(-inf - 0) = 0: the row's weights are all 0
+        with np.errstate(invalid="ignore"):  # a non-finite input gives NaN, without a warning
+            e = np.exp(S - row_max)  # (..., L, Lk) exp(S - max), each in [0, 1]
+        total = np.where(empty, c.dtype.type(1), e.sum(axis=-1, keepdims=True))  # 0 / 1 = 0 on an empty row
+    else:
+        with np.errstate(invalid="ignore"):  # -inf - (-inf) = NaN on an empty row, as torch
+            e = np.exp(S - row_max)
+        total = e.sum(axis=-1, keepdims=True)  # (..., L, 1)
+    P = e / total  # (..., L, Lk) softmax over the keys
+    O = np.matmul(P, V)  # (..., L, Ev)
+    return O, AttentionCache(Q, K, V, P, float(scale))
 
 
-def attention_backward(d_out, cache: AttentionCache):
-    """``(dq, dk, dv)`` of :func:`attention` (the module docstring's backward)."""
-    q, k, v, p = cache.q, cache.k, cache.v, cache.p
-    c = q.dtype.type(cache.scale)
-    d_v = np.matmul(np.swapaxes(p, -1, -2), d_out)  # (..., S, Ev)
-    d_p = np.matmul(d_out, np.swapaxes(v, -1, -2))  # (..., L, S)
-    dot = np.einsum("...ls,...ls->...l", d_p, p)[..., None]  # (..., L, 1) sum_j dP_j P_j
-    d_p -= dot
-    d_z = d_p
-    d_z *= p  # (..., L, S) P * (dP - sum dP P)
-    d_q = np.matmul(d_z, k)  # (..., L, E)
-    d_q *= c
-    d_k = np.matmul(np.swapaxes(d_z, -1, -2), q)  # (..., S, E)
-    d_k *= c
-    return d_q, d_k, d_v
-
+def attention_backward(dO, cache: AttentionCache):
+    """``(dQ, dK, dV)`` of :func:`attention` (the module docstring's backward without
+    softcap, dropout and dlse; the derivations' dV, dP, dS, dQ, dK)."""
+    Q, K, V, P = cache.Q, cache.K, cache.V, cache.P
+    c = Q.dtype.type(cache.scale)
+    dV = np.matmul(np.swapaxes(P, -1, -2), dO)  # (..., Lk, Ev) P^T dO
+    dP = np.matmul(dO, np.swapaxes(V, -1, -2))  # (..., L, Lk) dO V^T
+    rowsum = np.einsum("...ls,...ls->...l", dP, P)[..., None]  # (..., L, 1) sum_j dP_j P_j
+    dS = (dP - rowsum) * P  # (..., L, Lk) P * (dP - rowsum(dP * P))
+    dQ = np.matmul(dS, K)  # (..., L, E)
+    dQ *= c
+    dK = np.matmul(np.swapaxes(dS, -1, -2), Q)  # (..., Lk, E)
+    dK *= c
+    return dQ, dK, dV
 
 
 # ---------------------------------------------------------------------------- positions
