@@ -347,7 +347,7 @@ def _conv_offset(rng):
     return ConvOffset2D(3, rng=rng, dtype=np.float64, backend="numpy")
 
 
-_DEFORM = ("npattn.functional.deform", "npattn.sampling.numpy")
+_DEFORM = ("npattn.sampling.numpy", "npattn.functional.deform")  # the sampling first: its 5-D cols, not the op's reshaped view
 _ATTENTION = ("npattn.functional.attention",)  # attention, attention_backward: S, P, O; dV, dP, dS, dQ, dK
 
 EXAMPLES = [
