@@ -58,6 +58,20 @@ def _demo_cases():
         ("hard_sigmoid", F.hard_sigmoid_forward, F.hard_sigmoid_backward, {"x": 2 * away}),
         ("scaled_dot_product_attention", lambda q, k, v: F.scaled_dot_product_attention_forward(q, k, v, attn_mask=allowed),
          F.scaled_dot_product_attention_backward, {"q": r.standard_normal((2, 4, 3)), "k": r.standard_normal((2, 6, 3)), "v": r.standard_normal((2, 6, 2))}),
+        ("sdpa variants (GQA, causal bottom-right, ALiBi, softcap)",
+         lambda q, k, v: F.scaled_dot_product_attention_forward(
+             q, k, v, is_causal=True, alignment="bottom_right", alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625]),
+             softcap=4.0, enable_gqa=True),
+         F.scaled_dot_product_attention_backward,
+         {"q": r.standard_normal((2, 4, 3, 3)), "k": r.standard_normal((2, 2, 5, 3)), "v": r.standard_normal((2, 2, 5, 2))}),
+        ("varlen_attention (causal, an empty sequence)",
+         lambda q, k, v: F.varlen_attention_forward(q, k, v, np.array([0, 3, 3, 7]), np.array([0, 4, 4, 9]), is_causal=True,
+                                                    alignment="bottom_right"),
+         F.varlen_attention_backward,
+         {"q": r.standard_normal((7, 2, 3)), "k": r.standard_normal((9, 2, 3)), "v": r.standard_normal((9, 2, 2))}),
+        ("rotary_embedding (interleaved)",
+         lambda x: F.rotary_embedding_forward(x, np.arange(5.0), interleaved=True), F.rotary_embedding_backward,
+         {"x": r.standard_normal((2, 5, 6))}),
     ]
 
 
@@ -65,15 +79,17 @@ def cmd_demo(args) -> int:
     """Run every primitive op forward and backward and print its finite-difference errors."""
     from .gradcheck import gradcheck
 
-    print(f"{'op':<24} {'tensor':<8} {'max abs err':>12} {'rel err':>10}  ok")
+    cases = _demo_cases()
+    w = max(len(c[0]) for c in cases)
+    print(f"{'op':<{w}} {'tensor':<8} {'max abs err':>12} {'rel err':>10}  ok")
     failures = 0
-    for name, fwd, bwd, inputs in _demo_cases():
+    for name, fwd, bwd, inputs in cases:
         report = gradcheck(fwd, bwd, inputs, raise_on_failure=False)
         failures += not report.ok
         for t in report.tensors:
-            print(f"{name:<24} {t.name:<8} {t.max_abs_err:12.2e} {t.rel_err:10.2e}  {'yes' if t.passed else 'NO'}")
+            print(f"{name:<{w}} {t.name:<8} {t.max_abs_err:12.2e} {t.rel_err:10.2e}  {'yes' if t.passed else 'NO'}")
         for p in report.problems:
-            print(f"{name:<24} problem: {p}")
+            print(f"{name:<{w}} problem: {p}")
     print(f"\n{'all ops passed' if not failures else f'{failures} op(s) FAILED'} (float64 central differences)")
     return 1 if failures else 0
 

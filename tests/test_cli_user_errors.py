@@ -179,3 +179,16 @@ def test_onnx_export_refuses_to_overwrite_a_file_unless_forced(tmp_path):
     r = cli("export", case, str(out), "--format", "onnx", "--force")
     assert r.returncode == 0, r.stderr
     assert theirs.read_bytes() != b"not mine to replace"
+
+
+# ------------------------------------------------------------------ demo
+
+def test_demo_gradient_checks_every_primitive():
+    from npattn.cli import _demo_cases
+
+    r = cli("demo")
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.splitlines()[-1] == "all ops passed (float64 central differences)"
+    for name, *_ in _demo_cases():
+        assert any(line.startswith(name + " ") for line in r.stdout.splitlines()), name
+    assert " NO" not in r.stdout
