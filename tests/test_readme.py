@@ -51,11 +51,6 @@ def run_npattn(cmd, cwd):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
 
 
-def has_subcommand(name):
-    r = subprocess.run([sys.executable, "-m", "npattn", "--help"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    return re.search(rf"\b{name}\b", r.stdout.split("positional arguments")[0]) is not None
-
-
 def test_validate_commands_run(tmp_path):
     """The validation start: list, export, then check results saved under the fixture's keys."""
     cmds = [c for c in commands() if c.startswith(("npattn list", "npattn export", "npattn check"))]
@@ -94,8 +89,6 @@ def test_validate_commands_run(tmp_path):
 def test_explain_command_runs(tmp_path):
     cmds = [c for c in commands() if c.startswith("npattn explain")]
     assert cmds
-    if not has_subcommand("explain"):
-        pytest.skip("this npattn has no `explain` subcommand yet")
     for cmd in cmds:
         r = run_npattn(cmd, tmp_path)
         assert r.returncode == 0, r.stdout[-3000:]
