@@ -179,7 +179,6 @@ def check_file(path, *, stream=None, seed=0, golden_dir=None) -> bool:
         p(f"{path}: FAIL, the file does not load: {type(exc).__name__}: {exc}")
         return False
     deriv = E.derivation_for(ex)
-    binds = E.bindings_of(deriv)
     p(f"{path}: {ex.name}")
     rng = np.random.default_rng(seed)
     block = ex.build(rng)

@@ -200,7 +200,6 @@ def cell(records: list) -> str:
 
 
 def write_doc(doc: pathlib.Path, results_dir: pathlib.Path, summaries: dict, repro_out: dict, timings: dict, golden_dir=None):
-    manifest = golden.list_cases(golden_dir)
     families = sorted({_family(c) for s in summaries.values() if s for c in s["cases"]})
     lines = [
         "# Conformance of other frameworks",
