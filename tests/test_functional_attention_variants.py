@@ -461,3 +461,49 @@ def test_exported_from_npattn():
     for name in ("varlen_attention_forward", "varlen_attention_backward", "rotary_embedding_forward",
                  "rotary_embedding_backward"):
         assert getattr(npattn, name) is getattr(npattn.functional, name)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 4, 3, 5), (3, 5), (4, 1, 5)])
+def test_float_mask_gradient_by_central_differences_with_every_variant(mask_shape):
+    """A float attn_mask gets a gradient (it is added to the logits after the softcap),
+    checked by central differences together with q, k, v and dlse, through the causal
+    bottom-right diagonal, a window, ALiBi, softcap and grouped-query heads."""
+    r = np.random.default_rng(11)
+    args = {"q": r.standard_normal((2, 4, 3, 3)), "k": r.standard_normal((2, 2, 5, 3)),
+            "v": r.standard_normal((2, 2, 5, 2)), "attn_mask": r.standard_normal(mask_shape)}
+    kw = dict(is_causal=True, alignment="bottom_right", window=(2, 0), alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625]),
+              softcap=3.0, enable_gqa=True)
+    dlse = r.standard_normal((2, 4, 3))
+
+    def fwd(q, k, v, attn_mask):
+        y, cache = scaled_dot_product_attention_forward(q, k, v, attn_mask, **kw)
+        lse = np.where(np.isneginf(cache.lse), 0.0, cache.lse)  # a query with no key: a constant
+        return np.concatenate([y.ravel(), lse.ravel()]), cache
+
+    def bwd(d, cache):
+        n = cache.q.shape[:-1] + (cache.v.shape[-1],)
+        return scaled_dot_product_attention_backward(d[: int(np.prod(n))].reshape(n), cache, dlse=d[int(np.prod(n)):].reshape(dlse.shape))
+
+    y, _ = fwd(**args)
+    rng_dy = np.random.default_rng(12).standard_normal(y.shape)
+    report = gradcheck(fwd, bwd, args, grad_output=rng_dy, raise_on_failure=False)
+    assert report.ok, str(report)
+    assert {t.name for t in report.tensors} == {"q", "k", "v", "attn_mask"}
+
+
+def test_a_mask_constant_along_the_keys_has_the_gradient_of_the_lse_only():
+    """Adding one number to every logit of a row leaves P unchanged and moves the lse by
+    that number: a (..., L, 1) mask's gradient is dlse on every row that has a key (and
+    rounding-level 0 without dlse)."""
+    r = np.random.default_rng(13)
+    q, k, v = r.standard_normal((2, 3, 4, 3)), r.standard_normal((2, 3, 6, 3)), r.standard_normal((2, 3, 6, 2))
+    m = r.standard_normal((2, 3, 4, 1))
+    y, cache = scaled_dot_product_attention_forward(q, k, v, m)
+    dy, dlse = r.standard_normal(y.shape), r.standard_normal((2, 3, 4))
+    g = scaled_dot_product_attention_backward(dy, cache, dlse=dlse)["attn_mask"]
+    np.testing.assert_allclose(g[..., 0], dlse, rtol=0, atol=1e-12 * np.abs(dy).max() * 10)
+    g0 = scaled_dot_product_attention_backward(dy, cache)["attn_mask"]
+    assert np.abs(g0).max() <= 1e-13 * np.abs(scaled_dot_product_attention_backward(dy, cache)["q"]).max() * 10
+    # a boolean mask is a constant: no gradient entry
+    _, c_bool = scaled_dot_product_attention_forward(q, k, v, r.random((4, 6)) < 0.8)
+    assert set(scaled_dot_product_attention_backward(dy, c_bool)) == {"q", "k", "v"}

@@ -63,8 +63,9 @@ it (each line with the rule it comes from)::
     dS0 = dS1 * (1 - Tc^2)                        (..., Hq, L, Lk)  d(cap tanh(s / cap)) / ds = 1 - tanh^2 (dS0 = dS1 without softcap)
     dq  = c dS0 k                                 (..., Hq, L, E)   S0 = c q k^T, differentiated in q
     dk  = c sum_{h: g(h) = g} dS0_h^T q_h         (..., Hk, Lk, E)  ... in k; the heads sharing k add up
+    dM  = dS2 summed over M's broadcast axes      M's shape          a float attn_mask M is added in step 3 (as torch)
 
-The masks, ALiBi slopes, softcap and keep mask are constants (no gradient). Adding the
+The boolean masks, ALiBi slopes, softcap and keep mask are constants (no gradient). Adding the
 same number to every logit of a row does not change P (sum_j dS_j = 0 for every row when
 dlse is 0), which is why a bias on the keys has a zero gradient in the attention blocks.
 An empty row has P = 0, so its dS, and its share of dq, dk and dv, is exactly 0.
@@ -79,6 +80,7 @@ contributes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -228,6 +230,7 @@ class SDPACache:
     groups: int  # Hq / Hk, the query heads per key/value head (1 without enable_gqa)
     tanh: np.ndarray | None  # (..., Hq, L, S) T = tanh(S0 / cap); None without softcap
     keep: np.ndarray | None  # broadcastable to P: K / (1 - p); None without a dropout mask
+    mask_shape: tuple | None = None  # the shape of a float attn_mask (it gets a gradient); None otherwise
 
 
 def _grouped(a, groups):
@@ -275,8 +278,9 @@ def _sdpa(q, k, v, scale, groups, softcap, add, allowed, keep):
     return out, SDPACache(q, k, v, p, lse, float(scale), groups, t, keep)
 
 
-def _sdpa_backward(d_out, d_lse, cache: SDPACache):
-    """``(dq, dk, dv)`` of :func:`_sdpa` (the module docstring's backward)."""
+def _sdpa_backward(d_out, d_lse, cache: SDPACache, with_ds=False):
+    """``(dq, dk, dv)`` of :func:`_sdpa` (the module docstring's backward); with ``with_ds``
+    also dS, the gradient of the final logits, (..., Hq, L, S)."""
     q, k, v, p, g = cache.q, cache.k, cache.v, cache.p, cache.groups
     c = q.dtype.type(cache.scale)
     keep = cache.keep
@@ -306,7 +310,18 @@ def _sdpa_backward(d_out, d_lse, cache: SDPACache):
         d_k = np.matmul(np.swapaxes(d_s, -1, -2), q)  # (..., S, E)
     d_q *= c
     d_k *= c
+    if with_ds:
+        return d_q, d_k, d_v, d_z
     return d_q, d_k, d_v
+
+
+def _sum_to(a, shape):
+    """``a`` summed over the axes that broadcasting ``shape`` to ``a.shape`` added or
+    stretched: the gradient of an array that entered the forward broadcast."""
+    lead = a.ndim - len(shape)
+    a = a.sum(axis=tuple(range(lead))) if lead else a
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
+    return a.sum(axis=axes, keepdims=True) if axes else a
 
 
 # ---------------------------------------------------------------------------- argument checks
@@ -472,6 +487,7 @@ def scaled_dot_product_attention_forward(q, k, v, attn_mask=None, scale=None, *,
     L, S = q.shape[-2], k.shape[-2]
     scores_shape = q.shape[:-1] + (S,)  # (..., Hq, L, S)
     add, allowed = _split_mask(op, attn_mask, scores_shape, "(..., L, S)", q.dtype)
+    mask_shape = None if add is None else tuple(np.shape(attn_mask))  # a float mask: it gets a gradient
     scale = _check_scale(op, scale, q.shape[-1])
     is_causal, alignment, window = _check_positions(op, is_causal, alignment, window)
     slopes = _check_slopes(op, alibi_slopes, q.shape, q.dtype)
@@ -484,13 +500,17 @@ def scaled_dot_product_attention_forward(q, k, v, attn_mask=None, scale=None, *,
     if is_causal or window is not None:
         pos = _position_mask(L, S, is_causal, alignment, window)  # (L, S)
         allowed = pos if allowed is None else allowed & pos
-    return _sdpa(q, k, v, scale, groups, softcap, add, allowed, keep)
+    out, cache = _sdpa(q, k, v, scale, groups, softcap, add, allowed, keep)
+    return out, (cache if mask_shape is None else dataclasses.replace(cache, mask_shape=mask_shape))
 
 
 def scaled_dot_product_attention_backward(d_out, cache: SDPACache, dlse=None):
-    """Gradients of :func:`scaled_dot_product_attention_forward`: ``{"q", "k", "v"}`` (the
-    masks, slopes and keep mask have none). ``dlse``: None or the gradient of
-    ``cache.lse``, (..., Hq, L); it joins the gradient of the logits (d lse / dS = P)."""
+    """Gradients of :func:`scaled_dot_product_attention_forward`: ``{"q", "k", "v"}``, and
+    ``"attn_mask"`` when the mask was a float one (it is added to the logits, so its
+    gradient is dS summed over the axes it was broadcast along, as torch gives it; the
+    boolean masks, ALiBi slopes, softcap and keep mask are constants and have none).
+    ``dlse``: None or the gradient of ``cache.lse``, (..., Hq, L); it joins the gradient of
+    the logits (d lse / dS = P)."""
     op = "scaled_dot_product_attention_backward"
     d_out = float_array(op, "d_out", d_out)
     expected = cache.q.shape[:-1] + (cache.v.shape[-1],)
@@ -500,8 +520,12 @@ def scaled_dot_product_attention_backward(d_out, cache: SDPACache, dlse=None):
         raise TypeError(f"{op}: d_out must have the forward's dtype {cache.q.dtype}, got {d_out.dtype}")
     if dlse is not None:
         dlse = upstream(op, "dlse", dlse, cache.lse.shape, cache.q.dtype)
-    d_q, d_k, d_v = _sdpa_backward(d_out, dlse, cache)
-    return {"q": d_q, "k": d_k, "v": d_v}
+    if cache.mask_shape is None:
+        d_q, d_k, d_v = _sdpa_backward(d_out, dlse, cache)
+        return {"q": d_q, "k": d_k, "v": d_v}
+    d_q, d_k, d_v, d_s = _sdpa_backward(d_out, dlse, cache, with_ds=True)
+    d_mask = _sum_to(d_s, cache.mask_shape)  # the mask's shape: dS summed over its broadcast axes
+    return {"q": d_q, "k": d_k, "v": d_v, "attn_mask": d_mask}
 
 
 def _check_broadcast(op, name, mask, shape, layout):

@@ -205,3 +205,22 @@ def test_rotary_against_hugging_face_and_meta_forms(interleaved):
     y = ref.rotary_ref(tx, torch.from_numpy(pos), 500.0, interleaved=interleaved)
     y.backward(torch.from_numpy(dy))
     assert rel_err(out, y.detach().numpy()) < TOL and rel_err(g, tx.grad.numpy()) < TOL
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 4, 3, 5), (3, 5), (4, 1, 5), (2, 1, 3, 5)])
+def test_float_mask_gradient_matches_torch(mask_shape):
+    """A float attn_mask is added to the logits: its gradient is torch's (dS summed over the
+    axes it was broadcast along), with grouped-query heads and a scale."""
+    r = np.random.default_rng(7)
+    q, k, v = r.standard_normal((2, 4, 3, 3)), r.standard_normal((2, 2, 5, 3)), r.standard_normal((2, 2, 5, 2))
+    m = r.standard_normal(mask_shape)
+    y, cache = scaled_dot_product_attention_forward(q, k, v, m, scale=0.7, enable_gqa=True)
+    dy = r.standard_normal(y.shape)
+    g = scaled_dot_product_attention_backward(dy, cache)
+    tq, tk, tv, tm = (torch.tensor(a, requires_grad=True) for a in (q, k, v, m))
+    ty = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm, scale=0.7, enable_gqa=True)
+    ty.backward(torch.tensor(dy))
+    assert rel_err(y, ty.detach().numpy()) < TOL
+    for name, t in (("q", tq), ("k", tk), ("v", tv), ("attn_mask", tm)):
+        assert g[name].shape == tuple(t.shape)
+        assert rel_err(g[name], t.grad.numpy()) < TOL, name
