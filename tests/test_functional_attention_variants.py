@@ -507,3 +507,25 @@ def test_a_mask_constant_along_the_keys_has_the_gradient_of_the_lse_only():
     # a boolean mask is a constant: no gradient entry
     _, c_bool = scaled_dot_product_attention_forward(q, k, v, r.random((4, 6)) < 0.8)
     assert set(scaled_dot_product_attention_backward(dy, c_bool)) == {"q", "k", "v"}
+
+
+@pytest.mark.parametrize("mask_shape", [(4, 7, 9), (7, 9), (4, 1, 9)])
+def test_varlen_float_mask_gradient_by_central_differences(mask_shape):
+    """Packed sequences (one of them empty) with a float mask over the packed logits: its
+    gradient (each sequence's dS in its block, 0 elsewhere) by central differences."""
+    r = np.random.default_rng(17)
+    cu_q, cu_k = np.array([0, 3, 3, 7]), np.array([0, 4, 4, 9])
+    args = {"q": r.standard_normal((7, 4, 3)), "k": r.standard_normal((9, 2, 3)), "v": r.standard_normal((9, 2, 2)),
+            "attn_mask": r.standard_normal(mask_shape)}
+
+    def fwd(q, k, v, attn_mask):
+        return varlen_attention_forward(q, k, v, cu_q, cu_k, attn_mask=attn_mask, is_causal=True,
+                                        alignment="bottom_right", softcap=3.0, enable_gqa=True)
+
+    report = gradcheck(fwd, varlen_attention_backward, args, raise_on_failure=False)
+    assert report.ok, str(report)
+    assert {t.name for t in report.tensors} == {"q", "k", "v", "attn_mask"}
+    if mask_shape == (4, 7, 9):  # the logits no query reads (across sequences) get exactly 0
+        _, cache = fwd(**args)
+        g = varlen_attention_backward(np.ones((7, 4, 2)), cache)["attn_mask"]
+        assert np.all(g[:, :3, 4:] == 0) and np.all(g[:, 3:, :4] == 0)

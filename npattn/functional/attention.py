@@ -549,6 +549,7 @@ class VarlenCache:
     v_shape: tuple  # (total_k, Hk, Ev)
     dtype: np.dtype
     lse: np.ndarray  # (Hq, total_q)
+    mask_shape: tuple | None = None  # the shape of a float attn_mask (it gets a gradient); None otherwise
 
 
 def _check_cu_seqlens(op, name, cu, total, what):
@@ -661,14 +662,17 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, *,
         out[rows] = o_b.transpose(1, 0, 2)
         lse[:, rows] = c_b.lse
         caches.append(c_b)
-    cache = VarlenCache(tuple(caches), cu_q, cu_k, q.shape, k.shape, v.shape, q.dtype, lse)
+    mask_shape = None if add is None else tuple(np.shape(attn_mask))  # a float mask: it gets a gradient
+    cache = VarlenCache(tuple(caches), cu_q, cu_k, q.shape, k.shape, v.shape, q.dtype, lse, mask_shape)
     return out, cache
 
 
 def varlen_attention_backward(d_out, cache: VarlenCache, dlse=None):
     """Gradients of :func:`varlen_attention_forward`: ``{"q", "k", "v"}``, each sequence
-    by the module docstring's backward. ``dlse``: None or the gradient of ``cache.lse``
-    (Hq, total_q)."""
+    by the module docstring's backward, and ``"attn_mask"`` for a float mask (each
+    sequence's dS in its block of the packed (Hq, total_q, total_k) logits, 0 outside the
+    blocks, which no query reads; summed over the mask's broadcast axes). ``dlse``: None or
+    the gradient of ``cache.lse`` (Hq, total_q)."""
     op = "varlen_attention_backward"
     out_shape = (cache.q_shape[0], cache.q_shape[1], cache.v_shape[-1])
     d_out = upstream(op, "d_out", d_out, out_shape, cache.dtype)
@@ -678,10 +682,18 @@ def varlen_attention_backward(d_out, cache: VarlenCache, dlse=None):
     d_k = np.zeros(cache.k_shape, dtype=cache.dtype)  # (total_k, Hk, E)
     d_v = np.zeros(cache.v_shape, dtype=cache.dtype)  # (total_k, Hk, Ev)
     cu_q, cu_k = cache.cu_seqlens_q, cache.cu_seqlens_k
+    with_ds = cache.mask_shape is not None
+    if with_ds:
+        d_s = np.zeros((cache.q_shape[1], cache.q_shape[0], cache.k_shape[0]), dtype=cache.dtype)  # (Hq, total_q, total_k)
     for b, c_b in enumerate(cache.sequences):
         rows, cols = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-        dq_b, dk_b, dv_b = _sdpa_backward(d_out[rows].transpose(1, 0, 2), None if dlse is None else dlse[:, rows], c_b)
-        d_q[rows] = dq_b.transpose(1, 0, 2)
-        d_k[cols] = dk_b.transpose(1, 0, 2)
-        d_v[cols] = dv_b.transpose(1, 0, 2)
-    return {"q": d_q, "k": d_k, "v": d_v}
+        res = _sdpa_backward(d_out[rows].transpose(1, 0, 2), None if dlse is None else dlse[:, rows], c_b, with_ds)
+        d_q[rows] = res[0].transpose(1, 0, 2)
+        d_k[cols] = res[1].transpose(1, 0, 2)
+        d_v[cols] = res[2].transpose(1, 0, 2)
+        if with_ds:
+            d_s[:, rows, cols] = res[3]
+    grads = {"q": d_q, "k": d_k, "v": d_v}
+    if with_ds:
+        grads["attn_mask"] = _sum_to(d_s, cache.mask_shape)
+    return grads
