@@ -36,9 +36,13 @@ def floor_needed(actual: dict, expected: dict, tol: dict, scale: float) -> float
         if e.dtype.kind != "f" or not e.size:
             continue
         e64 = e.astype(np.float64)
-        excess = np.abs(np.asarray(actual[key], dtype=np.float64) - e64) - tol["rtol"] * np.abs(e64)
+        a64 = np.asarray(actual[key], dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # an lse of -inf on both sides is an exact match
+            excess = np.where(a64 == e64, 0.0, np.abs(a64 - e64) - tol["rtol"] * np.abs(e64))
+        excess = np.where(np.isnan(excess), np.inf, excess)  # a non-finite disagreement: no floor helps
         worst = float(np.max(excess))
-        if worst > tol["atol"] * float(np.max(np.abs(e64))):  # the tensor's own scale is not enough
+        own = float(np.max(np.abs(e64[np.isfinite(e64)]), initial=0.0))
+        if worst > tol["atol"] * own:  # the tensor's own scale is not enough
             need = max(need, worst / (tol["atol"] * scale))
     return need
 
