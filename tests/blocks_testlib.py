@@ -41,6 +41,18 @@ def randomize_state(block, rng):
     return block
 
 
+def randomize_params(block, rng, scale=0.5):
+    """Every trainable array non-trivial (biases are zero-initialised, NonLocalAttn's
+    BatchNorm weight too); BatchNorm statistics as :func:`randomize_state`."""
+    randomize_state(block, rng)
+    state = block.state_dict()
+    for k in block.parameter_names():
+        if not k.startswith("norm."):
+            state[k] = rng.normal(0.0, scale, state[k].shape)
+    block.load_state_dict(state)
+    return block
+
+
 # ----------------------------------------------------------------------- gradients
 
 

@@ -8,23 +8,13 @@ import math
 
 import numpy as np
 import pytest
-from blocks_testlib import batch_norm_loop, check_gradients, conv2d_loop, randomize_state
+from blocks_testlib import batch_norm_loop, check_gradients, conv2d_loop, randomize_params
 
 import npattn
 from npattn import MultiheadAttention, NonLocalAttn, ViTAttention
 from npattn.gradcheck import gradcheck
 
 
-def randomize_params(block, rng, scale=0.5):
-    """Every trainable array non-trivial (biases are zero-initialised, NonLocalAttn's
-    BatchNorm weight too); BatchNorm statistics as the other block tests."""
-    randomize_state(block, rng)
-    state = block.state_dict()
-    for k in block.parameter_names():
-        if not k.startswith("norm."):
-            state[k] = rng.normal(0.0, scale, state[k].shape)
-    block.load_state_dict(state)
-    return block
 
 
 # --------------------------------------------------------------------------- oracles
